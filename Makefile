@@ -1,0 +1,54 @@
+# The README's commands. `make serve` and `make test` set everything up first, so a fresh clone
+# needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+TOOLS := $(VENV)/.tools
+STAMP := $(VENV)/.installed
+STUBS := clients/vlm/v1/vlm_service_pb2.py
+PROTOS := $(wildcard protos/vlm/v1/*.proto)
+# torch and torchvision are pinned to the wheels this project is tested with.
+TORCH := torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install proto serve test lint bench clean
+
+install: $(STAMP) $(STUBS)
+
+# The virtual environment with torch and the protobuf compiler (what the stubs need).
+$(TOOLS):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH) grpcio-tools==1.85.1
+	touch $@
+
+# The project itself (editable) with its dependencies; it packages the generated stubs.
+$(STAMP): pyproject.toml | $(TOOLS) $(STUBS)
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+# Python stubs (+ .pyi type stubs) from the .proto files, into clients/vlm/v1 (not committed).
+proto: | $(TOOLS)
+	rm -rf clients/vlm
+	$(MAKE) --no-print-directory $(STUBS)
+
+$(STUBS): $(PROTOS) | $(TOOLS)
+	mkdir -p clients/vlm/v1
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=clients --pyi_out=clients \
+		--grpc_python_out=clients $(PROTOS)
+	touch clients/vlm/__init__.py clients/vlm/v1/__init__.py
+
+serve: install
+	$(BIN)/vlm-service serve $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check vlm_service clients tests
+	$(BIN)/ruff format --check vlm_service clients tests
+
+clean:
+	rm -rf $(VENV) clients/vlm .pytest_cache

@@ -1,0 +1,233 @@
+"""The friendly client: ``VLMClient`` (blocking) and ``AsyncVLMClient`` (asyncio).
+
+    from vlm_client import VLMClient
+
+    with VLMClient("localhost:50051") as client:
+        stream = client.caption("cat.jpg", length="short")
+        for text in stream:
+            print(text, end="", flush=True)
+        print(stream.finish_reason, stream.usage)
+
+A stream yields text chunks as the model writes them. After the last chunk, ``finish_reason``,
+``usage`` and ``text`` (everything received) are set. Leaving the loop early, ``cancel()`` or closing
+the client stops the generation on the server. Failures raise :class:`~vlm_client.errors.VLMError`
+subclasses carrying the gRPC status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import grpc
+from vlm.v1 import vlm_service_pb2 as pb
+from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
+
+from . import _messages as m
+from .errors import from_rpc_error
+from .images import ImageLike
+
+Metadata = Sequence[tuple[str, str]]
+
+
+class _StreamState:
+    """What a stream has received so far (shared by the sync and async streams)."""
+
+    def __init__(self):
+        self.chunks: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: m.Usage | None = None
+        self.request_id: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    def absorb(self, message) -> str:
+        if message.finish_reason:
+            self.finish_reason = m.FINISH_REASONS.get(message.finish_reason, "unknown")
+            self.usage = m.usage_from(message)
+        if message.text:
+            self.chunks.append(message.text)
+        return message.text
+
+
+class TextStream(_StreamState):
+    """An iterator of text chunks from a server-streaming call."""
+
+    def __init__(self, call):
+        super().__init__()
+        self._call = call
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for message in self._call:
+                if self.request_id is None:
+                    self.request_id = m.request_id(self._call.initial_metadata())
+                text = self.absorb(message)
+                if text:
+                    yield text
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.request_id) from None
+        finally:
+            if self.finish_reason is None:
+                self._call.cancel()
+
+    def result(self) -> str:
+        """Read the whole stream; return the full text."""
+        for _ in self:
+            pass
+        return self.text
+
+    def cancel(self) -> None:
+        """Stop the generation on the server."""
+        self._call.cancel()
+
+
+class AsyncTextStream(_StreamState):
+    """An async iterator of text chunks from a server-streaming call."""
+
+    def __init__(self, call):
+        super().__init__()
+        self._call = call
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            async for message in self._call:
+                if self.request_id is None:
+                    self.request_id = m.request_id(await self._call.initial_metadata())
+                text = self.absorb(message)
+                if text:
+                    yield text
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.request_id) from None
+        finally:
+            if self.finish_reason is None:
+                self._call.cancel()
+
+    async def result(self) -> str:
+        async for _ in self:
+            pass
+        return self.text
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class _ClientBase:
+    def __init__(self, target: str, timeout: float | None, metadata: Metadata | None, channel):
+        self.target = target
+        self.timeout = timeout
+        self.metadata = tuple(metadata or ())
+        self._channel = channel
+        self._stub = pb_grpc.VisionLanguageServiceStub(channel)
+
+    def _call_args(self, timeout: float | None, metadata: Metadata | None) -> dict:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": self.metadata + tuple(metadata or ()),
+        }
+
+
+class VLMClient(_ClientBase):
+    """Blocking client. ``target`` is ``host:port``; ``timeout`` (seconds) is the default deadline."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        channel: grpc.Channel | None = None,
+        options: Sequence[tuple[str, object]] = (),
+    ):
+        super().__init__(target, timeout, metadata, channel or grpc.insecure_channel(target, options=list(options)))
+
+    def caption(
+        self,
+        image: ImageLike,
+        *,
+        model: str = "",
+        length: str | None = None,
+        language: str = "",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options,
+    ) -> TextStream:
+        """Stream a caption of ``image``. ``options``: max_new_tokens, temperature, top_p, top_k,
+        repetition_penalty, stop, seed."""
+        request = m.caption_request(image, model, length, language, **options)
+        return TextStream(self._stub.Caption(request, **self._call_args(timeout, metadata)))
+
+    def query(
+        self,
+        image: ImageLike,
+        question: str,
+        *,
+        model: str = "",
+        language: str = "",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options,
+    ) -> TextStream:
+        """Stream the answer to ``question`` about ``image``."""
+        request = m.query_request(image, question, model, language, **options)
+        return TextStream(self._stub.Query(request, **self._call_args(timeout, metadata)))
+
+    def models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> list[m.ModelInfo]:
+        try:
+            reply = self._stub.ListModels(pb.ListModelsRequest(), **self._call_args(timeout, metadata))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return [m.model_info_from(info) for info in reply.models]
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> VLMClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncVLMClient(_ClientBase):
+    """The asyncio twin of :class:`VLMClient`; streams are async iterators."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        channel: grpc.aio.Channel | None = None,
+        options: Sequence[tuple[str, object]] = (),
+    ):
+        super().__init__(
+            target, timeout, metadata, channel or grpc.aio.insecure_channel(target, options=list(options))
+        )
+
+    def caption(self, image: ImageLike, *, model: str = "", length: str | None = None, language: str = "",
+                timeout: float | None = None, metadata: Metadata | None = None, **options) -> AsyncTextStream:
+        request = m.caption_request(image, model, length, language, **options)
+        return AsyncTextStream(self._stub.Caption(request, **self._call_args(timeout, metadata)))
+
+    def query(self, image: ImageLike, question: str, *, model: str = "", language: str = "",
+              timeout: float | None = None, metadata: Metadata | None = None, **options) -> AsyncTextStream:
+        request = m.query_request(image, question, model, language, **options)
+        return AsyncTextStream(self._stub.Query(request, **self._call_args(timeout, metadata)))
+
+    async def models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> list[m.ModelInfo]:
+        try:
+            reply = await self._stub.ListModels(pb.ListModelsRequest(), **self._call_args(timeout, metadata))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return [m.model_info_from(info) for info in reply.models]
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncVLMClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,24 @@
+"""SmolVLM (Idefics3-style): ``HuggingFaceTB/SmolVLM-256M-Instruct`` and its tiny twin."""
+
+from __future__ import annotations
+
+from ..types import CaptionLength, GenerationRequest, Task
+from .hf import TransformersBackend
+
+#: The instruction sent for each caption length.
+CAPTION_PROMPTS = {
+    CaptionLength.SHORT: "Describe this image in a few words.",
+    CaptionLength.NORMAL: "Describe this image.",
+    CaptionLength.LONG: "Describe this image in detail.",
+}
+
+
+class SmolVLMBackend(TransformersBackend):
+    family = "smolvlm"
+    languages = ("en",)
+
+    def prepare(self, request: GenerationRequest):
+        text = request.question if request.task is Task.QUERY else CAPTION_PROMPTS[request.length]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self.processor(text=[prompt], images=[[request.image]], return_tensors="pt")

@@ -1,0 +1,212 @@
+"""Server configuration, declared once.
+
+Every setting is one field of :class:`Settings` with its type, default, help text, command-line flag
+and environment-variable twin. The CLI, the README's configuration table and the docker-compose file
+all derive from (or are tested against) this one declaration. Values are validated at start-up so a
+misconfigured server fails before it binds a port, with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; the message names the flag and its environment variable."""
+
+
+def _setting(default, help: str, *, flag: str | None = None, env: str | None = None, choices=None, repeat=False):
+    metadata = {"help": help, "flag": flag, "env": env, "choices": choices, "repeat": repeat}
+    if repeat:
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class Settings:
+    """Everything `vlm-service serve` can be told. Flags win over environment variables."""
+
+    host: str = _setting("0.0.0.0", "Address to listen on.")
+    port: int = _setting(50051, "Port to listen on; 0 picks a free port (printed at start-up).")
+    models: list[str] = _setting(
+        [],
+        "Model to serve, as NAME or NAME=SOURCE; repeat for several. The first is the default. "
+        "SOURCE is a Hugging Face repo id (optionally @revision) or a local checkpoint directory; "
+        "NAME alone is a built-in name (see the model catalogue). Default: tiny-smolvlm.",
+        flag="--model",
+        env="VLM_MODELS",
+        repeat=True,
+    )
+    device: str = _setting("auto", "Device for the models: auto picks cuda when available.", choices=DEVICES)
+    dtype: str = _setting(
+        "auto", "Weight dtype: auto is bfloat16 on cuda and float32 elsewhere.", choices=DTYPES
+    )
+    max_queue: int = _setting(
+        16, "Requests that may wait per model; beyond it requests get RESOURCE_EXHAUSTED at once."
+    )
+    default_max_new_tokens: int = _setting(
+        256, "max_new_tokens when a request leaves it 0 (capped by the model's context)."
+    )
+    max_new_tokens_limit: int = _setting(
+        2048, "The largest max_new_tokens a request may ask for; above it is INVALID_ARGUMENT."
+    )
+    max_image_bytes: int = _setting(
+        20 * 1024 * 1024, "Largest accepted image file in bytes; larger is INVALID_ARGUMENT."
+    )
+    max_image_pixels: int = _setting(
+        40_000_000, "Largest accepted image in pixels (width x height), checked before decoding."
+    )
+    max_question_chars: int = _setting(4000, "Longest accepted question, in characters.")
+    max_stop_sequences: int = _setting(8, "How many stop strings a request may give.")
+    max_stop_chars: int = _setting(64, "Longest accepted stop string, in characters.")
+    grace_period: float = _setting(
+        10.0, "Seconds that in-flight streams get to finish on SIGTERM/SIGINT before they are cancelled."
+    )
+    reflection: bool = _setting(True, "Serve gRPC server reflection (for grpcurl list/describe).")
+    cache_dir: Path = _setting(
+        Path(os.path.expanduser("~/.cache/vlm-service")),
+        "Where the tiny built-in checkpoints are built on first use.",
+    )
+    warmup: bool = _setting(True, "Run one short generation per model before reporting SERVING.")
+    log_level: str = _setting("info", "Log level.", choices=LOG_LEVELS)
+
+    def validate(self) -> Settings:
+        """Check every value; raise ConfigError naming the setting."""
+        positive = (
+            "max_queue",
+            "default_max_new_tokens",
+            "max_new_tokens_limit",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_question_chars",
+            "max_stop_chars",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_describe(name)} must be positive, got {getattr(self, name)}")
+        if self.max_stop_sequences < 0:
+            raise ConfigError(f"{_describe('max_stop_sequences')} must be >= 0")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{_describe('port')} must be between 0 and 65535, got {self.port}")
+        if self.grace_period < 0:
+            raise ConfigError(f"{_describe('grace_period')} must be >= 0, got {self.grace_period}")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ConfigError(
+                f"{_describe('default_max_new_tokens')} ({self.default_max_new_tokens}) exceeds "
+                f"{_describe('max_new_tokens_limit')} ({self.max_new_tokens_limit})"
+            )
+        for name, spec in _specs().items():
+            if spec.choices and getattr(self, name) not in spec.choices:
+                raise ConfigError(
+                    f"{_describe(name)} must be one of {', '.join(spec.choices)}, got {getattr(self, name)!r}"
+                )
+        return self
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    type: type
+    default: object
+    help: str
+    flag: str
+    env: str
+    choices: tuple[str, ...] | None
+    repeat: bool
+
+
+def _specs() -> dict[str, _Spec]:
+    hints = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path, "list[str]": str}
+    out = {}
+    for f in dataclasses.fields(Settings):
+        meta = f.metadata
+        default = f.default_factory() if meta["repeat"] else f.default
+        out[f.name] = _Spec(
+            name=f.name,
+            type=hints[f.type],
+            default=default,
+            help=meta["help"],
+            flag=meta["flag"] or "--" + f.name.replace("_", "-"),
+            env=meta["env"] or "VLM_" + f.name.upper(),
+            choices=meta["choices"],
+            repeat=meta["repeat"],
+        )
+    return out
+
+
+def settings_table() -> list[_Spec]:
+    """Every setting, in declaration order (for docs and tests)."""
+    return list(_specs().values())
+
+
+def _describe(name: str) -> str:
+    spec = _specs()[name]
+    return f"{spec.flag} (${spec.env})"
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _convert(spec: _Spec, raw: str):
+    try:
+        if spec.type is bool:
+            return _parse_bool(raw)
+        return spec.type(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{spec.flag} (${spec.env}): invalid value {raw!r}: {exc}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting to ``parser``; defaults are left unset so env vars can fill in."""
+    for spec in _specs().values():
+        help_text = f"{spec.help} [env {spec.env}; default {_default_text(spec)}]"
+        if spec.type is bool:
+            parser.add_argument(
+                spec.flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif spec.repeat:
+            parser.add_argument(spec.flag, dest=spec.name, action="append", default=None, help=help_text)
+        else:
+            parser.add_argument(
+                spec.flag, dest=spec.name, default=None, metavar=spec.name.upper(), help=help_text
+            )
+
+
+def _default_text(spec: _Spec) -> str:
+    if spec.repeat:
+        return "tiny-smolvlm"
+    return str(spec.default).lower() if spec.type is bool else str(spec.default)
+
+
+def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build validated Settings from parsed flags, then environment variables, then defaults."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for spec in _specs().values():
+        flag_value = getattr(args, spec.name, None) if args is not None else None
+        if flag_value is not None:
+            values[spec.name] = (
+                flag_value if spec.type is bool or spec.repeat else _convert(spec, flag_value)
+            )
+        elif environ.get(spec.env, "").strip():
+            raw = environ[spec.env]
+            values[spec.name] = (
+                [part.strip() for part in raw.split(",") if part.strip()] if spec.repeat else _convert(spec, raw)
+            )
+    return Settings(**values).validate()
+

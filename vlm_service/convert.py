@@ -1,0 +1,146 @@
+"""The protobuf edge: validate requests into domain objects, and domain events into responses.
+
+Nothing past this module sees a protobuf message. Every rejection is an :class:`InvalidInput` naming
+the request field (``options.top_p``) and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+from vlm.v1 import vlm_service_pb2 as pb
+
+from .config import Settings
+from .errors import InvalidInput
+from .images import decode_image
+from .types import CaptionLength, Finished, FinishReason, GenerationRequest, ModelCard, SamplingParams, Task, TextDelta
+
+_LENGTHS = {
+    pb.CAPTION_LENGTH_UNSPECIFIED: CaptionLength.NORMAL,
+    pb.CAPTION_LENGTH_SHORT: CaptionLength.SHORT,
+    pb.CAPTION_LENGTH_NORMAL: CaptionLength.NORMAL,
+    pb.CAPTION_LENGTH_LONG: CaptionLength.LONG,
+}
+_LENGTHS_TO_PB = {
+    CaptionLength.SHORT: pb.CAPTION_LENGTH_SHORT,
+    CaptionLength.NORMAL: pb.CAPTION_LENGTH_NORMAL,
+    CaptionLength.LONG: pb.CAPTION_LENGTH_LONG,
+}
+_FINISH_TO_PB = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+}
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def sampling_params(options: pb.GenerationOptions, settings: Settings) -> SamplingParams:
+    """Validate GenerationOptions; 0/unset fields take the model's defaults (max_new_tokens 0 stays 0)."""
+    limit = settings.max_new_tokens_limit
+    if options.max_new_tokens > limit:
+        raise InvalidInput("options.max_new_tokens", f"{options.max_new_tokens} exceeds the server's limit of {limit}")
+    temperature = options.temperature
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidInput("options.temperature", f"must be a finite number >= 0 (0 is greedy), got {temperature}")
+    top_p = options.top_p or 1.0
+    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        raise InvalidInput("options.top_p", f"must be in (0, 1], got {options.top_p}")
+    repetition_penalty = options.repetition_penalty or 1.0
+    if not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise InvalidInput("options.repetition_penalty", f"must be a finite number > 0, got {options.repetition_penalty}")
+    if len(options.stop) > settings.max_stop_sequences:
+        raise InvalidInput("options.stop", f"{len(options.stop)} stop strings; the limit is {settings.max_stop_sequences}")
+    for i, stop in enumerate(options.stop):
+        if not stop:
+            raise InvalidInput(f"options.stop[{i}]", "stop strings must not be empty")
+        if len(stop) > settings.max_stop_chars:
+            raise InvalidInput(f"options.stop[{i}]", f"{len(stop)} characters; the limit is {settings.max_stop_chars}")
+    return SamplingParams(
+        max_new_tokens=options.max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=options.top_k,
+        repetition_penalty=repetition_penalty,
+        stop=tuple(options.stop),
+        seed=options.seed if options.HasField("seed") else None,
+    )
+
+
+def _image(message: pb.CaptionRequest | pb.QueryRequest, settings: Settings):
+    if not message.HasField("image"):
+        raise InvalidInput("image", "an image is required")
+    return decode_image(
+        message.image.data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+    )
+
+
+def _language(code: str) -> str:
+    return code.strip().lower() or "en"
+
+
+def caption_request(message: pb.CaptionRequest, settings: Settings) -> GenerationRequest:
+    if message.length not in _LENGTHS:
+        raise InvalidInput("length", f"unknown caption length {message.length}")
+    return GenerationRequest(
+        request_id=new_request_id(),
+        model=message.model,
+        task=Task.CAPTION,
+        image=_image(message, settings),
+        params=sampling_params(message.options, settings),
+        length=_LENGTHS[message.length],
+        language=_language(message.response_language),
+    )
+
+
+def query_request(message: pb.QueryRequest, settings: Settings) -> GenerationRequest:
+    question = message.question.strip()
+    if not question:
+        raise InvalidInput("question", "the question is empty")
+    if len(question) > settings.max_question_chars:
+        raise InvalidInput("question", f"{len(question)} characters; the limit is {settings.max_question_chars}")
+    return GenerationRequest(
+        request_id=new_request_id(),
+        model=message.model,
+        task=Task.QUERY,
+        image=_image(message, settings),
+        params=sampling_params(message.options, settings),
+        question=question,
+        language=_language(message.response_language),
+    )
+
+
+def response_fields(event: TextDelta | Finished) -> dict:
+    """Keyword arguments for CaptionResponse / QueryResponse (they share their fields)."""
+    if isinstance(event, TextDelta):
+        return {"text": event.text}
+    usage = event.usage
+    return {
+        "finish_reason": _FINISH_TO_PB[event.reason],
+        "usage": pb.Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            queue_time_ms=usage.queue_time_ms,
+            time_to_first_token_ms=usage.time_to_first_token_ms,
+            total_time_ms=usage.total_time_ms,
+        ),
+    }
+
+
+def model_info(card: ModelCard) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=card.name,
+        family=card.family,
+        source=card.source,
+        ready=card.ready,
+        is_default=card.is_default,
+        caption_lengths=[_LENGTHS_TO_PB[length] for length in card.caption_lengths],
+        response_languages=list(card.languages),
+        context_length=card.context_length,
+        max_new_tokens_limit=card.max_new_tokens_limit,
+        device=card.device,
+        dtype=card.dtype,
+    )

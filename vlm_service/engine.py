@@ -1,0 +1,177 @@
+"""The engine: the served models, their loading and warm-up, and where requests are sent.
+
+It knows nothing of gRPC. The servicer hands it validated domain requests and gets back a
+:class:`~vlm_service.worker.Job` to stream from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from PIL import Image, ImageDraw
+
+from . import registry
+from .backends.base import Backend, ModelSpec, Runtime
+from .config import Settings
+from .errors import InvalidInput, ModelNotFound, ModelNotReady, ShuttingDown
+from .types import GenerationRequest, ModelCard, SamplingParams, Task
+from .worker import Job, ModelWorker
+
+logger = logging.getLogger(__name__)
+
+
+class ModelState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass
+class ServedModel:
+    spec: ModelSpec
+    state: ModelState = ModelState.LOADING
+    backend: Backend | None = None
+    worker: ModelWorker | None = None
+    load_seconds: float = 0.0
+    error: str = ""
+    cls: type[Backend] | None = field(default=None, repr=False)
+
+
+class Engine:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        args = settings.models or [registry.DEFAULT_MODEL]
+        specs = [registry.parse_model_arg(arg) for arg in args]
+        names = [s.name for s in specs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise registry.UnsupportedModel(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        self.models: dict[str, ServedModel] = {s.name: ServedModel(s) for s in specs}
+        self.default_model = specs[0].name
+        self._draining = False
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def load_all(self) -> None:
+        """Load and warm up every model (blocking; run it off the event loop). Raises on failure."""
+        runtime = Runtime(device=self.settings.device, dtype=self.settings.dtype)
+        for served in self.models.values():
+            start = time.monotonic()
+            try:
+                served.spec = registry.resolve(served.spec, self.settings.cache_dir)
+                served.cls = registry.backend_class(served.spec.family)
+                backend = served.cls(served.spec, runtime)
+                backend.load()
+                if self.settings.warmup:
+                    self._warm_up(served.spec, backend)
+            except Exception as exc:
+                served.state = ModelState.FAILED
+                served.error = str(exc)
+                raise
+            served.backend = backend
+            served.worker = ModelWorker(served.spec.name, backend, self.settings.max_queue)
+            served.load_seconds = time.monotonic() - start
+            served.state = ModelState.READY
+            logger.info("model %s ready (%s, %.1fs)", served.spec.name, served.spec.family, served.load_seconds)
+
+    def _warm_up(self, spec: ModelSpec, backend: Backend) -> None:
+        """One short generation through the real path, so SERVING means a request will work."""
+
+        class _Discard:
+            def add_text(self, piece: str) -> None:
+                pass
+
+            def should_stop(self) -> bool:
+                return False
+
+        request = GenerationRequest(
+            request_id="warmup",
+            model=spec.name,
+            task=Task.CAPTION,
+            image=warmup_image(),
+            params=SamplingParams(max_new_tokens=2),
+        )
+        backend.generate(request, _Discard())
+
+    @property
+    def ready(self) -> bool:
+        return not self._draining and all(m.state is ModelState.READY for m in self.models.values())
+
+    def start_draining(self) -> None:
+        """Refuse new requests; running and queued ones go on."""
+        self._draining = True
+
+    @property
+    def idle(self) -> bool:
+        return all(m.worker is None or not m.worker.busy for m in self.models.values())
+
+    def close(self) -> None:
+        for served in self.models.values():
+            if served.worker is not None:
+                served.worker.close()
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def lookup(self, name: str) -> ServedModel:
+        served = self.models.get(name or self.default_model)
+        if served is None:
+            raise ModelNotFound(name, list(self.models))
+        return served
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """Queue a request on its model; raises a ServiceError at once if it cannot be queued."""
+        if self._draining:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
+        served = self.lookup(request.model)
+        if served.state is not ModelState.READY or served.worker is None:
+            raise ModelNotReady(f"model {served.spec.name!r} is {served.state.value}; retry shortly")
+        backend_cls = type(served.backend)
+        if request.language not in backend_cls.languages:
+            raise InvalidInput(
+                "response_language",
+                f"{request.language!r} is not supported by model {served.spec.name!r}; "
+                f"supported: {', '.join(backend_cls.languages)}",
+            )
+        if request.task is Task.CAPTION and request.length not in backend_cls.caption_lengths:
+            raise InvalidInput("length", f"model {served.spec.name!r} does not support {request.length.value} captions")
+        if request.params.max_new_tokens == 0:
+            default = (
+                backend_cls.caption_budgets[request.length]
+                if request.task is Task.CAPTION
+                else self.settings.default_max_new_tokens
+            )
+            request = replace(request, params=replace(request.params, max_new_tokens=default))
+        job = Job(request, asyncio.get_running_loop())
+        served.worker.submit(job)
+        return job
+
+    def cards(self) -> list[ModelCard]:
+        out = []
+        for served in self.models.values():
+            cls, backend = served.cls, served.backend
+            out.append(
+                ModelCard(
+                    name=served.spec.name,
+                    family=served.spec.family,
+                    source=served.spec.display_source or served.spec.builtin or "",
+                    ready=served.state is ModelState.READY and not self._draining,
+                    is_default=served.spec.name == self.default_model,
+                    caption_lengths=cls.caption_lengths if cls else (),
+                    languages=cls.languages if cls else (),
+                    context_length=backend.context_length if backend else 0,
+                    max_new_tokens_limit=self.settings.max_new_tokens_limit,
+                    device=backend.device if backend else "",
+                    dtype=backend.dtype if backend else "",
+                )
+            )
+        return out
+
+
+def warmup_image() -> Image.Image:
+    image = Image.new("RGB", (64, 48), "white")
+    ImageDraw.Draw(image).ellipse((16, 8, 48, 40), fill="red")
+    return image

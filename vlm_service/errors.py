@@ -1,0 +1,62 @@
+"""Typed domain errors. The interceptor (interceptors.py) maps each to one gRPC status code.
+
+Messages are written for the client: they say what is wrong with the request and never carry
+paths, tracebacks or internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to a client."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidInput(ServiceError):
+    """The request is malformed (INVALID_ARGUMENT). ``field`` names the offending request field."""
+
+    def __init__(self, field: str, description: str):
+        super().__init__(f"{field}: {description}")
+        self.violations = (FieldViolation(field, description),)
+
+
+class ModelNotFound(ServiceError):
+    """The named model is not served (NOT_FOUND)."""
+
+    def __init__(self, name: str, available: list[str]):
+        super().__init__(f"model {name!r} is not served here; available: {', '.join(available)}")
+
+
+class ModelNotReady(ServiceError):
+    """The model is loading or has failed (UNAVAILABLE)."""
+
+
+class QueueFull(ServiceError):
+    """The model's queue is full (RESOURCE_EXHAUSTED); ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(ServiceError):
+    """The server is draining and takes no new work (UNAVAILABLE)."""
+
+
+class GenerationFailed(ServiceError):
+    """The model failed (INTERNAL). The message is opaque apart from the request id in the logs."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"generation failed; see the server log for request id {request_id}")
+        self.request_id = request_id

@@ -1,0 +1,128 @@
+"""The registry of model families and the catalogue of built-in model names.
+
+Adding a family is one module under ``backends/``, one line in ``FAMILIES``, its architectures in
+``ARCHITECTURES``, and (for tests and demos) a tiny checkpoint builder in ``BUILTINS``. Backends are
+imported lazily, so serving one family never imports another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .backends.base import Backend, ModelSpec
+
+#: family name -> (module, class)
+FAMILIES: dict[str, tuple[str, str]] = {
+    "smolvlm": ("vlm_service.backends.smolvlm", "SmolVLMBackend"),
+}
+
+#: ``config.json`` "architectures" entry -> family name
+ARCHITECTURES: dict[str, str] = {
+    "SmolVLMForConditionalGeneration": "smolvlm",
+    "Idefics3ForConditionalGeneration": "smolvlm",
+}
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A built-in model name: a hub checkpoint, or a tiny checkpoint built locally on first use."""
+
+    description: str
+    repo_id: str | None = None
+    revision: str | None = None
+    build: Callable[[Path], Path] | None = None
+
+
+def _tiny_smolvlm(cache_dir: Path) -> Path:
+    from .checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
+
+    return ensure_tiny_smolvlm(cache_dir)
+
+
+BUILTINS: dict[str, Builtin] = {
+    "smolvlm": Builtin("SmolVLM 256M Instruct (downloads from the Hugging Face Hub)", "HuggingFaceTB/SmolVLM-256M-Instruct"),
+    "tiny-smolvlm": Builtin("tiny SmolVLM built offline on first use (demo and tests)", build=_tiny_smolvlm),
+}
+
+DEFAULT_MODEL = "tiny-smolvlm"
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint's architecture has no family here, or the source cannot be read."""
+
+
+def parse_model_arg(arg: str) -> ModelSpec:
+    """Turn ``NAME`` or ``NAME=SOURCE`` (``SOURCE`` = dir, repo id, or repo id@revision) into a spec."""
+    name, sep, source = arg.partition("=")
+    name, source = name.strip(), source.strip()
+    if not name:
+        raise UnsupportedModel(f"--model {arg!r}: the model needs a name")
+    if not sep:
+        builtin = BUILTINS.get(name)
+        if builtin is None:
+            if Path(name).expanduser().is_dir() or "/" in name:
+                return _spec_for_source(Path(name).name if Path(name).is_dir() else name, name)
+            raise UnsupportedModel(
+                f"--model {arg!r}: unknown built-in name; built-ins are {', '.join(BUILTINS)}, "
+                "or give NAME=SOURCE with a repo id or a local directory"
+            )
+        if builtin.build is not None:
+            return ModelSpec(name=name, source="", builtin=name)
+        return ModelSpec(name=name, source=builtin.repo_id, revision=builtin.revision)
+    if not source:
+        raise UnsupportedModel(f"--model {arg!r}: SOURCE is empty")
+    return _spec_for_source(name, source)
+
+
+def _spec_for_source(name: str, source: str) -> ModelSpec:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return ModelSpec(name=name, source=str(path.resolve()))
+    repo, _, revision = source.partition("@")
+    return ModelSpec(name=name, source=repo, revision=revision or None)
+
+
+def read_config(spec: ModelSpec) -> dict:
+    """Read the checkpoint's ``config.json`` (from the directory, or the Hugging Face cache/hub)."""
+    path = Path(spec.source)
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise UnsupportedModel(f"model {spec.name!r}: {spec.source} has no config.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config_path = Path(hf_hub_download(spec.source, "config.json", revision=spec.revision))
+        except Exception as exc:  # network, auth, missing repo: all mean "cannot read it"
+            raise UnsupportedModel(
+                f"model {spec.name!r}: cannot fetch config.json of {spec.display_source} "
+                f"({type(exc).__name__}); without network, pre-fill the Hugging Face cache"
+            ) from exc
+    return json.loads(config_path.read_text())
+
+
+def detect_family(config: dict) -> str:
+    """The family serving a checkpoint, from its ``config.json``."""
+    for architecture in config.get("architectures") or []:
+        if architecture in ARCHITECTURES:
+            return ARCHITECTURES[architecture]
+    found = ", ".join(config.get("architectures") or []) or config.get("model_type", "unknown")
+    supported = ", ".join(sorted(ARCHITECTURES))
+    raise UnsupportedModel(f"unsupported architecture {found}; supported: {supported}")
+
+
+def backend_class(family: str) -> type[Backend]:
+    module_name, class_name = FAMILIES[family]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def resolve(spec: ModelSpec, cache_dir: Path) -> ModelSpec:
+    """Make the checkpoint available (building a tiny built-in one) and detect its family."""
+    if spec.builtin and BUILTINS[spec.builtin].build is not None:
+        spec = replace(spec, source=str(BUILTINS[spec.builtin].build(cache_dir)))
+    return replace(spec, family=detect_family(read_config(spec)))

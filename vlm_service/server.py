@@ -1,0 +1,134 @@
+"""The gRPC server: services, health, reflection, start-up loading and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from vlm.v1 import vlm_service_pb2 as pb
+from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
+
+from .config import Settings
+from .engine import Engine
+from .interceptors import ErrorInterceptor
+from .servicer import VisionLanguageServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VisionLanguageService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# Room above the largest accepted image for the rest of the request.
+_MESSAGE_OVERHEAD = 1024 * 1024
+
+
+class VLMServer:
+    """A running server. ``await VLMServer.start(settings)``, then ``await server.stop()``.
+
+    The port is bound at once and health says NOT_SERVING; models load off the event loop and health
+    turns SERVING only when every model is loaded and warmed up (``await server.wait_ready()``).
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine = Engine(settings)
+        self.health = health.aio.HealthServicer()
+        max_message = settings.max_image_bytes + _MESSAGE_OVERHEAD
+        self._server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            ],
+        )
+        pb_grpc.add_VisionLanguageServiceServicer_to_server(
+            VisionLanguageServicer(self.engine, settings), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            )
+        self.port = 0
+        self._loading: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+
+    @classmethod
+    async def start(cls, settings: Settings) -> VLMServer:
+        server = cls(settings)
+        await server._start()
+        return server
+
+    async def _start(self) -> None:
+        await self._set_health(NOT_SERVING)
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        await self._server.start()
+        logger.info("listening on %s:%d; loading models", self.settings.host, self.port)
+        self._loading = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            await asyncio.to_thread(self.engine.load_all)
+        except Exception:
+            logger.exception("loading models failed; health stays NOT_SERVING")
+            raise
+        if self.engine.ready:
+            await self._set_health(SERVING)
+            logger.info("serving %s on port %d", ", ".join(self.engine.models), self.port)
+
+    async def wait_ready(self) -> None:
+        """Wait until the models are loaded; raises if loading failed."""
+        assert self._loading is not None
+        await asyncio.shield(self._loading)
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING at once, refuse new RPCs, let streams finish within the grace period."""
+        grace = self.settings.grace_period if grace is None else grace
+        self.engine.start_draining()
+        await self._set_health(NOT_SERVING)
+        logger.info("draining (grace period %.1fs)", grace)
+        await self._server.stop(grace)
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        self.engine.close()
+        self._stopped.set()
+        logger.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    server = await VLMServer.start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"vlm-service listening on {settings.host}:{server.port}", flush=True)
+    load_failed = asyncio.create_task(_watch_loading(server, stop))
+    await stop.wait()
+    load_failed.cancel()
+    await server.stop()
+    if server._loading is not None and server._loading.done() and not server._loading.cancelled():
+        if server._loading.exception() is not None:
+            raise SystemExit(1)
+
+
+async def _watch_loading(server: VLMServer, stop: asyncio.Event) -> None:
+    try:
+        await server.wait_ready()
+    except Exception:
+        stop.set()

@@ -1,0 +1,47 @@
+"""The gRPC servicer: validate -> domain request -> engine -> protobuf. Nothing else lives here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from vlm.v1 import vlm_service_pb2 as pb
+from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
+
+from . import convert
+from .config import Settings
+from .engine import Engine
+from .types import GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+
+class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine = engine
+        self.settings = settings
+
+    async def Caption(self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CaptionResponse]:
+        domain = convert.caption_request(request, self.settings)
+        async for response in self._stream(domain, pb.CaptionResponse, context):
+            yield response
+
+    async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.QueryResponse]:
+        domain = convert.query_request(request, self.settings)
+        async for response in self._stream(domain, pb.QueryResponse, context):
+            yield response
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[convert.model_info(card) for card in self.engine.cards()])
+
+    async def _stream(self, request: GenerationRequest, message: Callable, context) -> AsyncIterator:
+        job = self.engine.submit(request)
+        logger.debug("request %s queued on %s", request.request_id, request.model or self.engine.default_model)
+        try:
+            await context.send_initial_metadata((("x-request-id", request.request_id),))
+            async for event in job.events():
+                yield message(**convert.response_fields(event))
+        finally:
+            # The RPC ended (finished, cancelled, deadline, disconnect): stop the generation.
+            job.cancel()

@@ -1,0 +1,99 @@
+"""Domain types: what the engine and the backends speak. No protobuf here (it stays at the edge)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+
+class Task(enum.Enum):
+    CAPTION = "caption"
+    QUERY = "query"
+
+
+class CaptionLength(enum.Enum):
+    SHORT = "short"
+    NORMAL = "normal"
+    LONG = "long"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # the model wrote its end-of-sequence token
+    LENGTH = "length"  # max_new_tokens reached
+    STOP_SEQUENCE = "stop_sequence"  # a requested stop string appeared
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated decoding options. ``temperature == 0`` is greedy."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated request, ready for a backend."""
+
+    request_id: str
+    model: str
+    task: Task
+    image: Image.Image
+    params: SamplingParams
+    question: str = ""
+    length: CaptionLength = CaptionLength.NORMAL
+    language: str = "en"
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    queue_time_ms: float
+    time_to_first_token_ms: float
+    total_time_ms: float
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text since the previous delta; never empty."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a stream."""
+
+    reason: FinishReason
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What ListModels reports about one served model."""
+
+    name: str
+    family: str
+    source: str
+    ready: bool
+    is_default: bool
+    caption_lengths: tuple[CaptionLength, ...]
+    languages: tuple[str, ...]
+    context_length: int
+    max_new_tokens_limit: int
+    device: str
+    dtype: str
