@@ -11,7 +11,11 @@ PROTOS := $(wildcard protos/vlm/v1/*.proto)
 # torch and torchvision are pinned to the wheels this project is tested with.
 TORCH := torch==2.14.1 torchvision==0.29.1
 ARGS ?=
+# Extras installed with the project: [dev] adds the test and lint tools; the Docker image uses none.
+EXTRAS ?= [dev]
 PYTEST_ARGS ?=
+# Extras installed with the project: [dev] adds the test and lint tools; the Docker image uses none.
+EXTRAS ?= [dev]
 
 .PHONY: install proto serve test lint bench clean
 
@@ -26,7 +30,7 @@ $(TOOLS):
 
 # The project itself (editable) with its dependencies; it packages the generated stubs.
 $(STAMP): pyproject.toml | $(TOOLS) $(STUBS)
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.$(EXTRAS)'
 	touch $@
 
 # Python stubs (+ .pyi type stubs) from the .proto files, into clients/vlm/v1 (not committed).
@@ -46,9 +50,12 @@ serve: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: install
+	$(BIN)/python bench/stream_bench.py $(ARGS)
+
 lint: install
-	$(BIN)/ruff check vlm_service clients tests
-	$(BIN)/ruff format --check vlm_service clients tests
+	$(BIN)/ruff check vlm_service clients tests bench
+	$(BIN)/ruff format --check vlm_service clients tests bench
 
 clean:
 	rm -rf $(VENV) clients/vlm .pytest_cache

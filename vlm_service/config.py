@@ -47,14 +47,12 @@ class Settings:
         repeat=True,
     )
     device: str = _setting("auto", "Device for the models: auto picks cuda when available.", choices=DEVICES)
-    dtype: str = _setting(
-        "auto", "Weight dtype: auto is bfloat16 on cuda and float32 elsewhere.", choices=DTYPES
-    )
+    dtype: str = _setting("auto", "Weight dtype: auto is bfloat16 on cuda and float32 elsewhere.", choices=DTYPES)
     max_queue: int = _setting(
         16, "Requests that may wait per model; beyond it requests get RESOURCE_EXHAUSTED at once."
     )
     default_max_new_tokens: int = _setting(
-        256, "max_new_tokens when a request leaves it 0 (capped by the model's context)."
+        256, "max_new_tokens for a Query that leaves it 0 (Captions use their length's budget)."
     )
     max_new_tokens_limit: int = _setting(
         2048, "The largest max_new_tokens a request may ask for; above it is INVALID_ARGUMENT."
@@ -182,9 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif spec.repeat:
             parser.add_argument(spec.flag, dest=spec.name, action="append", default=None, help=help_text)
         else:
-            parser.add_argument(
-                spec.flag, dest=spec.name, default=None, metavar=spec.name.upper(), help=help_text
-            )
+            parser.add_argument(spec.flag, dest=spec.name, default=None, metavar=spec.name.upper(), help=help_text)
 
 
 def _default_text(spec: _Spec) -> str:
@@ -200,13 +196,10 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
     for spec in _specs().values():
         flag_value = getattr(args, spec.name, None) if args is not None else None
         if flag_value is not None:
-            values[spec.name] = (
-                flag_value if spec.type is bool or spec.repeat else _convert(spec, flag_value)
-            )
+            values[spec.name] = flag_value if spec.type is bool or spec.repeat else _convert(spec, flag_value)
         elif environ.get(spec.env, "").strip():
             raw = environ[spec.env]
             values[spec.name] = (
                 [part.strip() for part in raw.split(",") if part.strip()] if spec.repeat else _convert(spec, raw)
             )
     return Settings(**values).validate()
-

@@ -51,9 +51,13 @@ def sampling_params(options: pb.GenerationOptions, settings: Settings) -> Sampli
         raise InvalidInput("options.top_p", f"must be in (0, 1], got {options.top_p}")
     repetition_penalty = options.repetition_penalty or 1.0
     if not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
-        raise InvalidInput("options.repetition_penalty", f"must be a finite number > 0, got {options.repetition_penalty}")
+        raise InvalidInput(
+            "options.repetition_penalty", f"must be a finite number > 0, got {options.repetition_penalty}"
+        )
     if len(options.stop) > settings.max_stop_sequences:
-        raise InvalidInput("options.stop", f"{len(options.stop)} stop strings; the limit is {settings.max_stop_sequences}")
+        raise InvalidInput(
+            "options.stop", f"{len(options.stop)} stop strings; the limit is {settings.max_stop_sequences}"
+        )
     for i, stop in enumerate(options.stop):
         if not stop:
             raise InvalidInput(f"options.stop[{i}]", "stop strings must not be empty")
@@ -73,9 +77,7 @@ def sampling_params(options: pb.GenerationOptions, settings: Settings) -> Sampli
 def _image(message: pb.CaptionRequest | pb.QueryRequest, settings: Settings):
     if not message.HasField("image"):
         raise InvalidInput("image", "an image is required")
-    return decode_image(
-        message.image.data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
-    )
+    return decode_image(message.image.data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
 
 
 def _language(code: str) -> str:

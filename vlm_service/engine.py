@@ -109,10 +109,13 @@ class Engine:
     def idle(self) -> bool:
         return all(m.worker is None or not m.worker.busy for m in self.models.values())
 
-    def close(self) -> None:
-        for served in self.models.values():
-            if served.worker is not None:
-                served.worker.close()
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the workers once their queues are empty; wait up to ``timeout`` for running work."""
+        workers = [m.worker for m in self.models.values() if m.worker is not None]
+        for worker in workers:
+            worker.close()
+        for worker in workers:
+            worker.join(timeout)
 
     # --- requests -----------------------------------------------------------------------------
 

@@ -31,9 +31,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        raise InvalidInput(
-            FIELD, f"not a supported image; accepted formats are {', '.join(ALLOWED_FORMATS)}"
-        ) from None
+        raise InvalidInput(FIELD, f"not a supported image; accepted formats are {', '.join(ALLOWED_FORMATS)}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidInput(FIELD, f"the image has too many pixels; the limit is {max_pixels}") from None
     except Exception:
@@ -42,9 +40,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     if width <= 0 or height <= 0:
         raise InvalidInput(FIELD, f"the image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise InvalidInput(
-            FIELD, f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-        )
+        raise InvalidInput(FIELD, f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     try:
         image.seek(0)  # first frame of an animation
         image.load()

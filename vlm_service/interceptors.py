@@ -13,8 +13,8 @@ import uuid
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_interceptor.exceptions import GrpcException
 from grpc_interceptor.exception_to_status import AsyncExceptionToStatusInterceptor
+from grpc_interceptor.exceptions import GrpcException
 from grpc_status import rpc_status
 
 from .errors import (

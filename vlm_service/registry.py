@@ -44,7 +44,9 @@ def _tiny_smolvlm(cache_dir: Path) -> Path:
 
 
 BUILTINS: dict[str, Builtin] = {
-    "smolvlm": Builtin("SmolVLM 256M Instruct (downloads from the Hugging Face Hub)", "HuggingFaceTB/SmolVLM-256M-Instruct"),
+    "smolvlm": Builtin(
+        "SmolVLM 256M Instruct (downloads from the Hugging Face Hub)", "HuggingFaceTB/SmolVLM-256M-Instruct"
+    ),
     "tiny-smolvlm": Builtin("tiny SmolVLM built offline on first use (demo and tests)", build=_tiny_smolvlm),
 }
 

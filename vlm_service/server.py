@@ -9,12 +9,14 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 
 from .config import Settings
 from .engine import Engine
 from .interceptors import ErrorInterceptor
+from .registry import UnsupportedModel
 from .servicer import VisionLanguageServicer
 
 logger = logging.getLogger(__name__)
@@ -46,9 +48,7 @@ class VLMServer:
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
             ],
         )
-        pb_grpc.add_VisionLanguageServiceServicer_to_server(
-            VisionLanguageServicer(self.engine, settings), self._server
-        )
+        pb_grpc.add_VisionLanguageServiceServicer_to_server(VisionLanguageServicer(self.engine, settings), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -77,6 +77,9 @@ class VLMServer:
     async def _load(self) -> None:
         try:
             await asyncio.to_thread(self.engine.load_all)
+        except UnsupportedModel as exc:
+            logger.error("cannot serve: %s", exc)
+            raise
         except Exception:
             logger.exception("loading models failed; health stays NOT_SERVING")
             raise
@@ -102,33 +105,30 @@ class VLMServer:
         await self._server.stop(grace)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
-        self.engine.close()
+        # Every RPC has ended, so running generations are cancelled and stop within a decode step.
+        await asyncio.to_thread(self.engine.close)
         self._stopped.set()
         logger.info("stopped")
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    @property
+    def load_failed(self) -> bool:
+        task = self._loading
+        return task is not None and task.done() and not task.cancelled() and task.exception() is not None
+
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return."""
+    """Run until SIGTERM or SIGINT, then drain and return. Exits 1 if a model fails to load."""
     server = await VLMServer.start(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"vlm-service listening on {settings.host}:{server.port}", flush=True)
-    load_failed = asyncio.create_task(_watch_loading(server, stop))
+    server._loading.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
     await stop.wait()
-    load_failed.cancel()
     await server.stop()
-    if server._loading is not None and server._loading.done() and not server._loading.cancelled():
-        if server._loading.exception() is not None:
-            raise SystemExit(1)
-
-
-async def _watch_loading(server: VLMServer, stop: asyncio.Event) -> None:
-    try:
-        await server.wait_ready()
-    except Exception:
-        stop.set()
+    if server.load_failed:
+        raise SystemExit(1)

@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 
@@ -22,17 +23,23 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
         self.engine = engine
         self.settings = settings
 
-    async def Caption(self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CaptionResponse]:
+    async def Caption(
+        self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CaptionResponse]:
         domain = convert.caption_request(request, self.settings)
         async for response in self._stream(domain, pb.CaptionResponse, context):
             yield response
 
-    async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.QueryResponse]:
+    async def Query(
+        self, request: pb.QueryRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.QueryResponse]:
         domain = convert.query_request(request, self.settings)
         async for response in self._stream(domain, pb.QueryResponse, context):
             yield response
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[convert.model_info(card) for card in self.engine.cards()])
 
     async def _stream(self, request: GenerationRequest, message: Callable, context) -> AsyncIterator:

@@ -52,7 +52,7 @@ class IncrementalDetokenizer:
         full = self._tokenizer.decode(self._ids, skip_special_tokens=True)
         sent = "".join(self._emitted)
         if full.startswith(sent):
-            rest = full[len(sent):]
+            rest = full[len(sent) :]
         else:  # pragma: no cover - DecodeStream's output is always a prefix for byte-level BPE
             logger.warning("incremental decode diverged from the full decode; keeping the streamed text")
             rest = ""
@@ -96,9 +96,9 @@ class TextAssembler:
             self.stopped = True
             ready, self._pending = self._pending[:cut].rstrip(), ""
             return self._release(ready)
-        keep = max(self._held_stop_prefix(), len(self._pending) - len(self._pending.rstrip()))
-        ready = self._pending[: len(self._pending) - keep]
-        self._pending = self._pending[len(ready):]
+        # Hold back what could still become a stop string, and trailing whitespace (it may be the end).
+        ready = self._pending[: len(self._pending) - self._held_stop_prefix()].rstrip()
+        self._pending = self._pending[len(ready) :]
         return self._release(ready)
 
     def finish(self) -> str:

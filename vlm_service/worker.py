@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -142,11 +143,8 @@ class ModelWorker:
 
     def discard(self, job: Job) -> None:
         """Remove a job that has not started (its RPC ended)."""
-        with self._lock:
-            try:
-                self._pending.remove(job)
-            except ValueError:
-                pass
+        with self._lock, contextlib.suppress(ValueError):
+            self._pending.remove(job)
 
     def close(self) -> None:
         """Refuse new jobs; the thread exits once the queue is empty."""

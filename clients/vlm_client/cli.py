@@ -1,8 +1,8 @@
 """``vlm-client``: stream captions and answers in a terminal.
 
-    vlm-client caption photo.jpg --length short
-    vlm-client query photo.jpg "What colour is the car?"
-    vlm-client models
+vlm-client caption photo.jpg --length short
+vlm-client query photo.jpg "What colour is the car?"
+vlm-client models
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
+
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 
@@ -202,17 +203,33 @@ class AsyncVLMClient(_ClientBase):
         channel: grpc.aio.Channel | None = None,
         options: Sequence[tuple[str, object]] = (),
     ):
-        super().__init__(
-            target, timeout, metadata, channel or grpc.aio.insecure_channel(target, options=list(options))
-        )
+        super().__init__(target, timeout, metadata, channel or grpc.aio.insecure_channel(target, options=list(options)))
 
-    def caption(self, image: ImageLike, *, model: str = "", length: str | None = None, language: str = "",
-                timeout: float | None = None, metadata: Metadata | None = None, **options) -> AsyncTextStream:
+    def caption(
+        self,
+        image: ImageLike,
+        *,
+        model: str = "",
+        length: str | None = None,
+        language: str = "",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options,
+    ) -> AsyncTextStream:
         request = m.caption_request(image, model, length, language, **options)
         return AsyncTextStream(self._stub.Caption(request, **self._call_args(timeout, metadata)))
 
-    def query(self, image: ImageLike, question: str, *, model: str = "", language: str = "",
-              timeout: float | None = None, metadata: Metadata | None = None, **options) -> AsyncTextStream:
+    def query(
+        self,
+        image: ImageLike,
+        question: str,
+        *,
+        model: str = "",
+        language: str = "",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options,
+    ) -> AsyncTextStream:
         request = m.query_request(image, question, model, language, **options)
         return AsyncTextStream(self._stub.Query(request, **self._call_args(timeout, metadata)))
 

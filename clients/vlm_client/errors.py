@@ -42,7 +42,9 @@ class Cancelled(VLMError):
     code = grpc.StatusCode.CANCELLED
 
 
-_BY_CODE = {cls.code: cls for cls in (InvalidArgument, ModelNotFound, Overloaded, Unavailable, DeadlineExceeded, Cancelled)}
+_BY_CODE = {
+    cls.code: cls for cls in (InvalidArgument, ModelNotFound, Overloaded, Unavailable, DeadlineExceeded, Cancelled)
+}
 
 
 def from_rpc_error(error: grpc.RpcError, request_id: str | None = None) -> VLMError:

@@ -123,9 +123,7 @@ class TransformersBackend(Backend):
         self.model.to(device).eval()
         self._device = device
         self._eos_ids = self._end_token_ids()
-        logger.info(
-            "loaded %s (%s) on %s as %s", self.spec.name, type(self.model).__name__, device, dtype
-        )
+        logger.info("loaded %s (%s) on %s as %s", self.spec.name, type(self.model).__name__, device, dtype)
 
     @abc.abstractmethod
     def prepare(self, request: GenerationRequest) -> dict[str, torch.Tensor]:

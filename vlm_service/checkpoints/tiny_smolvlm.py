@@ -75,9 +75,7 @@ def _build(directory: Path) -> None:
         max_image_size={"longest_edge": TILE},
         do_image_splitting=True,
     )
-    video_processor = SmolVLMVideoProcessor(
-        size={"longest_edge": TILE}, max_image_size={"longest_edge": TILE}
-    )
+    video_processor = SmolVLMVideoProcessor(size={"longest_edge": TILE}, max_image_size={"longest_edge": TILE})
     processor = SmolVLMProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -1,0 +1,48 @@
+"""Shared fixtures. Markers are applied by directory: tests under integration/ are `integration`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vlm_service.config import Settings
+
+# Nothing in the suite may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "integration" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Where tiny checkpoints are built: VLM_TEST_CACHE_DIR if set (reused across runs), else a temp dir."""
+    configured = os.environ.get("VLM_TEST_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    return tmp_path_factory.mktemp("vlm-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm_dir(cache_dir) -> Path:
+    from vlm_service.checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
+
+    return ensure_tiny_smolvlm(cache_dir)
+
+
+@pytest.fixture
+def settings(cache_dir) -> Settings:
+    return Settings(cache_dir=cache_dir, grace_period=0.0)

@@ -1,0 +1,75 @@
+"""A fake model family for servicer and engine tests: scripted text, observable, controllable.
+
+It is registered like a real family (a registry line and a checkpoint directory whose config.json
+names its architecture), so tests exercise the real registry, engine, worker and servicer.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from vlm_service import registry
+from vlm_service.backends.base import Backend, Outcome, TextSink
+from vlm_service.types import FinishReason, GenerationRequest
+
+ARCHITECTURE = "FakeVLMForTests"
+
+
+class FakeBackend(Backend):
+    """Writes ``pieces`` one per decode step. Class-level knobs let a test steer every instance."""
+
+    family = "fake"
+    languages = ("en", "ja")
+    pieces: list[str] = ["Hello", ",", " wor", "ld", "."]
+    load_gate: threading.Event | None = None  # load() waits for it
+    step_gate: threading.Event | None = None  # every step waits for it
+    fail_next = False
+    instances: list[FakeBackend] = []
+
+    def __init__(self, spec, runtime):
+        super().__init__(spec, runtime)
+        self.started: list[str] = []  # request ids in start order
+        self.steps = 0
+        FakeBackend.instances.append(self)
+
+    def load(self) -> None:
+        if FakeBackend.load_gate is not None:
+            FakeBackend.load_gate.wait(30)
+
+    def generate(self, request: GenerationRequest, out: TextSink) -> Outcome:
+        if request.request_id != "warmup":
+            self.started.append(request.request_id)
+        if FakeBackend.fail_next and request.request_id != "warmup":
+            FakeBackend.fail_next = False
+            raise RuntimeError("boom in /secret/path/model.py")
+        produced = 0
+        for piece in self.pieces[: request.params.max_new_tokens]:
+            if FakeBackend.step_gate is not None:
+                FakeBackend.step_gate.wait(30)
+            if out.should_stop():
+                break
+            self.steps += 1
+            produced += 1
+            out.add_text(piece)
+        reason = FinishReason.STOP if produced == len(self.pieces) else FinishReason.LENGTH
+        return Outcome(prompt_tokens=7, completion_tokens=produced, reason=reason)
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.pieces = ["Hello", ",", " wor", "ld", "."]
+        cls.load_gate = None
+        cls.step_gate = None
+        cls.fail_next = False
+        cls.instances = []
+
+
+def register(tmp_path: Path) -> Path:
+    """Register the fake family and return a checkpoint directory that selects it."""
+    registry.FAMILIES.setdefault("fake", ("tests.fakes", "FakeBackend"))
+    registry.ARCHITECTURES.setdefault(ARCHITECTURE, "fake")
+    checkpoint = tmp_path / "fake-checkpoint"
+    checkpoint.mkdir(exist_ok=True)
+    (checkpoint / "config.json").write_text(json.dumps({"architectures": [ARCHITECTURE]}))
+    return checkpoint

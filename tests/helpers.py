@@ -1,0 +1,91 @@
+"""Running a real server on a loopback port inside the test process, and images for requests."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+
+import grpc
+from PIL import Image, ImageDraw
+
+from vlm.v1 import vlm_service_pb2 as pb
+from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
+from vlm_service.config import Settings
+from vlm_service.server import VLMServer
+
+
+class ServerThread:
+    """A VLMServer on 127.0.0.1:0 with its own event loop in a background thread."""
+
+    def __init__(self, settings: Settings):
+        settings.host = "127.0.0.1"
+        settings.port = 0
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
+        self._thread.start()
+        self.server: VLMServer = self.call(VLMServer.start(settings))
+        self.target = f"127.0.0.1:{self.server.port}"
+
+    def call(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        self.call(self.server.wait_ready(), timeout)
+
+    @property
+    def engine(self):
+        return self.server.engine
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def stub(self, channel: grpc.Channel) -> pb_grpc.VisionLanguageServiceStub:
+        return pb_grpc.VisionLanguageServiceStub(channel)
+
+    def stop(self, grace: float = 0) -> None:
+        try:
+            self.call(self.server.stop(grace), timeout=60)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def shape_image(colour: str = "red", size=(96, 64), background: str = "white") -> Image.Image:
+    image = Image.new("RGB", size, background)
+    w, h = size
+    ImageDraw.Draw(image).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=colour)
+    return image
+
+
+def caption_request(image: Image.Image | bytes | None = None, **options) -> pb.CaptionRequest:
+    data = image if isinstance(image, bytes) else png_bytes(image or shape_image())
+    model = options.pop("model", "")
+    length = options.pop("length", pb.CAPTION_LENGTH_UNSPECIFIED)
+    language = options.pop("response_language", "")
+    return pb.CaptionRequest(
+        model=model,
+        image=pb.Image(data=data),
+        length=length,
+        options=pb.GenerationOptions(**options),
+        response_language=language,
+    )
+
+
+def query_request(question: str, image: Image.Image | None = None, **options) -> pb.QueryRequest:
+    model = options.pop("model", "")
+    language = options.pop("response_language", "")
+    return pb.QueryRequest(
+        model=model,
+        image=pb.Image(data=png_bytes(image or shape_image())),
+        question=question,
+        options=pb.GenerationOptions(**options),
+        response_language=language,
+    )

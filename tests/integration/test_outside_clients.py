@@ -1,0 +1,230 @@
+"""Real outside clients: grpcurl through reflection, the vlm-client CLI, the Python client library,
+and `vlm-service serve` as its own process (SIGTERM drains and exits 0)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.helpers import png_bytes, shape_image
+from vlm_client import AsyncVLMClient, InvalidArgument, ModelNotFound, VLMClient
+
+BIN = Path(sys.executable).parent
+
+
+def run(args, **kwargs):
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("images") / "red-circle.png"
+    path.write_bytes(png_bytes(shape_image("red")))
+    return path
+
+
+def test_grpcurl_lists_and_describes_through_reflection(smolvlm_server):
+    result = run([str(BIN / "grpcurl"), "-plaintext", smolvlm_server.target, "list"])
+    assert result.returncode == 0, result.stderr
+    services = set(result.stdout.split())
+    assert {"vlm.v1.VisionLanguageService", "grpc.health.v1.Health"} <= services
+    result = run(
+        [str(BIN / "grpcurl"), "-plaintext", smolvlm_server.target, "describe", "vlm.v1.VisionLanguageService"]
+    )
+    assert "rpc Caption ( .vlm.v1.CaptionRequest ) returns ( stream .vlm.v1.CaptionResponse )" in result.stdout
+
+
+def test_grpcurl_receives_a_streamed_caption(smolvlm_server, image_file):
+    payload = json.dumps(
+        {
+            "image": {"data": base64.b64encode(image_file.read_bytes()).decode()},
+            "options": {"maxNewTokens": 12},
+        }
+    )
+    result = run(
+        [str(BIN / "grpcurl"), "-plaintext", "-d", "@", smolvlm_server.target, "vlm.v1.VisionLanguageService/Caption"],
+        input=payload,
+    )
+    assert result.returncode == 0, result.stderr
+    decoder, text, messages = json.JSONDecoder(), result.stdout.strip(), []
+    while text:
+        message, end = decoder.raw_decode(text)
+        messages.append(message)
+        text = text[end:].strip()
+    assert len(messages) >= 3
+    assert messages[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
+    assert messages[-1]["usage"]["completion_tokens"] == 12
+
+
+def test_grpcurl_health_check(smolvlm_server):
+    result = run([str(BIN / "grpcurl"), "-plaintext", smolvlm_server.target, "grpc.health.v1.Health/Check"])
+    assert json.loads(result.stdout)["status"] == "SERVING"
+
+
+def test_cli_streams_a_caption_and_a_query(smolvlm_server, image_file):
+    result = run(
+        [
+            str(BIN / "vlm-client"),
+            "--server",
+            smolvlm_server.target,
+            "caption",
+            str(image_file),
+            "--max-new-tokens",
+            "10",
+            "--usage",
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "finish_reason=length" in result.stderr and '"completion_tokens": 10' in result.stderr
+    result = run(
+        [
+            str(BIN / "vlm-client"),
+            "--server",
+            smolvlm_server.target,
+            "query",
+            str(image_file),
+            "What colour is the shape?",
+            "--max-new-tokens",
+            "5",
+        ]
+    )
+    assert result.returncode == 0 and result.stdout.strip()
+    result = run([str(BIN / "vlm-client"), "--server", smolvlm_server.target, "models"])
+    assert result.stdout.startswith("tiny-smolvlm\tsmolvlm\tdefault ready")
+
+
+def test_cli_reports_errors_without_traceback(smolvlm_server, image_file):
+    result = run(
+        [str(BIN / "vlm-client"), "--server", smolvlm_server.target, "caption", str(image_file), "--model", "nope"]
+    )
+    assert result.returncode == 1
+    assert "NOT_FOUND" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_prints_text_as_it_arrives(smolvlm_server, image_file):
+    """The CLI writes each chunk as it comes: the first text is readable before the answer ends."""
+    process = subprocess.Popen(
+        [
+            str(BIN / "vlm-client"),
+            "--server",
+            smolvlm_server.target,
+            "caption",
+            str(image_file),
+            "--max-new-tokens",
+            "1500",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        first = process.stdout.read1(1)
+        assert first, process.stderr.read().decode()
+        assert process.poll() is None, "the first text must arrive before the stream ends"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_python_client(smolvlm_server, image_file):
+    with VLMClient(smolvlm_server.target, timeout=30) as client:
+        from PIL import Image
+
+        for image in (image_file, str(image_file), image_file.read_bytes(), Image.open(image_file)):
+            stream = client.caption(image, max_new_tokens=8, length="short")
+            chunks = list(stream)
+            assert len(chunks) >= 2 and "".join(chunks) == stream.text
+            assert stream.finish_reason == "length" and stream.usage.completion_tokens == 8
+            assert stream.request_id
+        answer = client.query(image_file, "What colour is the shape?", max_new_tokens=6)
+        assert answer.result() == answer.text and answer.usage.completion_tokens == 6
+        (info,) = client.models()
+        assert info.name == "tiny-smolvlm" and info.is_default and "short" in info.caption_lengths
+        with pytest.raises(ModelNotFound):
+            list(client.caption(image_file, model="nope"))
+        with pytest.raises(InvalidArgument, match="options.top_p"):
+            list(client.caption(image_file, top_p=3.0))
+
+
+async def test_async_client(smolvlm_server, image_file):
+    async with AsyncVLMClient(smolvlm_server.target, timeout=30) as client:
+        stream = client.caption(image_file, max_new_tokens=9)
+        chunks = [chunk async for chunk in stream]
+        assert "".join(chunks) == stream.text and stream.usage.completion_tokens == 9
+        assert (await client.query(image_file, "Shape?", max_new_tokens=4).result()) != ""
+        assert (await client.models())[0].ready
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_serving(target: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError("server never became SERVING")
+
+
+def test_serve_process_drains_on_sigterm_and_exits_zero(cache_dir, tiny_smolvlm_dir, image_file):
+    port = free_port()
+    env = {
+        **os.environ,
+        "VLM_CACHE_DIR": str(cache_dir),
+        "VLM_PORT": str(port),
+        "VLM_HOST": "127.0.0.1",
+        "VLM_GRACE_PERIOD": "20",
+    }
+    server = subprocess.Popen(
+        [str(BIN / "vlm-service"), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target)
+        health = run([str(BIN / "vlm-service"), "health", "--server", target])
+        assert health.returncode == 0 and health.stdout.strip() == "SERVING"
+        with VLMClient(target) as client:
+            stream = client.caption(image_file, max_new_tokens=300)
+            chunks = iter(stream)
+            first = next(chunks)
+            server.send_signal(signal.SIGTERM)  # mid-stream
+            rest = list(chunks)
+        assert first and stream.finish_reason == "length", "the in-flight stream finishes within the grace period"
+        assert stream.usage.completion_tokens == 300 and len(rest) > 10
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+    assert "Traceback" not in server.stderr.read()
+
+
+def test_serve_rejects_bad_configuration_before_binding():
+    result = run([str(BIN / "vlm-service"), "serve", "--model", "no-such-builtin"])
+    assert result.returncode == 2
+    assert "unknown built-in name" in result.stderr and "Traceback" not in result.stderr
+    result = run([str(BIN / "vlm-service"), "serve", "--max-queue", "0"])
+    assert result.returncode == 2 and "--max-queue ($VLM_MAX_QUEUE)" in result.stderr

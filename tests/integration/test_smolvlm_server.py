@@ -1,0 +1,255 @@
+"""A real server on 127.0.0.1:0 serving tiny-smolvlm, driven by a real gRPC client."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.helpers import ServerThread, caption_request, png_bytes, query_request, shape_image
+from vlm.v1 import vlm_service_pb2 as pb
+from vlm_service.config import Settings
+from vlm_service.streaming import IncrementalDetokenizer, TextAssembler, clean_answer
+from vlm_service.types import CaptionLength, GenerationRequest, SamplingParams, Task
+
+
+def in_process_answer(server, task: Task, image, question="", length=CaptionLength.NORMAL, max_new_tokens=40):
+    """What ``model.generate`` gives in-process for the same request, decoded in one go, and the ids."""
+    backend = server.engine.models["tiny-smolvlm"].backend
+    request = GenerationRequest("x", "tiny-smolvlm", task, image, SamplingParams(max_new_tokens), question, length)
+    inputs = backend.prepare(request)
+    with torch.inference_mode():
+        output = backend.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    ids = output[0, inputs["input_ids"].shape[1] :].tolist()
+    text, _ = clean_answer(backend.tokenizer.decode(ids, skip_special_tokens=True))
+    return text, ids, backend.tokenizer
+
+
+def expected_deltas(tokenizer, ids):
+    """The deltas a per-token stream must send for these ids."""
+    detok, assembler = IncrementalDetokenizer(tokenizer), TextAssembler()
+    deltas = [assembler.push(detok.step(i)) for i in ids]
+    deltas.append(assembler.push(detok.finish()))
+    deltas.append(assembler.finish())
+    return [d for d in deltas if d]
+
+
+@pytest.mark.parametrize("colour", ["red", "blue"])
+def test_caption_stream_equals_in_process_generate(smolvlm_server, stub, colour):
+    image = shape_image(colour, size=(120, 70))
+    messages = list(stub.Caption(caption_request(image, max_new_tokens=40)))
+    texts = [m.text for m in messages if m.text]
+    expected_text, ids, tokenizer = in_process_answer(smolvlm_server, Task.CAPTION, image)
+    assert "".join(texts) == expected_text
+    # Per token: exactly the deltas that decoding one token at a time releases, none merged.
+    assert texts == expected_deltas(tokenizer, ids)
+    assert len(texts) >= 10
+    final = messages[-1]
+    assert final.usage.completion_tokens == len(ids)
+    assert final.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
+
+
+def test_query_stream_equals_in_process_generate(smolvlm_server, stub):
+    image = shape_image("green", size=(64, 128))
+    messages = list(stub.Query(query_request("What colour is the shape?", image, max_new_tokens=30)))
+    expected_text, ids, _ = in_process_answer(
+        smolvlm_server, Task.QUERY, image, "What colour is the shape?", max_new_tokens=30
+    )
+    assert "".join(m.text for m in messages) == expected_text
+    assert messages[-1].usage.completion_tokens == len(ids) == 30
+    assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert messages[-1].usage.prompt_tokens > 30  # image tokens included
+
+
+def test_max_new_tokens_is_exact_and_seed_is_reproducible(stub):
+    def sample(seed):
+        messages = list(stub.Caption(caption_request(max_new_tokens=17, temperature=0.9, seed=seed)))
+        assert messages[-1].usage.completion_tokens == 17
+        return "".join(m.text for m in messages)
+
+    first, again, other = sample(1), sample(1), sample(2)
+    assert first == again
+    assert first != other
+
+
+def test_stop_string_ends_the_stream(stub):
+    full = "".join(m.text for m in stub.Caption(caption_request(max_new_tokens=40)))
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), "the tiny model's output should have text to stop on"
+    messages = list(stub.Caption(caption_request(max_new_tokens=40, stop=[stop])))
+    text = "".join(m.text for m in messages)
+    assert messages[-1].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+    assert text == clean_answer(full, [stop])[0]
+    assert stop not in text
+
+
+class ForwardCounter:
+    """Counts decode steps (forward passes of the language model)."""
+
+    def __init__(self, model):
+        self.count = 0
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *args):
+        self.count += 1
+
+    def remove(self):
+        self._handle.remove()
+
+
+def wait_idle(engine, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not engine.idle:
+        assert time.monotonic() < deadline, "the worker never became idle"
+        time.sleep(0.005)
+
+
+def test_client_cancel_stops_generation(smolvlm_server, stub):
+    backend = smolvlm_server.engine.models["tiny-smolvlm"].backend
+    wait_idle(smolvlm_server.engine)
+    counter = ForwardCounter(backend.model)
+    try:
+        call = stub.Caption(caption_request(max_new_tokens=2000))
+        received = 0
+        for message in call:
+            received += bool(message.text)
+            if received == 3:
+                at_cancel = counter.count
+                call.cancel()
+                break
+        wait_idle(smolvlm_server.engine)
+        steps_after_cancel = counter.count - at_cancel
+    finally:
+        counter.remove()
+    assert call.code() == grpc.StatusCode.CANCELLED
+    assert steps_after_cancel <= 2, f"{steps_after_cancel} decode steps ran after the cancel"
+    assert counter.count < 50
+    # The worker is free: the next request is answered.
+    assert list(stub.Caption(caption_request(max_new_tokens=3)))[-1].usage.completion_tokens == 3
+
+
+def test_deadline_ends_generation(smolvlm_server, stub):
+    backend = smolvlm_server.engine.models["tiny-smolvlm"].backend
+    wait_idle(smolvlm_server.engine)
+    counter = ForwardCounter(backend.model)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in stub.Caption(caption_request(max_new_tokens=2000), timeout=0.3):
+                pass
+        at_deadline = counter.count
+        wait_idle(smolvlm_server.engine)
+    finally:
+        counter.remove()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert counter.count - at_deadline <= 20, "generation went on after the deadline"
+    assert counter.count < 1000
+
+
+def test_failing_generation_is_internal_and_the_next_request_succeeds(smolvlm_server, stub, monkeypatch):
+    backend = smolvlm_server.engine.models["tiny-smolvlm"].backend
+    original = backend.prepare
+    calls = []
+
+    def failing_once(request):
+        calls.append(request.request_id)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA exploded at /opt/secret/weights.bin")
+        return original(request)
+
+    monkeypatch.setattr(backend, "prepare", failing_once)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Caption(caption_request(max_new_tokens=5)))
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert calls[0] in info.value.details()  # the request id the logs share
+    assert "secret" not in info.value.details() and "Traceback" not in info.value.details()
+    messages = list(stub.Caption(caption_request(max_new_tokens=5)))
+    assert messages[-1].usage.completion_tokens == 5
+
+
+def truncated_png() -> bytes:
+    from PIL import Image
+
+    data = png_bytes(Image.effect_noise((64, 64), 40).convert("RGB"))
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "needle"),
+    [
+        (caption_request(b""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (caption_request(b"%PDF-1.4 not an image"), grpc.StatusCode.INVALID_ARGUMENT, "not a supported image"),
+        (caption_request(truncated_png()), grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
+        (caption_request(model="gpt-7"), grpc.StatusCode.NOT_FOUND, "gpt-7"),
+        (caption_request(top_p=2.0), grpc.StatusCode.INVALID_ARGUMENT, "options.top_p"),
+        (caption_request(temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "options.temperature"),
+        (caption_request(max_new_tokens=100_000), grpc.StatusCode.INVALID_ARGUMENT, "options.max_new_tokens"),
+        (caption_request(response_language="ja"), grpc.StatusCode.INVALID_ARGUMENT, "supported: en"),
+        (query_request(""), grpc.StatusCode.INVALID_ARGUMENT, "question"),
+    ],
+)
+def test_bad_inputs_get_precise_codes(stub, request_, code, needle):
+    method = stub.Query if isinstance(request_, pb.QueryRequest) else stub.Caption
+    with pytest.raises(grpc.RpcError) as info:
+        list(method(request_))
+    assert info.value.code() == code
+    assert needle in info.value.details()
+
+
+def test_list_models(stub):
+    (info,) = stub.ListModels(pb.ListModelsRequest()).models
+    assert (info.name, info.family, info.ready, info.is_default) == ("tiny-smolvlm", "smolvlm", True, True)
+    assert info.context_length == 4096
+    assert set(info.caption_lengths) == {pb.CAPTION_LENGTH_SHORT, pb.CAPTION_LENGTH_NORMAL, pb.CAPTION_LENGTH_LONG}
+    assert info.device == "cpu" and info.dtype == "float32"
+
+
+def test_health_turns_serving_only_after_load(cache_dir, tiny_smolvlm_dir, monkeypatch):
+    """While a model loads, health is NOT_SERVING and requests are UNAVAILABLE; then SERVING."""
+    from vlm_service.backends import hf
+
+    gate = threading.Event()
+    original = hf.TransformersBackend.load
+
+    def gated_load(self):
+        gate.wait(30)
+        original(self)
+
+    monkeypatch.setattr(hf.TransformersBackend, "load", gated_load)
+    server = ServerThread(Settings(models=["tiny-smolvlm"], cache_dir=cache_dir))
+    try:
+        with server.channel() as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "vlm.v1.VisionLanguageService"):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                list(server.stub(channel).Caption(caption_request(), timeout=5))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            gate.set()
+            server.wait_ready()
+            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                list(server.stub(channel).Caption(caption_request(max_new_tokens=2)))[-1].usage.completion_tokens == 2
+            )
+    finally:
+        gate.set()
+        server.stop()
+
+
+def test_health_answers_while_a_model_generates(smolvlm_server, stub):
+    call = stub.Caption(caption_request(max_new_tokens=2000))
+    next(iter(call))
+    with smolvlm_server.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        started = time.monotonic()
+        reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        latency = time.monotonic() - started
+    call.cancel()
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert latency < 1.0

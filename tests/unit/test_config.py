@@ -1,0 +1,66 @@
+"""Configuration: flags win over environment variables, which win over defaults; bad values fail early."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from vlm_service.config import ConfigError, Settings, add_arguments, load_settings, settings_table
+
+
+def parse(argv, env=None):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load_settings(parser.parse_args(argv), env or {})
+
+
+def test_defaults_serve_the_tiny_model_on_50051():
+    settings = parse([])
+    assert settings.port == 50051
+    assert settings.models == []  # the engine then serves tiny-smolvlm
+    assert settings.reflection is True
+
+
+def test_every_setting_has_a_flag_and_an_env_twin():
+    for spec in settings_table():
+        assert spec.flag.startswith("--")
+        assert spec.env.startswith("VLM_")
+        assert spec.help
+
+
+def test_environment_fills_in_and_flags_win():
+    env = {"VLM_PORT": "6000", "VLM_MODELS": "a, b=/tmp/x", "VLM_MAX_QUEUE": "3", "VLM_REFLECTION": "false"}
+    settings = parse([], env)
+    assert (settings.port, settings.models, settings.max_queue, settings.reflection) == (
+        6000,
+        ["a", "b=/tmp/x"],
+        3,
+        False,
+    )
+    settings = parse(["--port", "7000", "--model", "c", "--reflection"], env)
+    assert (settings.port, settings.models, settings.reflection) == (7000, ["c"], True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--port", "abc"], {}, "--port ($VLM_PORT)"),
+        (["--port", "70000"], {}, "--port"),
+        ([], {"VLM_MAX_QUEUE": "0"}, "$VLM_MAX_QUEUE"),
+        (["--device", "tpu"], {}, "--device"),
+        (["--dtype", "int3"], {}, "--dtype"),
+        ([], {"VLM_REFLECTION": "maybe"}, "$VLM_REFLECTION"),
+        (["--default-max-new-tokens", "5000"], {}, "--max-new-tokens-limit"),
+    ],
+)
+def test_invalid_values_name_the_setting(argv, env, needle):
+    with pytest.raises(ConfigError, match=None) as info:
+        parse(argv, env)
+    assert needle in str(info.value)
+
+
+def test_settings_validate_directly():
+    with pytest.raises(ConfigError):
+        Settings(grace_period=-1).validate()
+    assert Settings().validate().host == "0.0.0.0"
