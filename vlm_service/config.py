@@ -74,6 +74,9 @@ class Settings:
         Path(os.path.expanduser("~/.cache/vlm-service")),
         "Where the tiny built-in checkpoints are built on first use.",
     )
+    moondream_revision: str = _setting(
+        "2025-06-21", "The vikhyatk/moondream2 revision the built-in name `moondream` loads (remote code is pinned)."
+    )
     warmup: bool = _setting(True, "Run one short generation per model before reporting SERVING.")
     log_level: str = _setting("info", "Log level.", choices=LOG_LEVELS)
 

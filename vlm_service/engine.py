@@ -45,7 +45,7 @@ class Engine:
     def __init__(self, settings: Settings):
         self.settings = settings
         args = settings.models or [registry.DEFAULT_MODEL]
-        specs = [registry.parse_model_arg(arg) for arg in args]
+        specs = [registry.parse_model_arg(arg, settings) for arg in args]
         names = [s.name for s in specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -141,6 +141,13 @@ class Engine:
             )
         if request.task is Task.CAPTION and request.length not in backend_cls.caption_lengths:
             raise InvalidInput("length", f"model {served.spec.name!r} does not support {request.length.value} captions")
+        unsupported = sorted(request.params.options_set() - backend_cls.supported_options)
+        if unsupported:
+            raise InvalidInput(
+                f"options.{unsupported[0]}",
+                f"not supported by model {served.spec.name!r} ({backend_cls.family}); "
+                f"supported: {', '.join(sorted(backend_cls.supported_options))}",
+            )
         if request.params.max_new_tokens == 0:
             default = (
                 backend_cls.caption_budgets[request.length]
@@ -148,7 +155,7 @@ class Engine:
                 else self.settings.default_max_new_tokens
             )
             request = replace(request, params=replace(request.params, max_new_tokens=default))
-        job = Job(request, asyncio.get_running_loop())
+        job = Job(request, asyncio.get_running_loop(), backend_cls.role_prefixes)
         served.worker.submit(job)
         return job
 

@@ -18,12 +18,17 @@ from .backends.base import Backend, ModelSpec
 #: family name -> (module, class)
 FAMILIES: dict[str, tuple[str, str]] = {
     "smolvlm": ("vlm_service.backends.smolvlm", "SmolVLMBackend"),
+    "qwen2-vl": ("vlm_service.backends.qwen2_vl", "Qwen2VLBackend"),
+    "moondream": ("vlm_service.backends.moondream", "MoondreamBackend"),
 }
 
 #: ``config.json`` "architectures" entry -> family name
 ARCHITECTURES: dict[str, str] = {
     "SmolVLMForConditionalGeneration": "smolvlm",
     "Idefics3ForConditionalGeneration": "smolvlm",
+    "Qwen2VLForConditionalGeneration": "qwen2-vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2-vl",
+    "HfMoondream": "moondream",
 }
 
 
@@ -35,6 +40,7 @@ class Builtin:
     repo_id: str | None = None
     revision: str | None = None
     build: Callable[[Path], Path] | None = None
+    revision_setting: str | None = None  # a Settings field that names the revision
 
 
 def _tiny_smolvlm(cache_dir: Path) -> Path:
@@ -43,11 +49,31 @@ def _tiny_smolvlm(cache_dir: Path) -> Path:
     return ensure_tiny_smolvlm(cache_dir)
 
 
+def _tiny_qwen2_vl(cache_dir: Path) -> Path:
+    from .checkpoints.tiny_qwen2_vl import ensure_tiny_qwen2_vl
+
+    return ensure_tiny_qwen2_vl(cache_dir)
+
+
+def _tiny_moondream(cache_dir: Path) -> Path:
+    from .checkpoints.tiny_moondream import ensure_tiny_moondream
+
+    return ensure_tiny_moondream(cache_dir)
+
+
 BUILTINS: dict[str, Builtin] = {
     "smolvlm": Builtin(
         "SmolVLM 256M Instruct (downloads from the Hugging Face Hub)", "HuggingFaceTB/SmolVLM-256M-Instruct"
     ),
     "tiny-smolvlm": Builtin("tiny SmolVLM built offline on first use (demo and tests)", build=_tiny_smolvlm),
+    "qwen2-vl": Builtin("Qwen2-VL 2B Instruct (downloads from the Hugging Face Hub)", "Qwen/Qwen2-VL-2B-Instruct"),
+    "tiny-qwen2-vl": Builtin("tiny Qwen2-VL built offline on first use (tests)", build=_tiny_qwen2_vl),
+    "moondream": Builtin(
+        "Moondream2 (remote code, downloads from the Hugging Face Hub)",
+        "vikhyatk/moondream2",
+        revision_setting="moondream_revision",
+    ),
+    "tiny-moondream": Builtin("tiny Moondream-API remote-code model built offline on first use", build=_tiny_moondream),
 }
 
 DEFAULT_MODEL = "tiny-smolvlm"
@@ -57,7 +83,7 @@ class UnsupportedModel(ValueError):
     """The checkpoint's architecture has no family here, or the source cannot be read."""
 
 
-def parse_model_arg(arg: str) -> ModelSpec:
+def parse_model_arg(arg: str, settings=None) -> ModelSpec:
     """Turn ``NAME`` or ``NAME=SOURCE`` (``SOURCE`` = dir, repo id, or repo id@revision) into a spec."""
     name, sep, source = arg.partition("=")
     name, source = name.strip(), source.strip()
@@ -74,7 +100,10 @@ def parse_model_arg(arg: str) -> ModelSpec:
             )
         if builtin.build is not None:
             return ModelSpec(name=name, source="", builtin=name)
-        return ModelSpec(name=name, source=builtin.repo_id, revision=builtin.revision)
+        revision = builtin.revision
+        if builtin.revision_setting and settings is not None:
+            revision = getattr(settings, builtin.revision_setting)
+        return ModelSpec(name=name, source=builtin.repo_id, revision=revision)
     if not source:
         raise UnsupportedModel(f"--model {arg!r}: SOURCE is empty")
     return _spec_for_source(name, source)

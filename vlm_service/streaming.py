@@ -61,15 +61,20 @@ class IncrementalDetokenizer:
         return rest
 
 
-def clean_answer(raw: str, stop: Sequence[str] = ()) -> tuple[str, bool]:
-    """The non-streamed answer: cut at the earliest stop string, strip surrounding whitespace.
-
+def clean_answer(raw: str, stop: Sequence[str] = (), role_prefixes: Sequence[str] = ()) -> tuple[str, bool]:
+    """The non-streamed answer: cut at the earliest stop string, strip surrounding whitespace and a
+    leading role word (one of ``role_prefixes``, e.g. ``"assistant\n"``), once.
     Returns the text and whether a stop string was found.
     """
     cut = _earliest_stop(raw, stop)
     if cut is not None:
         raw = raw[:cut]
-    return raw.strip(), cut is not None
+    text = raw.strip()
+    for prefix in role_prefixes:
+        if text.startswith(prefix):
+            text = text[len(prefix) :].strip()
+            break
+    return text, cut is not None
 
 
 def _earliest_stop(text: str, stop: Sequence[str]) -> int | None:
@@ -78,12 +83,17 @@ def _earliest_stop(text: str, stop: Sequence[str]) -> int | None:
 
 
 class TextAssembler:
-    """Turn raw text pieces into clean, non-empty deltas whose concatenation is ``clean_answer(raw)``."""
+    """Turn raw text pieces into clean, non-empty deltas whose concatenation is ``clean_answer(raw)``.
 
-    def __init__(self, stop: Sequence[str] = ()):
+    Work per piece is proportional to the piece and the stop strings, not to the answer so far.
+    """
+
+    def __init__(self, stop: Sequence[str] = (), role_prefixes: Sequence[str] = ()):
         self._stop = tuple(s for s in stop if s)
-        self._pending = ""  # received, not yet sent
-        self._started = False  # sent any non-whitespace yet
+        self._roles = tuple(role_prefixes)
+        self._pending = ""  # received, neither sent nor dropped
+        self._started = False  # sent any text yet
+        self._role_checked = False  # the start was checked for a role word
         self.stopped = False  # a stop string was found; nothing more will be sent
 
     def push(self, piece: str) -> str:
@@ -94,24 +104,34 @@ class TextAssembler:
         cut = _earliest_stop(self._pending, self._stop)
         if cut is not None:
             self.stopped = True
-            ready, self._pending = self._pending[:cut].rstrip(), ""
-            return self._release(ready)
-        # Hold back what could still become a stop string, and trailing whitespace (it may be the end).
-        ready = self._pending[: len(self._pending) - self._held_stop_prefix()].rstrip()
-        self._pending = self._pending[len(ready) :]
-        return self._release(ready)
+            self._pending = self._pending[:cut]
+            return self._take(len(self._pending), final=True)
+        # Hold back what could still grow into a stop string.
+        return self._take(len(self._pending) - self._held_stop_prefix(), final=False)
 
     def finish(self) -> str:
         """End of generation: release what was held back (minus trailing whitespace)."""
         if self.stopped:
             return ""
-        ready, self._pending = self._pending.rstrip(), ""
-        return self._release(ready)
+        return self._take(len(self._pending), final=True)
 
-    def _release(self, ready: str) -> str:
+    def _take(self, safe: int, final: bool) -> str:
+        """Consume the clean text in ``pending[:safe]``; trailing whitespace waits (it may be the end)."""
         if not self._started:
-            ready = ready.lstrip()
-            self._started = bool(ready)
+            head = self._pending[:safe].lstrip()  # leading whitespace is dropped
+            if self._roles and not self._role_checked:
+                if not final and any(p.startswith(head) and len(head) < len(p) for p in self._roles):
+                    return ""  # may still become a role word
+                self._role_checked = True
+                for prefix in self._roles:
+                    if head.startswith(prefix):
+                        head = head[len(prefix) :].lstrip()
+                        break
+            dropped = safe - len(head)
+            self._pending, safe = self._pending[dropped:], safe - dropped
+        ready = self._pending[:safe].rstrip()
+        self._pending = "" if final else self._pending[len(ready) :]
+        self._started = self._started or bool(ready)
         return ready
 
     def _held_stop_prefix(self) -> int:

@@ -42,6 +42,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def options_set(self) -> set[str]:
+        """Names of the options that differ from their defaults."""
+        defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "stop": (), "seed": None}
+        chosen = {name for name, default in defaults.items() if getattr(self, name) != default}
+        return chosen | ({"max_new_tokens"} if self.max_new_tokens else set())
+
 
 @dataclass(frozen=True)
 class GenerationRequest:

@@ -31,14 +31,14 @@ logger = logging.getLogger(__name__)
 class Job:
     """One request's generation: an async stream of events and a switch to stop it."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, role_prefixes=()):
         self.request = request
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
         self.started_at: float | None = None
         self.first_text_at: float | None = None
-        self._assembler = TextAssembler(request.params.stop)
+        self._assembler = TextAssembler(request.params.stop, role_prefixes)
         self._worker: ModelWorker | None = None
 
     # --- the RPC's side (event loop) ---------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
@@ -95,8 +95,11 @@ def test_any_token_sequence_round_trips(tokenizer, ids):
 # --- TextAssembler ---------------------------------------------------------------------------
 
 
-def assemble(pieces, stop=()):
-    assembler = TextAssembler(stop)
+ROLES = ("assistant\n", "Assistant:")
+
+
+def assemble(pieces, stop=(), roles=()):
+    assembler = TextAssembler(stop, roles)
     deltas = [assembler.push(p) for p in pieces]
     deltas.append(assembler.finish())
     return deltas, assembler
@@ -127,13 +130,24 @@ def test_text_that_only_looks_like_a_stop_prefix_is_released():
     assert not assembler.stopped
 
 
+def test_a_leading_role_word_is_removed_once():
+    deltas, _ = assemble(["\n Assi", "stant", ":", " A red", " circle. Assistant: again"], roles=ROLES)
+    assert "".join(deltas) == "A red circle. Assistant: again"
+    assert deltas[1] == deltas[2] == "", "text that may still be a role word is held"
+    deltas, _ = assemble(["Assist", "ants help."], roles=ROLES)
+    assert "".join(deltas) == "Assistants help."
+    deltas, _ = assemble(["assistant\n", "赤い"], roles=ROLES)
+    assert deltas == ["", "赤い", ""]
+
+
 @given(
-    st.lists(st.text(alphabet="ab \n.x赤", max_size=6), max_size=12),
+    st.lists(st.sampled_from(["a", "b", " ", "\n", ".", "x", "赤", "Assistant", "assistant:", "Assist", "ant\n", ":"]), max_size=14),
     st.lists(st.text(alphabet="ab .x赤", min_size=1, max_size=3), max_size=3),
 )
 @settings(max_examples=500, deadline=None)
+@example(["Assistant", ":"], [])
 def test_assembled_stream_equals_clean_answer(pieces, stop):
-    deltas, assembler = assemble(pieces, stop)
-    expected, stopped = clean_answer("".join(pieces), stop)
+    deltas, assembler = assemble(pieces, stop, ROLES)
+    expected, stopped = clean_answer("".join(pieces), stop, ROLES)
     assert "".join(deltas) == expected
     assert assembler.stopped == stopped

@@ -70,6 +70,12 @@ class Backend(abc.ABC):
     caption_lengths: ClassVar[tuple[CaptionLength, ...]] = tuple(CaptionLength)
     #: Response languages the family supports (BCP-47 codes); the first is the default.
     languages: ClassVar[tuple[str, ...]] = ("en",)
+    #: GenerationOptions fields the family honours; a request setting any other is INVALID_ARGUMENT.
+    supported_options: ClassVar[frozenset[str]] = frozenset(
+        {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed"}
+    )
+    #: Role words the model may write before its answer; removed once from the start of the text.
+    role_prefixes: ClassVar[tuple[str, ...]] = ()
     #: Default token budget per caption length, used when a request leaves max_new_tokens at 0.
     caption_budgets: ClassVar[dict[CaptionLength, int]] = {
         CaptionLength.SHORT: 32,

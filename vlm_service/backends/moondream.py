@@ -1,0 +1,109 @@
+"""Moondream2 through its published remote-code API (``trust_remote_code=True``).
+
+The model is driven only through ``encode_image``, ``caption`` and ``query`` with ``stream=True``: the
+generator they return is pulled in the worker thread, one piece at a time, and closed as soon as the
+request should stop (cancel, deadline, stop string), which ends the generation at that step. The model
+keeps one KV cache per instance, so the engine's single worker per model is what keeps requests from
+interleaving on it.
+
+The API does not report token counts: ``completion_tokens`` is the length of the answer re-tokenized
+with the model's tokenizer where it exposes one (else the number of streamed pieces), and
+``prompt_tokens`` is 0. Sampling draws from torch's global generator inside the remote code, so a
+seeded request runs under ``torch.random.fork_rng`` (the global state is restored afterwards) and a
+process-wide lock, which serialises sampled (non-greedy) requests across Moondream models.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from contextlib import nullcontext
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ..types import CaptionLength, FinishReason, GenerationRequest, Task
+from .base import Backend, Outcome, TextSink
+from .hf import resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+LENGTHS = {CaptionLength.SHORT: "short", CaptionLength.NORMAL: "normal", CaptionLength.LONG: "long"}
+
+_GLOBAL_RNG = threading.Lock()
+
+
+class MoondreamBackend(Backend):
+    family = "moondream"
+    languages = ("en",)
+    supported_options = frozenset({"max_new_tokens", "temperature", "top_p", "stop", "seed"})
+    caption_budgets = {CaptionLength.SHORT: 32, CaptionLength.NORMAL: 128, CaptionLength.LONG: 512}
+
+    def load(self) -> None:
+        self._device = resolve_device(self.runtime.device)
+        dtype = resolve_dtype(self.runtime.dtype, self._device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.spec.source,
+            revision=self.spec.revision,
+            trust_remote_code=True,
+            dtype=dtype,
+            device_map={"": str(self._device)},
+        ).eval()
+        logger.info("loaded %s (%s) on %s as %s", self.spec.name, type(self.model).__name__, self._device, dtype)
+
+    @property
+    def tokenizer(self):
+        return getattr(self.model, "tokenizer", None) or getattr(getattr(self.model, "model", None), "tokenizer", None)
+
+    @property
+    def context_length(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "max_context", 0) or getattr(getattr(config, "text", {}), "max_context", 0) or 2048)
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    def generate(self, request: GenerationRequest, out: TextSink) -> Outcome:
+        params = request.params
+        settings = {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_new_tokens}
+        sampling = not params.greedy
+        rng = torch.random.fork_rng(devices=self._rng_devices()) if sampling else nullcontext()
+        with _GLOBAL_RNG if sampling else nullcontext(), rng:
+            if sampling:
+                torch.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+            encoded = self.model.encode_image(request.image)
+            if out.should_stop():
+                return Outcome(0, 0, FinishReason.STOP)
+            if request.task is Task.CAPTION:
+                result = self.model.caption(encoded, length=LENGTHS[request.length], stream=True, settings=settings)
+                pieces = result["caption"]
+            else:
+                pieces = self.model.query(encoded, request.question, stream=True, settings=settings)["answer"]
+            text = []
+            try:
+                for piece in pieces:
+                    if piece:
+                        text.append(piece)
+                        out.add_text(piece)
+                    if out.should_stop():
+                        break
+            finally:
+                pieces.close()  # stops the remote generator at this step
+        tokenizer = self.tokenizer
+        answer = "".join(text)
+        if tokenizer is not None and answer:
+            encoded_answer = tokenizer.encode(answer)
+            produced = len(getattr(encoded_answer, "ids", encoded_answer))
+        else:
+            produced = len(text)
+        reason = FinishReason.LENGTH if produced >= params.max_new_tokens else FinishReason.STOP
+        return Outcome(prompt_tokens=0, completion_tokens=min(produced, params.max_new_tokens), reason=reason)
+
+    def _rng_devices(self) -> list:
+        return [self._device] if self._device.type == "cuda" else []

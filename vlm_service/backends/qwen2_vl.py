@@ -1,0 +1,37 @@
+"""Qwen2-VL and Qwen2.5-VL: ``Qwen/Qwen2-VL-2B-Instruct`` and its tiny twin; answers in en/ja/zh/ko."""
+
+from __future__ import annotations
+
+from ..types import CaptionLength, GenerationRequest, Task
+from .hf import TransformersBackend
+
+#: The instruction sent for each caption length.
+CAPTION_PROMPTS = {
+    CaptionLength.SHORT: "Describe this image in a few words.",
+    CaptionLength.NORMAL: "Describe this image in one or two sentences.",
+    CaptionLength.LONG: "Describe this image in detail.",
+}
+
+#: How the prompt asks for each response language (empty for English, the model's default).
+LANGUAGE_INSTRUCTIONS = {
+    "en": "",
+    "ja": "日本語で答えてください。",
+    "zh": "请用中文回答。",
+    "ko": "한국어로 답해 주세요.",
+}
+
+
+class Qwen2VLBackend(TransformersBackend):
+    family = "qwen2-vl"
+    languages = tuple(LANGUAGE_INSTRUCTIONS)
+    # With special tokens skipped, a stray "<|im_start|>assistant\n" leaves its role word behind.
+    role_prefixes = ("assistant\n",)
+
+    def prepare(self, request: GenerationRequest):
+        text = request.question if request.task is Task.QUERY else CAPTION_PROMPTS[request.length]
+        instruction = LANGUAGE_INSTRUCTIONS[request.language]
+        if instruction:
+            text = f"{text}\n{instruction}"
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self.processor(text=[prompt], images=[request.image], return_tensors="pt")

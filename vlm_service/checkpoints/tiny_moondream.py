@@ -1,0 +1,43 @@
+"""``tiny-moondream``: a tiny local *remote-code* checkpoint with Moondream2's published API.
+
+The directory holds ``config.json`` (whose ``auto_map`` points at ``hf_moondream.py``), that Python file,
+``tokenizer.json`` and the weights, so the service loads it through the very path it uses for
+``vikhyatk/moondream2``: ``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .builder import build_cached, train_byte_level_bpe
+from .corpus import tokenizer_corpus
+
+BUILD_VERSION = "1"
+REMOTE_CODE = Path(__file__).parent / "moondream_remote" / "hf_moondream.py"
+SPECIAL_TOKENS = ["<|endoftext|>"]
+
+
+def _build(directory: Path) -> None:
+    import torch
+
+    from .moondream_remote.hf_moondream import HfConfig, HfMoondream
+
+    tokenizer = train_byte_level_bpe(tokenizer_corpus(), SPECIAL_TOKENS, vocab_size=1024)
+    config = HfConfig(vocab_size=tokenizer.get_vocab_size(), eos_token_id=tokenizer.token_to_id("<|endoftext|>"))
+    torch.manual_seed(0)
+    model = HfMoondream(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    shutil.copyfile(REMOTE_CODE, directory / REMOTE_CODE.name)
+    config_path = directory / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["auto_map"] = {"AutoConfig": "hf_moondream.HfConfig", "AutoModelForCausalLM": "hf_moondream.HfMoondream"}
+    saved["architectures"] = ["HfMoondream"]
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+def ensure_tiny_moondream(cache_dir: Path) -> Path:
+    """Return the directory of the tiny Moondream checkpoint, building it on first use."""
+    return build_cached(Path(cache_dir) / f"tiny-moondream-v{BUILD_VERSION}", _build)

@@ -1,0 +1,122 @@
+"""``tiny-qwen2-vl``: a tiny checkpoint of the real Qwen2-VL architecture, built offline.
+
+A real ``Qwen2VLForConditionalGeneration`` (M-RoPE, the windowless vision tower, the patch merger) with
+a real ``Qwen2VLProcessor``: its image processor with small pixel bounds (so an image becomes 4 to 16
+vision tokens), its video processor, a byte-level BPE tokenizer with Qwen's special tokens, and
+Qwen2-VL's chat template with vision tokens. Random weights, deterministic build, no network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .builder import build_cached, train_byte_level_bpe
+from .corpus import tokenizer_corpus
+
+BUILD_VERSION = "1"
+
+# The chat template of Qwen/Qwen2-VL-2B-Instruct.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+PATCH = 14
+MERGE = 2
+MIN_PIXELS = (PATCH * MERGE) ** 2 * 4  # at least 2x2 merged tokens
+MAX_PIXELS = (PATCH * MERGE) ** 2 * 16  # at most 16 merged tokens
+
+
+def _build(directory: Path) -> None:
+    import torch
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    backend = train_byte_level_bpe(tokenizer_corpus(), SPECIAL_TOKENS, vocab_size=1024)
+    ids = {token: backend.token_to_id(token) for token in SPECIAL_TOKENS}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+    size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=PATCH, merge_size=MERGE),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(size=size, patch_size=PATCH, merge_size=MERGE),
+        chat_template=CHAT_TEMPLATE,
+    )
+    hidden, heads = 64, 4
+    head_dim = hidden // heads
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": backend.get_vocab_size(),
+            "hidden_size": hidden,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": heads,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": hidden,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": PATCH,
+            "spatial_merge_size": MERGE,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    assert sum(config.text_config.rope_parameters["mrope_section"]) == head_dim // 2
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+def ensure_tiny_qwen2_vl(cache_dir: Path) -> Path:
+    """Return the directory of the tiny Qwen2-VL checkpoint, building it on first use."""
+    return build_cached(Path(cache_dir) / f"tiny-qwen2-vl-v{BUILD_VERSION}", _build)
