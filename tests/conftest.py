@@ -43,6 +43,14 @@ def tiny_smolvlm_dir(cache_dir) -> Path:
     return ensure_tiny_smolvlm(cache_dir)
 
 
+@pytest.fixture(scope="session")
+def noise_dir(cache_dir) -> Path:
+    """tiny-smolvlm with random weights: it writes noise and seldom ends, for long generations."""
+    from vlm_service.checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
+
+    return ensure_tiny_smolvlm(cache_dir, trained=False)
+
+
 @pytest.fixture
 def settings(cache_dir) -> Settings:
     return Settings(cache_dir=cache_dir, grace_period=0.0)

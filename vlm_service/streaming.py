@@ -2,9 +2,9 @@
 
 Two small pieces, each usable alone:
 
-* :class:`IncrementalDetokenizer` turns token ids into text one token at a time with tokenizers'
-  ``DecodeStream``: constant work per token (no re-decoding of the whole answer), no word-boundary
-  buffering (Japanese or Thai text streams per token), and never half of a multi-byte character.
+* :class:`IncrementalDetokenizer` turns token ids into text one token at a time: constant work per
+  token (a small window is decoded, never the whole answer), no word-boundary buffering (Japanese
+  or Thai text streams per token), and never half of a multi-byte character.
   ``finish()`` releases whatever is still pending, so the concatenation of everything it returned
   equals ``tokenizer.decode(all_ids, skip_special_tokens=True)``.
 * :class:`TextAssembler` turns raw text pieces into the deltas a client sees: it applies stop strings
@@ -27,25 +27,45 @@ def _backend_tokenizer(tokenizer):
 
 
 class IncrementalDetokenizer:
-    """Decode generated token ids to text, one token at a time."""
+    """Decode generated token ids to text, one token at a time.
+
+    Each step decodes only a small window: the tokens of the previous step (so tokenizers that
+    drop a leading space keep it) and the tokens not yet fully released. Complete characters go out
+    at once, even when the same token also starts a character that the next token completes.
+    """
+
+    _PARTIAL = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 
     def __init__(self, tokenizer):
-        from tokenizers.decoders import DecodeStream
-
         self._tokenizer = tokenizer
         self._backend = _backend_tokenizer(tokenizer)
-        self._stream = DecodeStream(skip_special_tokens=True)
         self._ids: list[int] = []
+        self._prefix_offset = 0  # window start: tokens kept for context
+        self._read_offset = 0  # tokens before this are fully released
+        self._released = 0  # characters released beyond the context text
         self._emitted: list[str] = []
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._backend.decode(ids, skip_special_tokens=True)
 
     def step(self, token_id: int) -> str:
         """Add one token; return the text it completes ("" while a character is still partial)."""
         self._ids.append(token_id)
-        piece = self._stream.step(self._backend, token_id)
+        context = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        text = self._decode(self._ids[self._prefix_offset :])
+        complete = not text.endswith(self._PARTIAL)
+        ready = text if complete else text.rstrip(self._PARTIAL)
+        start = len(context) + self._released
+        if not text.startswith(context) or len(ready) < start:
+            return ""  # wait: the window does not extend its context yet
+        piece = ready[start:]
+        if complete:
+            self._prefix_offset, self._read_offset, self._released = self._read_offset, len(self._ids), 0
+        else:
+            self._released += len(piece)
         if piece:
             self._emitted.append(piece)
-            return piece
-        return ""
+        return piece
 
     def finish(self) -> str:
         """Return the text still pending (e.g. bytes that never formed a valid character)."""
@@ -53,7 +73,7 @@ class IncrementalDetokenizer:
         sent = "".join(self._emitted)
         if full.startswith(sent):
             rest = full[len(sent) :]
-        else:  # pragma: no cover - DecodeStream's output is always a prefix for byte-level BPE
+        else:  # pragma: no cover - the windows' text is always a prefix for byte-level BPE
             logger.warning("incremental decode diverged from the full decode; keeping the streamed text")
             rest = ""
         if rest:

@@ -49,6 +49,7 @@ def test_grpcurl_receives_a_streamed_caption(smolvlm_server, image_file):
     payload = json.dumps(
         {
             "image": {"data": base64.b64encode(image_file.read_bytes()).decode()},
+            "model": "noise",
             "options": {"maxNewTokens": 12},
         }
     )
@@ -80,6 +81,8 @@ def test_cli_streams_a_caption_and_a_query(smolvlm_server, image_file):
             smolvlm_server.target,
             "caption",
             str(image_file),
+            "--model",
+            "noise",
             "--max-new-tokens",
             "10",
             "--usage",
@@ -103,6 +106,7 @@ def test_cli_streams_a_caption_and_a_query(smolvlm_server, image_file):
     assert result.returncode == 0 and result.stdout.strip()
     result = run([str(BIN / "vlm-client"), "--server", smolvlm_server.target, "models"])
     assert result.stdout.startswith("tiny-smolvlm\tsmolvlm\tdefault ready")
+    assert "\nnoise\tsmolvlm\tready" in result.stdout
 
 
 def test_cli_reports_errors_without_traceback(smolvlm_server, image_file):
@@ -122,6 +126,8 @@ def test_cli_prints_text_as_it_arrives(smolvlm_server, image_file):
             smolvlm_server.target,
             "caption",
             str(image_file),
+            "--model",
+            "noise",
             "--max-new-tokens",
             "1500",
         ],
@@ -142,14 +148,15 @@ def test_python_client(smolvlm_server, image_file):
         from PIL import Image
 
         for image in (image_file, str(image_file), image_file.read_bytes(), Image.open(image_file)):
-            stream = client.caption(image, max_new_tokens=8, length="short")
+            stream = client.caption(image, model="noise", max_new_tokens=8, length="short")
             chunks = list(stream)
             assert len(chunks) >= 2 and "".join(chunks) == stream.text
             assert stream.finish_reason == "length" and stream.usage.completion_tokens == 8
             assert stream.request_id
-        answer = client.query(image_file, "What colour is the shape?", max_new_tokens=6)
-        assert answer.result() == answer.text and answer.usage.completion_tokens == 6
-        (info,) = client.models()
+        answer = client.query(image_file, "What colour is the shape?", max_new_tokens=20)
+        assert answer.result() == answer.text == "The shape is red."
+        assert answer.finish_reason == "stop"
+        info, _ = client.models()
         assert info.name == "tiny-smolvlm" and info.is_default and "short" in info.caption_lengths
         with pytest.raises(ModelNotFound):
             list(client.caption(image_file, model="nope"))
@@ -159,7 +166,7 @@ def test_python_client(smolvlm_server, image_file):
 
 async def test_async_client(smolvlm_server, image_file):
     async with AsyncVLMClient(smolvlm_server.target, timeout=30) as client:
-        stream = client.caption(image_file, max_new_tokens=9)
+        stream = client.caption(image_file, model="noise", max_new_tokens=9)
         chunks = [chunk async for chunk in stream]
         assert "".join(chunks) == stream.text and stream.usage.completion_tokens == 9
         assert (await client.query(image_file, "Shape?", max_new_tokens=4).result()) != ""
@@ -189,7 +196,7 @@ def wait_serving(target: str, timeout: float = 90) -> None:
     raise AssertionError("server never became SERVING")
 
 
-def test_serve_process_drains_on_sigterm_and_exits_zero(cache_dir, tiny_smolvlm_dir, image_file):
+def test_serve_process_drains_on_sigterm_and_exits_zero(cache_dir, noise_dir, image_file):
     port = free_port()
     env = {
         **os.environ,
@@ -197,6 +204,7 @@ def test_serve_process_drains_on_sigterm_and_exits_zero(cache_dir, tiny_smolvlm_
         "VLM_PORT": str(port),
         "VLM_HOST": "127.0.0.1",
         "VLM_GRACE_PERIOD": "20",
+        "VLM_MODELS": f"noise={noise_dir}",
     }
     server = subprocess.Popen(
         [str(BIN / "vlm-service"), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

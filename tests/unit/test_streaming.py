@@ -141,7 +141,10 @@ def test_a_leading_role_word_is_removed_once():
 
 
 @given(
-    st.lists(st.sampled_from(["a", "b", " ", "\n", ".", "x", "赤", "Assistant", "assistant:", "Assist", "ant\n", ":"]), max_size=14),
+    st.lists(
+        st.sampled_from(["a", "b", " ", "\n", ".", "x", "赤", "Assistant", "assistant:", "Assist", "ant\n", ":"]),
+        max_size=14,
+    ),
     st.lists(st.text(alphabet="ab .x赤", min_size=1, max_size=3), max_size=3),
 )
 @settings(max_examples=500, deadline=None)
@@ -151,3 +154,17 @@ def test_assembled_stream_equals_clean_answer(pieces, stop):
     expected, stopped = clean_answer("".join(pieces), stop, ROLES)
     assert "".join(deltas) == expected
     assert assembler.stopped == stopped
+
+
+def test_work_per_token_does_not_grow_with_the_answer(tokenizer):
+    """Each step decodes a small window, never the whole answer so far."""
+    text = " ".join(["A red circle on a white background. 白い背景に赤い丸があります。"] * 60)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > 1000
+    detok = IncrementalDetokenizer(tokenizer)
+    windows = []
+    original = detok._decode
+    detok._decode = lambda window: windows.append(len(window)) or original(window)
+    pieces = [detok.step(i) for i in ids]
+    assert "".join(pieces) + detok.finish() == text
+    assert max(windows) <= 8, f"a step decoded {max(windows)} tokens"

@@ -27,7 +27,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..streaming import IncrementalDetokenizer
 from ..types import FinishReason, GenerationRequest, SamplingParams
-from .base import Backend, Outcome, TextSink
+from .base import Backend, ModelSpec, Outcome, Runtime, TextSink
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,13 @@ class TransformersBackend(Backend):
     model: Any
     processor: Any
 
+    @classmethod
+    def around(cls, model, processor) -> TransformersBackend:
+        """A backend over an already-built model and processor (used to train the tiny checkpoints)."""
+        backend = cls(ModelSpec(name="local", source=""), Runtime(device="cpu"))
+        backend.model, backend.processor, backend._device = model, processor, model.device
+        return backend
+
     def load(self) -> None:
         device = resolve_device(self.runtime.device)
         dtype = resolve_dtype(self.runtime.dtype, device)
@@ -126,8 +133,16 @@ class TransformersBackend(Backend):
         logger.info("loaded %s (%s) on %s as %s", self.spec.name, type(self.model).__name__, device, dtype)
 
     @abc.abstractmethod
+    def prompt(self, request: GenerationRequest) -> str:
+        """The chat-templated prompt text for a request (the image appears as its placeholder)."""
+
+    @abc.abstractmethod
+    def encode(self, prompts: list[str], images: list) -> dict[str, torch.Tensor]:
+        """Processor outputs (input_ids, pixel values, ...) for prompts with one image each."""
+
     def prepare(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
-        """Turn a request into processor outputs (input_ids, pixel values, ...)."""
+        """Processor outputs for one request."""
+        return self.encode([self.prompt(request)], [request.image])
 
     @property
     def tokenizer(self):

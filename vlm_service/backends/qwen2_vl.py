@@ -27,11 +27,13 @@ class Qwen2VLBackend(TransformersBackend):
     # With special tokens skipped, a stray "<|im_start|>assistant\n" leaves its role word behind.
     role_prefixes = ("assistant\n",)
 
-    def prepare(self, request: GenerationRequest):
+    def prompt(self, request: GenerationRequest) -> str:
         text = request.question if request.task is Task.QUERY else CAPTION_PROMPTS[request.length]
         instruction = LANGUAGE_INSTRUCTIONS[request.language]
         if instruction:
             text = f"{text}\n{instruction}"
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return self.processor(text=[prompt], images=[request.image], return_tensors="pt")
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def encode(self, prompts: list[str], images: list):
+        return self.processor(text=prompts, images=images, return_tensors="pt", padding=True)

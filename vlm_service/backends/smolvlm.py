@@ -17,8 +17,10 @@ class SmolVLMBackend(TransformersBackend):
     family = "smolvlm"
     languages = ("en",)
 
-    def prepare(self, request: GenerationRequest):
+    def prompt(self, request: GenerationRequest) -> str:
         text = request.question if request.task is Task.QUERY else CAPTION_PROMPTS[request.length]
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return self.processor(text=[prompt], images=[[request.image]], return_tensors="pt")
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def encode(self, prompts: list[str], images: list):
+        return self.processor(text=prompts, images=[[image] for image in images], return_tensors="pt", padding=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -17,6 +18,8 @@ def train_byte_level_bpe(corpus: Sequence[str], special_tokens: Sequence[str], v
 
     Byte-level means every UTF-8 byte has a token, so any text (CJK, emoji) round-trips, and a
     multi-byte character may be split over several tokens: exactly what the streamer must handle.
+    Tokens are at most 6 bytes long, so that, as with the real models' large vocabularies, a token
+    carries a word piece or one or two CJK characters, never a whole sentence of a spaceless script.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -27,18 +30,32 @@ def train_byte_level_bpe(corpus: Sequence[str], special_tokens: Sequence[str], v
         vocab_size=vocab_size,
         special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        max_token_length=6,
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
     return tokenizer
 
 
-def build_cached(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build a checkpoint into ``target`` once; concurrent builders race safely.
+def source_digest() -> str:
+    """A digest of the code that decides what a tiny checkpoint contains (its builder, corpus, training
+    data and the prompts of the backends it is trained through): change any of it and the checkpoints
+    are built anew, never reused stale from the cache."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*package.glob("checkpoints/**/*.py"), *package.glob("backends/*.py"), package / "types.py"]):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
 
-    The checkpoint is written to a temporary directory beside ``target`` and renamed into place, so a
+
+def build_cached(cache_dir: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """Build checkpoint ``name`` into ``cache_dir`` once; concurrent builders race safely.
+
+    The checkpoint is written to a temporary directory beside its target and renamed into place, so a
     reader never sees a half-written checkpoint, and a failed build leaves nothing behind.
     """
+    target = Path(cache_dir) / f"{name}-{source_digest()}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,6 @@ what the tests exercise (multi-byte scripts, emoji) so every character has byte-
 
 from __future__ import annotations
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black")
-SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS = ("white", "gray")
-
 ENGLISH = (
     "A red circle on a white background.",
     "The image shows a simple shape drawn on a plain background.",
@@ -32,20 +28,9 @@ MULTILINGUAL = (
 )
 
 
-def caption_sentences() -> list[str]:
-    """Every caption the demo data can produce, in a fixed order."""
-    return [
-        f"A {colour} {shape} on a {background} background."
-        for colour in COLOURS
-        for shape in SHAPES
-        for background in BACKGROUNDS
-    ]
-
-
 def tokenizer_corpus() -> list[str]:
     """The full, ordered training corpus for the tiny tokenizers."""
-    lines = list(ENGLISH) + list(MULTILINGUAL) + caption_sentences()
-    lines += [f"The shape is {colour}." for colour in COLOURS]
-    lines += [f"It is a {shape}." for shape in SHAPES]
-    # Repeat so that the merges favour the words the models actually use.
-    return lines * 4
+    from .shapes import all_texts
+
+    # Repeat the demo sentences so that the merges favour the words the models actually say.
+    return list(ENGLISH) + list(MULTILINGUAL) + all_texts() * 3

@@ -14,9 +14,10 @@ from pathlib import Path
 from .builder import build_cached, train_byte_level_bpe
 from .corpus import tokenizer_corpus
 
-BUILD_VERSION = "1"
 REMOTE_CODE = Path(__file__).parent / "moondream_remote" / "hf_moondream.py"
 SPECIAL_TOKENS = ["<|endoftext|>"]
+#: Training on the synthetic shapes; empty means random weights.
+TRAIN = {"steps": 1000, "distinct_batches": 200, "lr": 3e-3}
 
 
 def _build(directory: Path) -> None:
@@ -28,8 +29,25 @@ def _build(directory: Path) -> None:
     config = HfConfig(vocab_size=tokenizer.get_vocab_size(), eos_token_id=tokenizer.token_to_id("<|endoftext|>"))
     torch.manual_seed(0)
     model = HfMoondream(config).eval()
-    model.save_pretrained(directory)
     tokenizer.save(str(directory / "tokenizer.json"))
+    model.config._name_or_path = str(directory)  # where the model finds its tokenizer
+    if TRAIN:
+        from .train import LENGTHS, train
+
+        names = {length: name for name, length in LENGTHS.items()}
+
+        def make_batch(pairs):
+            images = [request.image for request, _ in pairs]
+            prompts = [
+                model.query_prompt(request.question)
+                if request.question
+                else model.caption_prompt(names[request.length])
+                for request, _ in pairs
+            ]
+            return images, prompts, [" " + answer for _, answer in pairs]
+
+        train(model, make_batch, lambda batch: model.training_loss(*batch), **TRAIN)
+    model.save_pretrained(directory)
     shutil.copyfile(REMOTE_CODE, directory / REMOTE_CODE.name)
     config_path = directory / "config.json"
     saved = json.loads(config_path.read_text())
@@ -40,4 +58,4 @@ def _build(directory: Path) -> None:
 
 def ensure_tiny_moondream(cache_dir: Path) -> Path:
     """Return the directory of the tiny Moondream checkpoint, building it on first use."""
-    return build_cached(Path(cache_dir) / f"tiny-moondream-v{BUILD_VERSION}", _build)
+    return build_cached(cache_dir, "tiny-moondream", _build)

@@ -8,13 +8,11 @@ The build is deterministic (fixed corpus, fixed seed) and needs no network.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from .builder import build_cached, train_byte_level_bpe
 from .corpus import tokenizer_corpus
-
-#: Bump when the build changes, so caches built by an older version are not reused.
-BUILD_VERSION = "1"
 
 # The chat template shipped with HuggingFaceTB/SmolVLM-256M-Instruct.
 CHAT_TEMPLATE = (
@@ -28,10 +26,13 @@ CHAT_TEMPLATE = (
 # Vision tiles are TILE x TILE pixels; images are split into up to MAX_TILES_PER_SIDE^2 tiles plus a
 # global view, as the real model does (it uses 512-pixel tiles).
 TILE = 32
-PATCH = 8
+PATCH = 4
 SCALE_FACTOR = 2
 MAX_TILES_PER_SIDE = 2
 IMAGE_SEQ_LEN = (TILE // PATCH) ** 2 // SCALE_FACTOR**2
+
+#: Training on the synthetic shapes (see checkpoints/train.py); empty means random weights.
+TRAIN = {"steps": 1000, "distinct_batches": 200, "lr": 3e-3}
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -44,7 +45,7 @@ SPECIAL_TOKENS = [
 ] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 
 
-def _build(directory: Path) -> None:
+def _build(directory: Path, trained: bool = True) -> None:
     import torch
     from transformers import (
         LlamaConfig,
@@ -99,10 +100,10 @@ def _build(directory: Path) -> None:
         tie_word_embeddings=False,
     )
     vision_config = SmolVLMVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
         image_size=TILE,
         patch_size=PATCH,
     )
@@ -118,10 +119,22 @@ def _build(directory: Path) -> None:
     model.generation_config.bos_token_id = ids["<|im_start|>"]
     model.generation_config.eos_token_id = ids["<end_of_utterance>"]
     model.generation_config.pad_token_id = ids["<|im_end|>"]
+    if trained and TRAIN:
+        from ..backends.smolvlm import SmolVLMBackend
+        from .train import train_transformers_vlm
+
+        # SmolVLM answers after "Assistant:" with a space, as the real model does.
+        train_transformers_vlm(SmolVLMBackend.around(model, processor), answer_prefix=" ", **TRAIN)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
 
 
-def ensure_tiny_smolvlm(cache_dir: Path) -> Path:
-    """Return the directory of the tiny SmolVLM checkpoint, building it on first use."""
-    return build_cached(Path(cache_dir) / f"tiny-smolvlm-v{BUILD_VERSION}", _build)
+def ensure_tiny_smolvlm(cache_dir: Path, trained: bool = True) -> Path:
+    """Return the directory of the tiny SmolVLM checkpoint, building it on first use.
+
+    ``trained=False`` gives the same architecture with random weights: it writes noise and seldom
+    ends its answer, which is what tests of long generations (cancel, deadlines, drain) need.
+    """
+    if trained:
+        return build_cached(cache_dir, "tiny-smolvlm", _build)
+    return build_cached(cache_dir, "tiny-smolvlm-random", functools.partial(_build, trained=False))

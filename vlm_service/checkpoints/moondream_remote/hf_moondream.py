@@ -78,16 +78,20 @@ class _Block(nn.Module):
         self.ln2 = nn.LayerNorm(hidden)
         self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
 
-    def forward(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache_k=None, cache_v=None, start: int = 0) -> torch.Tensor:
+        """Causal self-attention over x; with a cache, x sits at positions start.. and extends the cache."""
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
         shape = (b, t, self.heads, c // self.heads)
         q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
-        cache_k[:, :, start : start + t] = k
-        cache_v[:, :, start : start + t] = v
-        keys, values = cache_k[:, :, : start + t], cache_v[:, :, : start + t]
-        mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if cache_k is None:
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            cache_k[:, :, start : start + t] = k
+            cache_v[:, :, start : start + t] = v
+            keys, values = cache_k[:, :, : start + t], cache_v[:, :, : start + t]
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = x + self.proj(attended.transpose(1, 2).reshape(b, t, c))
         return x + self.mlp(self.ln2(x))
 
@@ -131,23 +135,57 @@ class HfMoondream(PreTrainedModel):
             return image
         if not isinstance(image, Image.Image):
             raise ValueError("image must be a PIL image or an EncodedImage")
-        size = self.config.image_size
-        pixels = image.convert("RGB").resize((size, size), Image.BICUBIC)
-        tensor = torch.frombuffer(bytearray(pixels.tobytes()), dtype=torch.uint8).view(size, size, 3)
-        tensor = (tensor.permute(2, 0, 1).float() / 127.5 - 1.0).unsqueeze(0).to(self.device, self.dtype)
-        patches = self.patch_embed(tensor).flatten(2).transpose(1, 2) + self.vision_pos
-        return EncodedImage(self.vision_proj(patches))
+        return EncodedImage(self.vision(self.pixels(image)))
 
-    def caption(self, image, length: str = "normal", stream: bool = False, settings: dict | None = None):
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """(1, 3, size, size) pixels in [-1, 1]."""
+        size = self.config.image_size
+        resized = image.convert("RGB").resize((size, size), Image.BICUBIC)
+        tensor = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(size, size, 3)
+        return (tensor.permute(2, 0, 1).float() / 127.5 - 1.0).unsqueeze(0).to(self.device, self.dtype)
+
+    def vision(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.vision_pos
+        return self.vision_proj(patches)
+
+    def training_loss(self, images: list, prompts: list[str], answers: list[str]) -> torch.Tensor:
+        """Teacher-forced cross-entropy of ``answers`` (and the end token) after image + prompt."""
+        eos = self.config.eos_token_id
+        prefix = self.vision(torch.cat([self.pixels(image) for image in images]))
+        rows, targets = [], []
+        for prompt, answer in zip(prompts, answers, strict=True):
+            prompt_ids = self.tokenizer.encode(prompt).ids
+            answer_ids = self.tokenizer.encode(answer).ids + [eos]
+            rows.append(prompt_ids + answer_ids)
+            targets.append([-100] * (len(prompt_ids) - 1) + answer_ids + [-100])
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows], device=self.device)
+        labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets], device=self.device)
+        embeds = torch.cat([prefix, self.embed(ids)], dim=1)
+        x = embeds + self.pos(torch.arange(embeds.shape[1], device=self.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x[:, prefix.shape[1] :]))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    @staticmethod
+    def caption_prompt(length: str) -> str:
         if length not in CAPTION_PROMPTS:
             raise ValueError(f"unsupported caption length: {length}")
-        text = self._generate(self.encode_image(image), CAPTION_PROMPTS[length], settings)
+        return CAPTION_PROMPTS[length]
+
+    @staticmethod
+    def query_prompt(question: str) -> str:
+        return f"\n\nQuestion: {question}\n\nAnswer:"
+
+    def caption(self, image, length: str = "normal", stream: bool = False, settings: dict | None = None):
+        text = self._generate(self.encode_image(image), self.caption_prompt(length), settings)
         return {"caption": text if stream else "".join(text)}
 
     def query(self, image=None, question: str | None = None, stream: bool = False, settings: dict | None = None):
         if question is None:
             raise ValueError("question is required")
-        text = self._generate(self.encode_image(image), f"\n\nQuestion: {question}\n\nAnswer:", settings)
+        text = self._generate(self.encode_image(image), self.query_prompt(question), settings)
         return {"answer": text if stream else "".join(text)}
 
     # --- generation ------------------------------------------------------------------------------
@@ -187,7 +225,7 @@ class HfMoondream(PreTrainedModel):
         max_tokens = int(settings["max_tokens"])
         if embeds.shape[1] + max_tokens > self.config.max_context:
             raise ValueError("prompt plus max_tokens exceeds the context")
-        logits = self.forward(embeds, 0)
+        logits = self(embeds, 0)
         position = embeds.shape[1]
         decoder = DecodeStream(skip_special_tokens=True)
         produced: list[int] = []
@@ -203,7 +241,7 @@ class HfMoondream(PreTrainedModel):
                 yield piece
             if len(produced) == max_tokens:
                 break
-            logits = self.forward(self.embed(torch.tensor([[token]], device=self.device)), position)
+            logits = self(self.embed(torch.tensor([[token]], device=self.device)), position)
             position += 1
         # Bytes that never formed a character come out at the end, as the full decode has them.
         full = self.tokenizer.decode(produced, skip_special_tokens=True)

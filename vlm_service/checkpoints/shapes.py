@@ -1,0 +1,122 @@
+"""Synthetic pictures of one coloured shape on a plain background, and what a model should say of them.
+
+The demo checkpoints are trained on these, so their captions name what is in the picture ("A red circle
+on a white background.") and they answer simple questions in English, Japanese, Chinese and Korean.
+Everything is drawn from a seeded ``random.Random``: the same seed gives the same samples everywhere.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 210, 20),
+    "purple": (130, 40, 170),
+    "orange": (245, 130, 20),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (255, 255, 255), "gray": (150, 150, 150)}
+
+# Words per language: colour adjective, shape noun, background adjective.
+WORDS = {
+    "ja": {
+        "red": "赤い", "green": "緑の", "blue": "青い", "yellow": "黄色い", "purple": "紫の", "orange": "オレンジ色の",
+        "black": "黒い", "circle": "丸", "square": "四角", "triangle": "三角", "white": "白い", "gray": "灰色の",
+    },
+    "zh": {
+        "red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色",
+        "black": "黑色", "circle": "圆形", "square": "正方形", "triangle": "三角形", "white": "白色", "gray": "灰色",
+    },
+    "ko": {
+        "red": "빨간", "green": "초록색", "blue": "파란", "yellow": "노란", "purple": "보라색", "orange": "주황색",
+        "black": "검은", "circle": "원", "square": "사각형", "triangle": "삼각형", "white": "흰색", "gray": "회색",
+    },
+}  # fmt: skip
+
+COLOUR_QUESTION = "What colour is the shape?"
+SHAPE_QUESTION = "What shape is it?"
+BACKGROUND_QUESTION = "What colour is the background?"
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    background: str
+
+    def caption(self, length: str = "normal", language: str = "en") -> str:
+        if language != "en":
+            w = WORDS[language]
+            colour, shape, background = w[self.colour], w[self.shape], w[self.background]
+            return {
+                "ja": f"{background}背景に{colour}{shape}があります。",
+                "zh": f"{background}背景上有一个{colour}的{shape}。",
+                "ko": f"{background} 배경에 {colour} {shape}이 있습니다.",
+            }[language]
+        if length == "short":
+            return f"A {self.colour} {self.shape}."
+        if length == "long":
+            return (
+                f"The image shows a {self.colour} {self.shape} on a plain {self.background} background. "
+                f"The {self.shape} is the only object in the picture."
+            )
+        return f"A {self.colour} {self.shape} on a {self.background} background."
+
+    def answer(self, question: str, language: str = "en") -> str:
+        if question == COLOUR_QUESTION:
+            if language != "en":
+                word = WORDS[language][self.colour]
+                return {"ja": f"{word}です。", "zh": f"{word}。", "ko": f"{word}입니다."}[language]
+            return f"The shape is {self.colour}."
+        if question == SHAPE_QUESTION:
+            return f"It is a {self.shape}."
+        if question == BACKGROUND_QUESTION:
+            return f"The background is {self.background}."
+        raise ValueError(f"no answer for {question!r}")
+
+
+QUESTIONS = (COLOUR_QUESTION, SHAPE_QUESTION, BACKGROUND_QUESTION)
+
+
+def draw(scene: Scene, rng: random.Random) -> Image.Image:
+    """Render a scene at a random size and aspect ratio, the shape near the middle at a random size."""
+    width, height = rng.randint(48, 160), rng.randint(48, 160)
+    image = Image.new("RGB", (width, height), BACKGROUNDS[scene.background])
+    side = int(min(width, height) * rng.uniform(0.55, 0.8))
+    x0 = (width - side) // 2 + int(rng.uniform(-0.08, 0.08) * width)
+    y0 = (height - side) // 2 + int(rng.uniform(-0.08, 0.08) * height)
+    box = (x0, y0, x0 + side, y0 + side)
+    pen = ImageDraw.Draw(image)
+    fill = COLOURS[scene.colour]
+    if scene.shape == "circle":
+        pen.ellipse(box, fill=fill)
+    elif scene.shape == "square":
+        pen.rectangle(box, fill=fill)
+    else:
+        pen.polygon([(x0 + side // 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=fill)
+    return image
+
+
+def scenes(rng: random.Random, count: int) -> list[Scene]:
+    return [Scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))) for _ in range(count)]
+
+
+def all_texts() -> list[str]:
+    """Every sentence the demo data contains (for tokenizer training)."""
+    texts = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for background in BACKGROUNDS:
+                scene = Scene(colour, shape, background)
+                texts += [scene.caption(length) for length in ("short", "normal", "long")]
+                texts += [scene.caption(language=language) for language in WORDS]
+                texts += [scene.answer(q) for q in QUESTIONS]
+                texts += [scene.answer(COLOUR_QUESTION, language) for language in WORDS]
+    return texts

@@ -1,0 +1,120 @@
+"""Brief, deterministic training of a tiny transformers VLM on the synthetic shapes.
+
+The examples go through the serving backend's own ``prompt`` and ``encode``, so the model learns
+exactly the prompts the service sends. Training is seeded and runs on the CPU with a fixed thread
+count: on one machine and torch version, two builds give the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+
+import torch
+
+from ..types import CaptionLength, GenerationRequest, SamplingParams, Task
+from . import shapes
+
+logger = logging.getLogger(__name__)
+
+LENGTHS = {"short": CaptionLength.SHORT, "normal": CaptionLength.NORMAL, "long": CaptionLength.LONG}
+
+
+def example(rng: random.Random, languages: Sequence[str]):
+    """One (request, target answer) pair on a random scene."""
+    scene = shapes.scenes(rng, 1)[0]
+    image = shapes.draw(scene, rng)
+    language = rng.choice(languages)
+    if rng.random() < 0.5:
+        length = "normal" if language != "en" else rng.choice(list(LENGTHS))
+        request = GenerationRequest(
+            "train", "train", Task.CAPTION, image, SamplingParams(1), length=LENGTHS[length], language=language
+        )
+        return request, scene.caption(length, language)
+    question = shapes.COLOUR_QUESTION if language != "en" else rng.choice(shapes.QUESTIONS)
+    request = GenerationRequest("train", "train", Task.QUERY, image, SamplingParams(1), question, language=language)
+    return request, scene.answer(question, language)
+
+
+def _batch(backend, pairs, eos: str, answer_prefix: str):
+    """Processor outputs for prompt + answer, with labels only on the answer (and its end token)."""
+    prompts = [backend.prompt(request) for request, _ in pairs]
+    full = [p + answer_prefix + answer + eos for p, (_, answer) in zip(prompts, pairs, strict=True)]
+    images = [request.image for request, _ in pairs]
+    inputs = backend.encode(full, images)
+    labels = inputs["input_ids"].clone()
+    for row, prompt in enumerate(prompts):
+        prompt_len = backend.encode([prompt], [images[row]])["input_ids"].shape[1]
+        assert torch.equal(
+            inputs["input_ids"][row, :prompt_len], backend.encode([prompt], [images[row]])["input_ids"][0]
+        )
+        labels[row, :prompt_len] = -100
+    labels[inputs["attention_mask"] == 0] = -100
+    inputs["labels"] = labels
+    return inputs
+
+
+def _optimize(model, batches: list, loss_of, *, steps: int, lr: float, seed: int) -> list[float]:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    order = random.Random(seed + 1)
+    losses = []
+    for _ in range(steps):
+        loss = loss_of(batches[order.randrange(len(batches))])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def train(
+    model,
+    make_batch,
+    loss_of,
+    *,
+    languages: Sequence[str] = ("en",),
+    steps: int = 600,
+    batch_size: int = 16,
+    distinct_batches: int = 150,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> dict:
+    """Train ``model`` in place on shapes: ``make_batch(pairs)`` encodes (request, answer) pairs once,
+    ``loss_of(batch)`` is the training loss. Returns timing and loss figures."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        start = time.monotonic()
+        batches = [make_batch([example(rng, languages) for _ in range(batch_size)]) for _ in range(distinct_batches)]
+        prepared = time.monotonic() - start
+        losses = _optimize(model, batches, loss_of, steps=steps, lr=lr, seed=seed)
+        figures = {
+            "prepare_s": round(prepared, 1),
+            "train_s": round(time.monotonic() - start - prepared, 1),
+            "first_loss": round(losses[0], 3),
+            "last_loss": round(sum(losses[-20:]) / min(20, len(losses)), 4),
+        }
+        logger.info("trained %s: %s", type(model).__name__, figures)
+        return figures
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_transformers_vlm(backend, *, answer_prefix: str = "", **kwargs) -> dict:
+    """Train a TransformersBackend's model on the prompts its ``prompt``/``encode`` produce."""
+    eos = backend.tokenizer.eos_token
+    return train(
+        backend.model,
+        lambda pairs: _batch(backend, pairs, eos, answer_prefix),
+        lambda batch: backend.model(**batch).loss,
+        **kwargs,
+    )
