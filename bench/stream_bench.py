@@ -1,7 +1,8 @@
 """Streaming benchmark: one stream through the service versus ``model.generate`` in-process.
 
 The server runs in its own process (``vlm-service serve``) and is driven by the real Python client
-from this one, on the tiny checkpoint the tests use. Runs are interleaved (service, in-process,
+from this one, on the tiny SmolVLM architecture with random weights (the one the tests use for long
+generations: it seldom writes its end token, so every run produces the asked number of tokens). Runs are interleaved (service, in-process,
 service, ...) and medians are quoted, because this machine is noisy.
 
     make bench                      # or: python bench/stream_bench.py --tokens 32 1000 --repeats 7
@@ -76,10 +77,11 @@ class InProcess:
 
 
 class Service:
-    def __init__(self, cache_dir: Path):
+    def __init__(self, cache_dir: Path, checkpoint: Path):
         self.port = _free_port()
         env = {
             **os.environ,
+            "VLM_MODELS": f"bench={checkpoint}",
             "VLM_CACHE_DIR": str(cache_dir),
             "VLM_HOST": "127.0.0.1",
             "VLM_PORT": str(self.port),
@@ -138,9 +140,9 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
 
-    checkpoint = ensure_tiny_smolvlm(args.cache_dir)
+    checkpoint = ensure_tiny_smolvlm(args.cache_dir, trained=False)
     local = InProcess(checkpoint)
-    service = Service(args.cache_dir)
+    service = Service(args.cache_dir, checkpoint)
     results: dict = {}
     try:
         for tokens in args.tokens:

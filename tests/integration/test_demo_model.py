@@ -93,3 +93,27 @@ def test_qwen_answers_in_the_requested_language_in_small_messages(families_stub,
     )
     assert len(pieces) >= len(text) / 3, f"text came in bursts: {pieces}"
     assert messages[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_exif_rotated_jpeg_reaches_the_model_upright(families_stub, families_server, monkeypatch):
+    """A JPEG stored sideways with an EXIF orientation tag is rotated before the model sees it."""
+    import io
+
+    rng = random.Random(9)
+    upright = shapes.draw(shapes.Scene("blue", "square", "white"), rng).resize((120, 60))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote: 60x120
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", quality=95, exif=exif)
+    backend = families_server.engine.models["tiny-smolvlm"].backend
+    seen = []
+    original = backend.prepare
+    monkeypatch.setattr(backend, "prepare", lambda request: seen.append(request.image.size) or original(request))
+    answer = text_of(families_stub.Query(query_request_bytes(buffer.getvalue(), shapes.COLOUR_QUESTION)))
+    assert seen == [(120, 60)], "the model must see the image upright"
+    assert answer == "The shape is blue."
+
+
+def query_request_bytes(data: bytes, question: str) -> pb.QueryRequest:
+    return pb.QueryRequest(model="tiny-smolvlm", image=pb.Image(data=data), question=question)
