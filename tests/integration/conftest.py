@@ -25,11 +25,19 @@ def stub(smolvlm_server):
 
 
 @pytest.fixture(scope="session")
-def families_server(cache_dir):
-    """One real server with the three tiny families (the first is the default)."""
-    server = ServerThread(
-        Settings(models=["tiny-smolvlm", "tiny-qwen2-vl", "tiny-moondream"], cache_dir=cache_dir, grace_period=0.0)
-    )
+def families_server(cache_dir, noise_dir):
+    """One real server with the three tiny families (the first is the default), and each family's
+    random-weights twin (`noise-<family>`) for generations that must run long."""
+    from vlm_service.checkpoints.tiny_moondream import ensure_tiny_moondream
+    from vlm_service.checkpoints.tiny_qwen2_vl import ensure_tiny_qwen2_vl
+
+    noise = {
+        "noise-smolvlm": noise_dir,
+        "noise-qwen2-vl": ensure_tiny_qwen2_vl(cache_dir, trained=False),
+        "noise-moondream": ensure_tiny_moondream(cache_dir, trained=False),
+    }
+    models = ["tiny-smolvlm", "tiny-qwen2-vl", "tiny-moondream"] + [f"{n}={path}" for n, path in noise.items()]
+    server = ServerThread(Settings(models=models, cache_dir=cache_dir, grace_period=0.0))
     server.wait_ready(timeout=900)
     yield server
     server.stop()

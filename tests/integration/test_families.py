@@ -58,6 +58,7 @@ def text_of(messages):
 @pytest.mark.parametrize("name", MODELS)
 def test_list_models_names_every_family(stub, name):
     infos = {info.name: info for info in stub.ListModels(pb.ListModelsRequest()).models}
+    assert len(infos) == 6 and infos["tiny-smolvlm"].is_default
     info = infos[name]
     assert info.family == FAMILIES[name] and info.ready and info.context_length > 0
     assert info.source.endswith(f"{name}-v1") or name in info.source
@@ -134,14 +135,14 @@ def test_seed_makes_sampling_reproducible(stub, name):
     assert any(sample(seed) != first for seed in (12, 13, 14))
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_cancel_stops_generation(families_server, stub, name):
+@pytest.mark.parametrize("family", list(FAMILIES.values()))
+def test_cancel_stops_generation(families_server, stub, family):
+    name = f"noise-{family}"  # random weights: it talks on instead of ending its answer
     backend = backend_of(families_server, name)
     wait_idle(families_server.engine)
     counter = StepCounter(backend.model)
     try:
-        # High temperature keeps even a trained tiny model talking instead of ending its answer.
-        call = stub.Caption(caption_request(model=name, max_new_tokens=1500, temperature=5.0, seed=1))
+        call = stub.Caption(caption_request(model=name, max_new_tokens=1500))
         received = 0
         for message in call:
             received += bool(message.text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -47,6 +48,14 @@ def source_digest() -> str:
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
+
+
+def ensure_checkpoint(cache_dir: Path, name: str, build: Callable[..., None], trained: bool = True) -> Path:
+    """The tiny checkpoint ``name``, trained on the shapes, or with ``trained=False`` its random-weights
+    twin (it writes noise and seldom ends its answer: what tests of long generations need)."""
+    if trained:
+        return build_cached(cache_dir, name, build)
+    return build_cached(cache_dir, f"{name}-random", functools.partial(build, trained=False))
 
 
 def build_cached(cache_dir: Path, name: str, build: Callable[[Path], None]) -> Path:

@@ -60,14 +60,15 @@ class Scene:
                 "zh": f"{background}背景上有一个{colour}的{shape}。",
                 "ko": f"{background} 배경에 {colour} {shape}이 있습니다.",
             }[language]
+        article = "An" if self.colour[0] in "aeiou" else "A"
         if length == "short":
-            return f"A {self.colour} {self.shape}."
+            return f"{article} {self.colour} {self.shape}."
         if length == "long":
             return (
-                f"The image shows a {self.colour} {self.shape} on a plain {self.background} background. "
-                f"The {self.shape} is the only object in the picture."
+                f"The image shows {article.lower()} {self.colour} {self.shape} on a plain {self.background} "
+                f"background. The {self.shape} is the only object in the picture."
             )
-        return f"A {self.colour} {self.shape} on a {self.background} background."
+        return f"{article} {self.colour} {self.shape} on a {self.background} background."
 
     def answer(self, question: str, language: str = "en") -> str:
         if question == COLOUR_QUESTION:

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .builder import build_cached, train_byte_level_bpe
+from .builder import ensure_checkpoint, train_byte_level_bpe
 from .corpus import tokenizer_corpus
 
 REMOTE_CODE = Path(__file__).parent / "moondream_remote" / "hf_moondream.py"
@@ -20,7 +20,7 @@ SPECIAL_TOKENS = ["<|endoftext|>"]
 TRAIN = {"steps": 1000, "distinct_batches": 200, "lr": 3e-3}
 
 
-def _build(directory: Path) -> None:
+def _build(directory: Path, trained: bool = True) -> None:
     import torch
 
     from .moondream_remote.hf_moondream import HfConfig, HfMoondream
@@ -31,7 +31,7 @@ def _build(directory: Path) -> None:
     model = HfMoondream(config).eval()
     tokenizer.save(str(directory / "tokenizer.json"))
     model.config._name_or_path = str(directory)  # where the model finds its tokenizer
-    if TRAIN:
+    if trained and TRAIN:
         from .train import LENGTHS, train
 
         names = {length: name for name, length in LENGTHS.items()}
@@ -56,6 +56,6 @@ def _build(directory: Path) -> None:
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
-def ensure_tiny_moondream(cache_dir: Path) -> Path:
+def ensure_tiny_moondream(cache_dir: Path, trained: bool = True) -> Path:
     """Return the directory of the tiny Moondream checkpoint, building it on first use."""
-    return build_cached(cache_dir, "tiny-moondream", _build)
+    return ensure_checkpoint(cache_dir, "tiny-moondream", _build, trained)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .builder import build_cached, train_byte_level_bpe
+from .builder import ensure_checkpoint, train_byte_level_bpe
 from .corpus import tokenizer_corpus
 
 # The chat template of Qwen/Qwen2-VL-2B-Instruct.
@@ -48,7 +48,7 @@ MIN_PIXELS = (PATCH * MERGE) ** 2 * 4  # at least 2x2 merged tokens
 MAX_PIXELS = (PATCH * MERGE) ** 2 * 16  # at most 16 merged tokens
 
 
-def _build(directory: Path) -> None:
+def _build(directory: Path, trained: bool = True) -> None:
     import torch
     from transformers import (
         PreTrainedTokenizerFast,
@@ -114,7 +114,7 @@ def _build(directory: Path) -> None:
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = ids["<|endoftext|>"]
-    if TRAIN:
+    if trained and TRAIN:
         from ..backends.qwen2_vl import Qwen2VLBackend
         from .train import train_transformers_vlm
 
@@ -123,6 +123,6 @@ def _build(directory: Path) -> None:
     processor.save_pretrained(directory)
 
 
-def ensure_tiny_qwen2_vl(cache_dir: Path) -> Path:
+def ensure_tiny_qwen2_vl(cache_dir: Path, trained: bool = True) -> Path:
     """Return the directory of the tiny Qwen2-VL checkpoint, building it on first use."""
-    return build_cached(cache_dir, "tiny-qwen2-vl", _build)
+    return ensure_checkpoint(cache_dir, "tiny-qwen2-vl", _build, trained)

@@ -8,10 +8,9 @@ The build is deterministic (fixed corpus, fixed seed) and needs no network.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
-from .builder import build_cached, train_byte_level_bpe
+from .builder import ensure_checkpoint, train_byte_level_bpe
 from .corpus import tokenizer_corpus
 
 # The chat template shipped with HuggingFaceTB/SmolVLM-256M-Instruct.
@@ -130,11 +129,5 @@ def _build(directory: Path, trained: bool = True) -> None:
 
 
 def ensure_tiny_smolvlm(cache_dir: Path, trained: bool = True) -> Path:
-    """Return the directory of the tiny SmolVLM checkpoint, building it on first use.
-
-    ``trained=False`` gives the same architecture with random weights: it writes noise and seldom
-    ends its answer, which is what tests of long generations (cancel, deadlines, drain) need.
-    """
-    if trained:
-        return build_cached(cache_dir, "tiny-smolvlm", _build)
-    return build_cached(cache_dir, "tiny-smolvlm-random", functools.partial(_build, trained=False))
+    """Return the directory of the tiny SmolVLM checkpoint, building it on first use."""
+    return ensure_checkpoint(cache_dir, "tiny-smolvlm", _build, trained)
