@@ -34,6 +34,9 @@ class FakeBackend(Backend):
         self.steps = 0
         FakeBackend.instances.append(self)
 
+    device = "cpu"
+    dtype = "float32"
+
     def load(self) -> None:
         if FakeBackend.load_gate is not None:
             FakeBackend.load_gate.wait(30)

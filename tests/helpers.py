@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
 
 import grpc
 from PIL import Image, ImageDraw
@@ -50,6 +51,28 @@ class ServerThread:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
+
+
+class StepCounter:
+    """Counts forward passes of a model: one for the prefill and one per further decode step."""
+
+    def __init__(self, module):
+        self.count = 0
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *args):
+        self.count += 1
+
+    def remove(self):
+        self._handle.remove()
+
+
+def wait_idle(engine, timeout: float = 10.0) -> None:
+    """Wait until no model has a running or queued generation."""
+    deadline = time.monotonic() + timeout
+    while not engine.idle:
+        assert time.monotonic() < deadline, "the worker never became idle"
+        time.sleep(0.005)
 
 
 def png_bytes(image: Image.Image) -> bytes:

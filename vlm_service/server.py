@@ -97,12 +97,18 @@ class VLMServer:
             await self.health.set(name, status)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING at once, refuse new RPCs, let streams finish within the grace period."""
+        """Drain: NOT_SERVING at once and new generations refused with UNAVAILABLE, while health,
+        reflection and ListModels keep answering; in-flight streams get ``grace`` seconds to finish,
+        then the server stops and cancels what is left."""
         grace = self.settings.grace_period if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         self.engine.start_draining()
         await self._set_health(NOT_SERVING)
         logger.info("draining (grace period %.1fs)", grace)
-        await self._server.stop(grace)
+        while not self.engine.idle and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await self._server.stop(max(0.0, deadline - loop.time()))
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         # Every RPC has ended, so running generations are cancelled and stop within a decode step.

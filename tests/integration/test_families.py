@@ -4,13 +4,12 @@ tiny-moondream (remote code) on 127.0.0.1:0."""
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import grpc
 import pytest
 import torch
 
-from tests.helpers import caption_request, query_request, shape_image
+from tests.helpers import StepCounter, caption_request, query_request, shape_image, wait_idle
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service.backends.hf import TransformersBackend
 from vlm_service.backends.moondream import LENGTHS as MOONDREAM_LENGTHS
@@ -86,27 +85,6 @@ def test_query_stream_equals_the_non_streamed_answer(families_server, stub, name
     messages = list(stub.Query(query_request(question, image, model=name, max_new_tokens=30)))
     assert text_of(messages) == reference(families_server, name, Task.QUERY, image, question, max_new_tokens=30)
     assert len([m for m in messages if m.text]) >= 2, "the answer streams in several messages"
-
-
-class StepCounter:
-    """Counts forward passes of a model (one per decode step, plus prefill)."""
-
-    def __init__(self, module):
-        self.count = 0
-        self._handle = module.register_forward_hook(lambda *_: self._bump())
-
-    def _bump(self):
-        self.count += 1
-
-    def remove(self):
-        self._handle.remove()
-
-
-def wait_idle(engine, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not engine.idle:
-        assert time.monotonic() < deadline, "the worker never became idle"
-        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("name", MODELS)

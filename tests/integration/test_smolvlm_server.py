@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers import ServerThread, caption_request, png_bytes, query_request, shape_image
+from tests.helpers import ServerThread, StepCounter, caption_request, png_bytes, query_request, shape_image, wait_idle
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service.config import Settings
 from vlm_service.streaming import IncrementalDetokenizer, TextAssembler, clean_answer
@@ -94,31 +95,10 @@ def test_stop_string_ends_the_stream(stub):
     assert stop not in text
 
 
-class ForwardCounter:
-    """Counts decode steps (forward passes of the language model)."""
-
-    def __init__(self, model):
-        self.count = 0
-        self._handle = model.register_forward_hook(self._hook)
-
-    def _hook(self, *args):
-        self.count += 1
-
-    def remove(self):
-        self._handle.remove()
-
-
-def wait_idle(engine, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not engine.idle:
-        assert time.monotonic() < deadline, "the worker never became idle"
-        time.sleep(0.005)
-
-
 def test_client_cancel_stops_generation(smolvlm_server, stub):
     backend = smolvlm_server.engine.models["noise"].backend
     wait_idle(smolvlm_server.engine)
-    counter = ForwardCounter(backend.model)
+    counter = StepCounter(backend.model)
     try:
         call = stub.Caption(caption_request(model="noise", max_new_tokens=2000))
         received = 0
@@ -142,7 +122,7 @@ def test_client_cancel_stops_generation(smolvlm_server, stub):
 def test_deadline_ends_generation(smolvlm_server, stub):
     backend = smolvlm_server.engine.models["noise"].backend
     wait_idle(smolvlm_server.engine)
-    counter = ForwardCounter(backend.model)
+    counter = StepCounter(backend.model)
     try:
         with pytest.raises(grpc.RpcError) as info:
             for _ in stub.Caption(caption_request(model="noise", max_new_tokens=2000), timeout=0.3):
@@ -260,3 +240,46 @@ def test_health_answers_while_a_model_generates(smolvlm_server, stub):
     call.cancel()
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert latency < 1.0
+
+
+def test_client_disconnect_stops_generation(smolvlm_server):
+    """Closing the channel mid-stream (the client goes away) stops the generation too."""
+    backend = smolvlm_server.engine.models["noise"].backend
+    wait_idle(smolvlm_server.engine)
+    counter = StepCounter(backend.model)
+    try:
+        channel = smolvlm_server.channel()
+        call = smolvlm_server.stub(channel).Caption(caption_request(model="noise", max_new_tokens=2000))
+        next(iter(call))
+        at_close = counter.count
+        channel.close()
+        wait_idle(smolvlm_server.engine)
+    finally:
+        counter.remove()
+    assert counter.count - at_close <= 20, "generation went on after the client went away"
+    assert counter.count < 500
+
+
+def test_drain_is_not_serving_refuses_new_rpcs_and_finishes_streams(cache_dir, noise_dir):
+    server = ServerThread(Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir))
+    server.wait_ready()
+    stopped = None
+    try:
+        with server.channel() as channel:
+            stub, health = server.stub(channel), health_pb2_grpc.HealthStub(channel)
+            call = stub.Caption(caption_request(max_new_tokens=600))
+            chunks = iter(call)
+            next(chunks)
+            stopped = asyncio.run_coroutine_threadsafe(server.server.stop(10), server.loop)
+            deadline = time.monotonic() + 5
+            while health.Check(health_pb2.HealthCheckRequest(), timeout=2).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "health never turned NOT_SERVING during the drain"
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Caption(caption_request(max_new_tokens=2), timeout=5))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = list(chunks)  # the in-flight stream still finishes
+            assert rest[-1].usage.completion_tokens == 600
+        stopped.result(30)
+    finally:
+        server.loop.call_soon_threadsafe(server.loop.stop)

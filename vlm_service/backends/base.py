@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
+
+import torch
 
 from ..types import CaptionLength, FinishReason, GenerationRequest
 
@@ -42,6 +44,15 @@ class Runtime:
 
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+
+    def resolve(self) -> tuple[torch.device, torch.dtype]:
+        """The torch device and dtype: auto is cuda with bfloat16 when available, else cpu with float32."""
+        device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        )
+        if self.dtype == "auto":
+            return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+        return device, getattr(torch, self.dtype)
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,9 @@ class Backend(abc.ABC):
     def generate(self, request: GenerationRequest, out: TextSink) -> Outcome:
         """Generate the answer to ``request``, streaming raw text into ``out``."""
 
+    #: The loaded torch model (set by ``load``).
+    model: Any
+
     @property
     def context_length(self) -> int:
         """The model's context length in tokens."""
@@ -102,8 +116,8 @@ class Backend(abc.ABC):
 
     @property
     def device(self) -> str:
-        return "cpu"
+        return str(self.model.device)
 
     @property
     def dtype(self) -> str:
-        return "float32"
+        return str(self.model.dtype).removeprefix("torch.")

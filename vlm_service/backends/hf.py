@@ -32,18 +32,6 @@ from .base import Backend, ModelSpec, Outcome, Runtime, TextSink
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
 class _StopWhen(StoppingCriteria):
     """Checked by ``generate`` after every decode step."""
 
@@ -111,7 +99,6 @@ class TransformersBackend(Backend):
     #: Extra keyword arguments for ``from_pretrained`` (processor and model).
     load_kwargs: dict[str, Any] = {}
 
-    model: Any
     processor: Any
 
     @classmethod
@@ -122,8 +109,7 @@ class TransformersBackend(Backend):
         return backend
 
     def load(self) -> None:
-        device = resolve_device(self.runtime.device)
-        dtype = resolve_dtype(self.runtime.dtype, device)
+        device, dtype = self.runtime.resolve()
         common = {"revision": self.spec.revision, **self.load_kwargs}
         self.processor = AutoProcessor.from_pretrained(self.spec.source, **common)
         self.model = AutoModelForImageTextToText.from_pretrained(self.spec.source, dtype=dtype, **common)
@@ -152,14 +138,6 @@ class TransformersBackend(Backend):
     def context_length(self) -> int:
         text_config = self.model.config.get_text_config()
         return int(getattr(text_config, "max_position_embeddings", 0) or 0)
-
-    @property
-    def device(self) -> str:
-        return str(self._device)
-
-    @property
-    def dtype(self) -> str:
-        return str(self.model.dtype).removeprefix("torch.")
 
     def _end_token_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id

@@ -25,7 +25,6 @@ from transformers import AutoModelForCausalLM
 
 from ..types import CaptionLength, FinishReason, GenerationRequest, Task
 from .base import Backend, Outcome, TextSink
-from .hf import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +40,7 @@ class MoondreamBackend(Backend):
     caption_budgets = {CaptionLength.SHORT: 32, CaptionLength.NORMAL: 128, CaptionLength.LONG: 512}
 
     def load(self) -> None:
-        self._device = resolve_device(self.runtime.device)
-        dtype = resolve_dtype(self.runtime.dtype, self._device)
+        self._device, dtype = self.runtime.resolve()
         self.model = AutoModelForCausalLM.from_pretrained(
             self.spec.source,
             revision=self.spec.revision,
@@ -60,14 +58,6 @@ class MoondreamBackend(Backend):
     def context_length(self) -> int:
         config = self.model.config
         return int(getattr(config, "max_context", 0) or getattr(getattr(config, "text", {}), "max_context", 0) or 2048)
-
-    @property
-    def device(self) -> str:
-        return str(self._device)
-
-    @property
-    def dtype(self) -> str:
-        return str(self.model.dtype).removeprefix("torch.")
 
     def generate(self, request: GenerationRequest, out: TextSink) -> Outcome:
         params = request.params

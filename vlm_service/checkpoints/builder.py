@@ -40,11 +40,12 @@ def train_byte_level_bpe(corpus: Sequence[str], special_tokens: Sequence[str], v
 
 def source_digest() -> str:
     """A digest of the code that decides what a tiny checkpoint contains (its builder, corpus, training
-    data and the prompts of the backends it is trained through): change any of it and the checkpoints
-    are built anew, never reused stale from the cache."""
+    data, and the prompts and encoding of the backends it is trained through): change any of it and the
+    checkpoints are built anew, never reused stale from the cache."""
     package = Path(__file__).resolve().parents[1]
+    trained_through = [package / "backends" / name for name in ("hf.py", "smolvlm.py", "qwen2_vl.py")]
     digest = hashlib.sha256()
-    for path in sorted([*package.glob("checkpoints/**/*.py"), *package.glob("backends/*.py"), package / "types.py"]):
+    for path in sorted([*package.glob("checkpoints/**/*.py"), *trained_through, package / "types.py"]):
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
