@@ -272,7 +272,10 @@ def test_drain_is_not_serving_refuses_new_rpcs_and_finishes_streams(cache_dir, n
             next(chunks)
             stopped = asyncio.run_coroutine_threadsafe(server.server.stop(10), server.loop)
             deadline = time.monotonic() + 5
-            while health.Check(health_pb2.HealthCheckRequest(), timeout=2).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            while (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                != health_pb2.HealthCheckResponse.NOT_SERVING
+            ):
                 assert time.monotonic() < deadline, "health never turned NOT_SERVING during the drain"
                 time.sleep(0.01)
             with pytest.raises(grpc.RpcError) as info:
