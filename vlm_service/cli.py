@@ -49,8 +49,16 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from vlm_client import channel_credentials
+
     try:
-        with grpc.insecure_channel(args.server) as channel:
+        credentials = channel_credentials(args.tls, args.ca_cert, args.client_cert, args.client_key)
+    except OSError as exc:
+        print(f"vlm-service health: {exc}", file=sys.stderr)
+        return 2
+    channel = grpc.secure_channel(args.server, credentials) if credentials else grpc.insecure_channel(args.server)
+    try:
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as exc:
@@ -71,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--server", default=os.environ.get("VLM_SERVER", "localhost:50051"), help="host:port")
     health.add_argument("--service", default="", help="service name to check; empty means the whole server")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    health.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca-cert)")
+    health.add_argument("--ca-cert", help="PEM CA bundle that signed the server's certificate")
+    health.add_argument("--client-cert", help="PEM client certificate, for mutual TLS")
+    health.add_argument("--client-key", help="PEM client private key, for mutual TLS")
     health.set_defaults(func=_health)
     return parser
 

@@ -70,6 +70,26 @@ class Settings:
         10.0, "Seconds that in-flight streams get to finish on SIGTERM/SIGINT before they are cancelled."
     )
     reflection: bool = _setting(True, "Serve gRPC server reflection (for grpcurl list/describe).")
+    max_streams: int = _setting(
+        64, "Concurrent Caption/Query streams the whole server accepts; beyond it RESOURCE_EXHAUSTED at once."
+    )
+    auth_token: str = _setting(
+        "", "Bearer token every RPC must send (`authorization: Bearer TOKEN`); empty turns authentication off."
+    )
+    reflection_requires_auth: bool = _setting(
+        True, "With --auth-token, whether reflection needs the token too (health checks never do)."
+    )
+    tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key, serve TLS instead of plaintext.")
+    tls_key: str = _setting("", "PEM private key of the server certificate.")
+    tls_client_ca: str = _setting(
+        "", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."
+    )
+    keepalive_time: float = _setting(
+        30.0, "Seconds between HTTP/2 keepalive pings to each client, to find clients that vanished."
+    )
+    keepalive_timeout: float = _setting(
+        10.0, "Seconds to wait for a ping's answer before the connection (and its streams) is dropped."
+    )
     cache_dir: Path = _setting(
         Path(os.path.expanduser("~/.cache/vlm-service")),
         "Where the tiny built-in checkpoints are built on first use.",
@@ -100,6 +120,18 @@ class Settings:
             raise ConfigError(f"{_describe('port')} must be between 0 and 65535, got {self.port}")
         if self.grace_period < 0:
             raise ConfigError(f"{_describe('grace_period')} must be >= 0, got {self.grace_period}")
+        if self.max_streams <= 0:
+            raise ConfigError(f"{_describe('max_streams')} must be positive, got {self.max_streams}")
+        if self.keepalive_time <= 0 or self.keepalive_timeout <= 0:
+            raise ConfigError(f"{_describe('keepalive_time')} and {_describe('keepalive_timeout')} must be positive")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError(f"{_describe('tls_cert')} and {_describe('tls_key')} go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError(f"{_describe('tls_client_ca')} needs {_describe('tls_cert')} and {_describe('tls_key')}")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{_describe(name)}: no such file: {path}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ConfigError(
                 f"{_describe('default_max_new_tokens')} ({self.default_max_new_tokens}) exceeds "

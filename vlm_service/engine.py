@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from . import registry
 from .backends.base import Backend, ModelSpec, Runtime
 from .config import Settings
-from .errors import InvalidInput, ModelNotFound, ModelNotReady, ShuttingDown
+from .errors import InvalidInput, ModelNotFound, ModelNotReady, QueueFull, ShuttingDown
 from .types import GenerationRequest, ModelCard, SamplingParams, Task
 from .worker import Job, ModelWorker
 
@@ -53,6 +53,7 @@ class Engine:
         self.models: dict[str, ServedModel] = {s.name: ServedModel(s) for s in specs}
         self.default_model = specs[0].name
         self._draining = False
+        self._streams: set[Job] = set()  # submitted and not yet released, over all models
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -129,6 +130,8 @@ class Engine:
         """Queue a request on its model; raises a ServiceError at once if it cannot be queued."""
         if self._draining:
             raise ShuttingDown("the server is shutting down; retry on another instance")
+        if len(self._streams) >= self.settings.max_streams:
+            raise QueueFull(f"the server has {len(self._streams)} streams open (the limit); retry later")
         served = self.lookup(request.model)
         if served.state is not ModelState.READY or served.worker is None:
             raise ModelNotReady(f"model {served.spec.name!r} is {served.state.value}; retry shortly")
@@ -157,7 +160,17 @@ class Engine:
             request = replace(request, params=replace(request.params, max_new_tokens=default))
         job = Job(request, asyncio.get_running_loop(), backend_cls.role_prefixes)
         served.worker.submit(job)
+        self._streams.add(job)
         return job
+
+    def release(self, job: Job) -> None:
+        """The job's RPC ended: stop its generation (if still running) and free its stream slot."""
+        job.cancel()
+        self._streams.discard(job)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
 
     def cards(self) -> list[ModelCard]:
         out = []

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 
+from .auth import BearerTokenInterceptor
 from .config import Settings
 from .engine import Engine
 from .interceptors import ErrorInterceptor
@@ -29,6 +30,33 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _MESSAGE_OVERHEAD = 1024 * 1024
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Transport settings: message sizes above the image cap, and keepalive to find vanished clients."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_image_bytes + _MESSAGE_OVERHEAD),
+        ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Accept client keepalive pings as often as every 5 s, without data in flight.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (or mutual TLS with --tls-client-ca) credentials, or None for plaintext."""
+    if not settings.tls_cert:
+        return None
+    with open(settings.tls_key, "rb") as key, open(settings.tls_cert, "rb") as cert:
+        pair = (key.read(), cert.read())
+    client_ca = None
+    if settings.tls_client_ca:
+        with open(settings.tls_client_ca, "rb") as ca:
+            client_ca = ca.read()
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
 class VLMServer:
     """A running server. ``await VLMServer.start(settings)``, then ``await server.stop()``.
 
@@ -40,14 +68,10 @@ class VLMServer:
         self.settings = settings
         self.engine = Engine(settings)
         self.health = health.aio.HealthServicer()
-        max_message = settings.max_image_bytes + _MESSAGE_OVERHEAD
-        self._server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
-            options=[
-                ("grpc.max_receive_message_length", max_message),
-                ("grpc.max_send_message_length", 4 * 1024 * 1024),
-            ],
-        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        if settings.auth_token:
+            interceptors.insert(0, BearerTokenInterceptor(settings.auth_token, settings.reflection_requires_auth))
+        self._server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
         pb_grpc.add_VisionLanguageServiceServicer_to_server(VisionLanguageServicer(self.engine, settings), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
@@ -67,7 +91,11 @@ class VLMServer:
     async def _start(self) -> None:
         await self._set_health(NOT_SERVING)
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self._server.add_insecure_port(address)
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         await self._server.start()

@@ -51,4 +51,4 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
                 yield message(**convert.response_fields(event))
         finally:
             # The RPC ended (finished, cancelled, deadline, disconnect): stop the generation.
-            job.cancel()
+            self.engine.release(job)

@@ -1,13 +1,14 @@
 """Python client for vlm-service: stream captions and answers from a VisionLanguageService."""
 
 from ._messages import ModelInfo, Usage
-from .client import AsyncTextStream, AsyncVLMClient, TextStream, VLMClient
+from .client import AsyncTextStream, AsyncVLMClient, TextStream, VLMClient, channel_credentials
 from .errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidArgument,
     ModelNotFound,
     Overloaded,
+    Unauthenticated,
     Unavailable,
     VLMError,
 )
@@ -22,8 +23,10 @@ __all__ = [
     "ModelNotFound",
     "Overloaded",
     "TextStream",
+    "Unauthenticated",
     "Unavailable",
     "Usage",
     "VLMClient",
     "VLMError",
+    "channel_credentials",
 ]

@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from .client import VLMClient
+from .client import VLMClient, channel_credentials
 from .errors import VLMError
 
 
@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         "--server", default=os.environ.get("VLM_SERVER", "localhost:50051"), help="host:port [env VLM_SERVER]"
     )
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument("--token", default=os.environ.get("VLM_TOKEN"), help="bearer token [env VLM_TOKEN]")
+    parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca-cert)")
+    parser.add_argument("--ca-cert", help="PEM CA bundle that signed the server's certificate (implies --tls)")
+    parser.add_argument("--client-cert", help="PEM client certificate, for mutual TLS")
+    parser.add_argument("--client-key", help="PEM client private key, for mutual TLS")
     commands = parser.add_subparsers(dest="command", required=True)
     caption = commands.add_parser("caption", help="stream a caption of an image")
     caption.add_argument("image", help="image file")
@@ -73,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        with VLMClient(args.server, timeout=args.timeout) as client:
+        credentials = channel_credentials(args.tls, args.ca_cert, args.client_cert, args.client_key)
+        with VLMClient(args.server, timeout=args.timeout, token=args.token, credentials=credentials) as client:
             if args.command == "caption":
                 _print_stream(client.caption(args.image, length=args.length, **_options(args)), args.usage)
             elif args.command == "query":

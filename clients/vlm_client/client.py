@@ -114,11 +114,30 @@ class AsyncTextStream(_StreamState):
         self._call.cancel()
 
 
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def channel_credentials(
+    tls: bool = False, ca_cert: str | None = None, client_cert: str | None = None, client_key: str | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM files (None for plaintext). ``ca_cert`` defaults to the system roots;
+    ``client_cert`` and ``client_key`` are for mutual TLS."""
+    if not (tls or ca_cert or client_cert or client_key):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_cert), private_key=_read(client_key), certificate_chain=_read(client_cert)
+    )
+
+
 class _ClientBase:
-    def __init__(self, target: str, timeout: float | None, metadata: Metadata | None, channel):
+    def __init__(self, target: str, timeout: float | None, metadata: Metadata | None, channel, token: str | None):
         self.target = target
         self.timeout = timeout
-        self.metadata = tuple(metadata or ())
+        self.metadata = tuple(metadata or ()) + ((("authorization", f"Bearer {token}"),) if token else ())
         self._channel = channel
         self._stub = pb_grpc.VisionLanguageServiceStub(channel)
 
@@ -130,7 +149,9 @@ class _ClientBase:
 
 
 class VLMClient(_ClientBase):
-    """Blocking client. ``target`` is ``host:port``; ``timeout`` (seconds) is the default deadline."""
+    """Blocking client. ``target`` is ``host:port``; ``timeout`` (seconds) is the default deadline;
+    ``token`` is sent as ``authorization: Bearer`` metadata; ``credentials`` (see
+    :func:`channel_credentials`) turns on TLS."""
 
     def __init__(
         self,
@@ -138,10 +159,18 @@ class VLMClient(_ClientBase):
         *,
         timeout: float | None = None,
         metadata: Metadata | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         channel: grpc.Channel | None = None,
         options: Sequence[tuple[str, object]] = (),
     ):
-        super().__init__(target, timeout, metadata, channel or grpc.insecure_channel(target, options=list(options)))
+        if channel is None:
+            channel = (
+                grpc.secure_channel(target, credentials, options=list(options))
+                if credentials is not None
+                else grpc.insecure_channel(target, options=list(options))
+            )
+        super().__init__(target, timeout, metadata, channel, token)
 
     def caption(
         self,

@@ -42,8 +42,13 @@ class Cancelled(VLMError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unauthenticated(VLMError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 _BY_CODE = {
-    cls.code: cls for cls in (InvalidArgument, ModelNotFound, Overloaded, Unavailable, DeadlineExceeded, Cancelled)
+    cls.code: cls
+    for cls in (InvalidArgument, ModelNotFound, Overloaded, Unavailable, DeadlineExceeded, Cancelled, Unauthenticated)
 }
 
 

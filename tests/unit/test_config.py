@@ -64,3 +64,16 @@ def test_settings_validate_directly():
     with pytest.raises(ConfigError):
         Settings(grace_period=-1).validate()
     assert Settings().validate().host == "0.0.0.0"
+
+
+def test_tls_settings_are_checked_at_start(tmp_path):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError, match="go together"):
+        Settings(tls_cert=str(cert)).validate()
+    with pytest.raises(ConfigError, match="no such file"):
+        Settings(tls_cert=str(cert), tls_key=str(tmp_path / "missing.key")).validate()
+    with pytest.raises(ConfigError, match="--tls-client-ca"):
+        Settings(tls_client_ca=str(cert)).validate()
+    with pytest.raises(ConfigError, match="--max-streams"):
+        Settings(max_streams=0).validate()
