@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # Extras installed with the project: [dev] adds the test and lint tools; the Docker image uses none.
 EXTRAS ?= [dev]
 
-.PHONY: install proto serve test lint bench clean
+.PHONY: install proto serve test lint bench soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -49,6 +49,9 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+soak: install
+	VLM_SOAK_SECONDS=$${VLM_SOAK_SECONDS:-180} $(BIN)/python -m pytest -m soak -s tests/integration/test_soak.py
 
 bench: install
 	$(BIN)/python bench/stream_bench.py $(ARGS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 from vlm_service import registry
@@ -25,7 +26,8 @@ class FakeBackend(Backend):
     pieces: list[str] = ["Hello", ",", " wor", "ld", "."]
     load_gate: threading.Event | None = None  # load() waits for it
     step_gate: threading.Event | None = None  # every step waits for it
-    fail_next = False
+    fail_next: BaseException | bool = False  # True: a RuntimeError; an exception: raise that one
+    step_delay = 0.0  # seconds each decode step takes (sleeping, like a model releasing the GIL)
     instances: list[FakeBackend] = []
 
     def __init__(self, spec, runtime):
@@ -45,12 +47,14 @@ class FakeBackend(Backend):
         if request.request_id != "warmup":
             self.started.append(request.request_id)
         if FakeBackend.fail_next and request.request_id != "warmup":
-            FakeBackend.fail_next = False
-            raise RuntimeError("boom in /secret/path/model.py")
+            error, FakeBackend.fail_next = FakeBackend.fail_next, False
+            raise error if isinstance(error, BaseException) else RuntimeError("boom in /secret/path/model.py")
         produced = 0
         for piece in self.pieces[: request.params.max_new_tokens]:
             if FakeBackend.step_gate is not None:
                 FakeBackend.step_gate.wait(30)
+            if FakeBackend.step_delay:
+                time.sleep(FakeBackend.step_delay)
             if out.should_stop():
                 break
             self.steps += 1
@@ -65,6 +69,7 @@ class FakeBackend(Backend):
         cls.load_gate = None
         cls.step_gate = None
         cls.fail_next = False
+        cls.step_delay = 0.0
         cls.instances = []
 
 

@@ -84,6 +84,9 @@ class Settings:
     tls_client_ca: str = _setting(
         "", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."
     )
+    stall_timeout: float = _setting(
+        60.0, "Seconds a running generation may go without a decode step before it is aborted (ABORTED)."
+    )
     keepalive_time: float = _setting(
         30.0, "Seconds between HTTP/2 keepalive pings to each client, to find clients that vanished."
     )
@@ -122,6 +125,8 @@ class Settings:
             raise ConfigError(f"{_describe('grace_period')} must be >= 0, got {self.grace_period}")
         if self.max_streams <= 0:
             raise ConfigError(f"{_describe('max_streams')} must be positive, got {self.max_streams}")
+        if self.stall_timeout <= 0:
+            raise ConfigError(f"{_describe('stall_timeout')} must be positive, got {self.stall_timeout}")
         if self.keepalive_time <= 0 or self.keepalive_timeout <= 0:
             raise ConfigError(f"{_describe('keepalive_time')} and {_describe('keepalive_timeout')} must be positive")
         if bool(self.tls_cert) != bool(self.tls_key):

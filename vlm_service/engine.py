@@ -10,6 +10,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
@@ -17,7 +18,7 @@ from PIL import Image, ImageDraw
 from . import registry
 from .backends.base import Backend, ModelSpec, Runtime
 from .config import Settings
-from .errors import InvalidInput, ModelNotFound, ModelNotReady, QueueFull, ShuttingDown
+from .errors import DeadlineUnmeetable, InvalidInput, ModelNotFound, ModelNotReady, QueueFull, ShuttingDown
 from .types import GenerationRequest, ModelCard, SamplingParams, Task
 from .worker import Job, ModelWorker
 
@@ -54,6 +55,7 @@ class Engine:
         self.default_model = specs[0].name
         self._draining = False
         self._streams: set[Job] = set()  # submitted and not yet released, over all models
+        self.health_listener: Callable[[], None] | None = None  # called (from any thread) when readiness drops
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -74,7 +76,7 @@ class Engine:
                 served.error = str(exc)
                 raise
             served.backend = backend
-            served.worker = ModelWorker(served.spec.name, backend, self.settings.max_queue)
+            served.worker = ModelWorker(served.spec.name, backend, self.settings.max_queue, self._fatal)
             served.load_seconds = time.monotonic() - start
             served.state = ModelState.READY
             logger.info("model %s ready (%s, %.1fs)", served.spec.name, served.spec.family, served.load_seconds)
@@ -97,6 +99,15 @@ class Engine:
             params=SamplingParams(max_new_tokens=2),
         )
         backend.generate(request, _Discard())
+
+    def _fatal(self, name: str) -> None:
+        """A fatal device error on model ``name`` (worker thread): it stops serving, and so does health."""
+        served = self.models[name]
+        served.state = ModelState.FAILED
+        served.error = "fatal device error"
+        logger.critical("model %s hit a fatal device error; it no longer serves", name)
+        if self.health_listener is not None:
+            self.health_listener()
 
     @property
     def ready(self) -> bool:
@@ -158,10 +169,24 @@ class Engine:
                 else self.settings.default_max_new_tokens
             )
             request = replace(request, params=replace(request.params, max_new_tokens=default))
-        job = Job(request, asyncio.get_running_loop(), backend_cls.role_prefixes)
+        self._check_deadline(served, request)
+        job = Job(request, asyncio.get_running_loop(), backend_cls.role_prefixes, self.settings.stall_timeout)
         served.worker.submit(job)
         self._streams.add(job)
         return job
+
+    @staticmethod
+    def _check_deadline(served: ServedModel, request: GenerationRequest) -> None:
+        """Refuse at once a request whose deadline will pass before its turn comes."""
+        if request.deadline is None:
+            return
+        wait = served.worker.estimated_wait()
+        remaining = request.deadline - time.monotonic()
+        if wait is not None and wait >= remaining:
+            raise DeadlineUnmeetable(
+                f"the deadline cannot be met: model {served.spec.name!r} needs about {wait:.1f} s for the "
+                f"requests ahead of this one, and {max(remaining, 0):.1f} s remain"
+            )
 
     def release(self, job: Job) -> None:
         """The job's RPC ended: stop its generation (if still running) and free its stream slot."""

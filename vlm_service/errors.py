@@ -60,3 +60,23 @@ class GenerationFailed(ServiceError):
     def __init__(self, request_id: str):
         super().__init__(f"generation failed; see the server log for request id {request_id}")
         self.request_id = request_id
+
+
+class DeadlineUnmeetable(ServiceError):
+    """The request's deadline would pass before its turn comes (DEADLINE_EXCEEDED, refused at once)."""
+
+
+class GenerationStalled(ServiceError):
+    """The model made no progress for the stall timeout (ABORTED); the generation was stopped."""
+
+
+class OutOfMemory(ServiceError):
+    """The model ran out of memory on this request (RESOURCE_EXHAUSTED); the memory was freed."""
+
+    def __init__(self, request_id: str):
+        super().__init__(
+            f"the model ran out of memory on this request (request id {request_id}); "
+            "retry later, or with a smaller image or max_new_tokens"
+        )
+        self.request_id = request_id
+        self.retry_after = 5.0

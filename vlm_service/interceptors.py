@@ -18,10 +18,13 @@ from grpc_interceptor.exceptions import GrpcException
 from grpc_status import rpc_status
 
 from .errors import (
+    DeadlineUnmeetable,
     GenerationFailed,
+    GenerationStalled,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
+    OutOfMemory,
     QueueFull,
     ServiceError,
     ShuttingDown,
@@ -36,6 +39,9 @@ STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     GenerationFailed: grpc.StatusCode.INTERNAL,
+    DeadlineUnmeetable: grpc.StatusCode.DEADLINE_EXCEEDED,
+    GenerationStalled: grpc.StatusCode.ABORTED,
+    OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -58,7 +64,7 @@ def to_status(error: ServiceError) -> grpc.Status:
             ]
         )
         details.append(bad_request)
-    if isinstance(error, QueueFull):
+    if isinstance(error, (QueueFull, OutOfMemory)):
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after * 1000))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
@@ -85,3 +91,57 @@ class ErrorInterceptor(AsyncExceptionToStatusInterceptor):
         error_id = uuid.uuid4().hex[:16]
         logger.error("%s failed (error id %s)", method_name, error_id, exc_info=ex)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error; see the server log for error id {error_id}")
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse."""
+
+
+def _safe(deserializer):
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception:
+            return _Malformed()
+
+    return deserialize
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Requests whose bytes are not a valid message get INVALID_ARGUMENT, not gRPC's UNKNOWN with the
+    parser's exception in it. Deserialization happens before any handler runs, so this wraps it."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+            return handler
+
+        def checked(behaviour, streaming: bool):
+            if streaming:
+
+                async def stream(request, context):
+                    if isinstance(request, _Malformed):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid message")
+                    result = behaviour(request, context)
+                    if hasattr(result, "__aiter__"):
+                        async for response in result:
+                            yield response
+                    else:  # a handler written with context.write
+                        await result
+
+                return stream
+
+            async def unary(request, context):
+                if isinstance(request, _Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid message")
+                return await behaviour(request, context)
+
+            return unary
+
+        kwargs = {
+            "request_deserializer": _safe(handler.request_deserializer),
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(checked(handler.unary_stream, True), **kwargs)
+        return grpc.unary_unary_rpc_method_handler(checked(handler.unary_unary, False), **kwargs)

@@ -16,7 +16,7 @@ from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 from .auth import BearerTokenInterceptor
 from .config import Settings
 from .engine import Engine
-from .interceptors import ErrorInterceptor
+from .interceptors import ErrorInterceptor, MalformedRequestInterceptor
 from .registry import UnsupportedModel
 from .servicer import VisionLanguageServicer
 
@@ -38,6 +38,10 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Let the server's own pings go out at that pace even while no data flows (a frozen client
+        # stops reading, so flow control stops the data).
+        ("grpc.http2.min_time_between_pings_ms", int(settings.keepalive_time * 1000)),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_time * 1000)),
         # Accept client keepalive pings as often as every 5 s, without data in flight.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
         ("grpc.http2.max_pings_without_data", 0),
@@ -68,9 +72,9 @@ class VLMServer:
         self.settings = settings
         self.engine = Engine(settings)
         self.health = health.aio.HealthServicer()
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor(), ErrorInterceptor()]
         if settings.auth_token:
-            interceptors.insert(0, BearerTokenInterceptor(settings.auth_token, settings.reflection_requires_auth))
+            interceptors.insert(1, BearerTokenInterceptor(settings.auth_token, settings.reflection_requires_auth))
         self._server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
         pb_grpc.add_VisionLanguageServiceServicer_to_server(VisionLanguageServicer(self.engine, settings), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -80,6 +84,8 @@ class VLMServer:
             )
         self.port = 0
         self._loading: asyncio.Task | None = None
+        self._server_loop: asyncio.AbstractEventLoop | None = None
+        self.engine.health_listener = self._readiness_dropped
         self._stopped = asyncio.Event()
 
     @classmethod
@@ -89,6 +95,7 @@ class VLMServer:
         return server
 
     async def _start(self) -> None:
+        self._server_loop = asyncio.get_running_loop()
         await self._set_health(NOT_SERVING)
         address = f"{self.settings.host}:{self.settings.port}"
         credentials = server_credentials(self.settings)
@@ -114,6 +121,12 @@ class VLMServer:
         if self.engine.ready:
             await self._set_health(SERVING)
             logger.info("serving %s on port %d", ", ".join(self.engine.models), self.port)
+
+    def _readiness_dropped(self) -> None:
+        """Called from a worker thread when a model stops serving (fatal device error)."""
+        loop = self._server_loop
+        if loop is not None and not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._set_health(NOT_SERVING), loop)
 
     async def wait_ready(self) -> None:
         """Wait until the models are loaded; raises if loading failed."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -16,6 +18,8 @@ from .engine import Engine
 from .types import GenerationRequest
 
 logger = logging.getLogger(__name__)
+
+_NO_DEADLINE = 1e8  # seconds; grpc reports a huge remaining time when the RPC has no deadline
 
 
 class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
@@ -43,6 +47,9 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
         return pb.ListModelsResponse(models=[convert.model_info(card) for card in self.engine.cards()])
 
     async def _stream(self, request: GenerationRequest, message: Callable, context) -> AsyncIterator:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < _NO_DEADLINE:
+            request = dataclasses.replace(request, deadline=time.monotonic() + remaining)
         job = self.engine.submit(request)
         logger.debug("request %s queued on %s", request.request_id, request.model or self.engine.default_model)
         try:

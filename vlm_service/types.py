@@ -62,6 +62,7 @@ class GenerationRequest:
     length: CaptionLength = CaptionLength.NORMAL
     language: str = "en"
     arrival: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() by which the RPC ends, if it has a deadline
 
 
 @dataclass(frozen=True)

@@ -18,26 +18,69 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from .backends.base import Backend, Outcome
-from .errors import GenerationFailed, QueueFull, ServiceError, ShuttingDown
+from .errors import GenerationFailed, GenerationStalled, OutOfMemory, QueueFull, ServiceError, ShuttingDown
 from .streaming import TextAssembler
 from .types import Finished, FinishReason, GenerationRequest, TextDelta, Usage
 
 logger = logging.getLogger(__name__)
 
+_FATAL_DEVICE_MESSAGES = (
+    "CUDA error",
+    "device-side assert",
+    "illegal memory access",
+    "CUBLAS_STATUS",
+    "cuDNN error",
+    "unspecified launch failure",
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """Errors after which the device (and so every model on it) cannot be trusted any more."""
+    import torch
+
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return any(marker in str(exc) for marker in _FATAL_DEVICE_MESSAGES)
+
+
+def free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 
 class Job:
     """One request's generation: an async stream of events and a switch to stop it."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, role_prefixes=()):
+    def __init__(
+        self,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        role_prefixes=(),
+        stall_timeout: float = 60.0,
+    ):
         self.request = request
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
         self.started_at: float | None = None
         self.first_text_at: float | None = None
+        self.last_progress: float = 0.0  # monotonic time of the last decode step (worker thread)
+        self._stall_timeout = stall_timeout
         self._assembler = TextAssembler(request.params.stop, role_prefixes)
         self._worker: ModelWorker | None = None
 
@@ -55,9 +98,24 @@ class Job:
         return self._cancelled.is_set()
 
     async def events(self) -> AsyncIterator[TextDelta | Finished]:
-        """Text deltas as they are written, then one :class:`Finished`; raises a ServiceError on failure."""
+        """Text deltas as they are written, then one :class:`Finished`; raises a ServiceError on failure.
+
+        A running generation that makes no decode step for the stall timeout is stopped and ends with
+        :class:`GenerationStalled`.
+        """
+        poll = min(1.0, self._stall_timeout / 2)
         while True:
-            event = await self._events.get()
+            try:
+                event = await asyncio.wait_for(self._events.get(), poll)
+            except TimeoutError:
+                if self.started_at is not None and time.monotonic() - self.last_progress > self._stall_timeout:
+                    self.cancel()
+                    logger.error("request %s stalled; stopped it", self.request.request_id)
+                    raise GenerationStalled(
+                        f"the generation stalled: no progress for {self._stall_timeout:g} s "
+                        f"(request id {self.request.request_id})"
+                    ) from None
+                continue
             if isinstance(event, BaseException):
                 raise event
             yield event
@@ -72,6 +130,7 @@ class Job:
             self._send(TextDelta(delta))
 
     def should_stop(self) -> bool:
+        self.last_progress = time.monotonic()  # called once per decode step
         return self._cancelled.is_set() or self._assembler.stopped
 
     def _send(self, event) -> None:
@@ -106,10 +165,12 @@ class Job:
 class ModelWorker:
     """Runs one backend's requests one at a time in a dedicated thread."""
 
-    def __init__(self, name: str, backend: Backend, max_queue: int):
+    def __init__(self, name: str, backend: Backend, max_queue: int, on_fatal: Callable[[str], None] | None = None):
         self.name = name
         self.backend = backend
         self.max_queue = max_queue
+        self._on_fatal = on_fatal
+        self.seconds_per_request: float | None = None  # moving average of generation times
         self._pending: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()
         self._closed = False
@@ -122,6 +183,14 @@ class ModelWorker:
     def queue_depth(self) -> int:
         with self._lock:
             return len(self._pending)
+
+    def estimated_wait(self) -> float | None:
+        """Seconds until a request submitted now would start, from recent generation times."""
+        if self.seconds_per_request is None:
+            return None
+        with self._lock:
+            ahead = len(self._pending) + (self._running is not None)
+        return ahead * self.seconds_per_request
 
     @property
     def busy(self) -> bool:
@@ -165,7 +234,8 @@ class ModelWorker:
                 job = self._pending.popleft()
                 self._running = job
             try:
-                if not job.cancelled:
+                expired = job.request.deadline is not None and time.monotonic() >= job.request.deadline
+                if not job.cancelled and not expired:
                     self._execute(job)
             finally:
                 with self._lock:
@@ -174,12 +244,23 @@ class ModelWorker:
     def _execute(self, job: Job) -> None:
         job.started_at = time.monotonic()
         request = job.request
+        job.last_progress = job.started_at
         try:
             outcome = self.backend.generate(request, job)
-        except Exception:
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                logger.error("request %s on model %s ran out of memory; freeing it", request.request_id, self.name)
+                free_memory()
+                job._fail(OutOfMemory(request.request_id))
+                return
             logger.exception("request %s on model %s failed", request.request_id, self.name)
             job._fail(GenerationFailed(request.request_id))
+            if is_fatal_device_error(exc) and self._on_fatal is not None:
+                self._on_fatal(self.name)
             return
+        elapsed = time.monotonic() - job.started_at
+        previous = self.seconds_per_request
+        self.seconds_per_request = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
         self.completed += 1
         if not job.cancelled:
             job._finish(outcome)

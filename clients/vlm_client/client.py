@@ -229,10 +229,18 @@ class AsyncVLMClient(_ClientBase):
         *,
         timeout: float | None = None,
         metadata: Metadata | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         channel: grpc.aio.Channel | None = None,
         options: Sequence[tuple[str, object]] = (),
     ):
-        super().__init__(target, timeout, metadata, channel or grpc.aio.insecure_channel(target, options=list(options)))
+        if channel is None:
+            channel = (
+                grpc.aio.secure_channel(target, credentials, options=list(options))
+                if credentials is not None
+                else grpc.aio.insecure_channel(target, options=list(options))
+            )
+        super().__init__(target, timeout, metadata, channel, token)
 
     def caption(
         self,

@@ -34,6 +34,9 @@ class FakeContext:
     def code(self):
         return None
 
+    def time_remaining(self):
+        return None
+
 
 @pytest.fixture
 def fake_engine(tmp_path, settings):

@@ -1,0 +1,175 @@
+"""The fault matrix, row by row, against real servers on loopback (a fake model keeps them fast and
+steerable; a real one where the row is about the model)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests import fakes
+from tests.helpers import ServerThread, caption_request, wait_idle
+from vlm.v1 import vlm_service_pb2 as pb
+from vlm_service.config import Settings
+
+
+@pytest.fixture
+def fake(tmp_path, cache_dir):
+    """Start servers with the fake model: ``fake(**settings)``; all are stopped afterwards."""
+    fakes.FakeBackend.reset()
+    checkpoint = fakes.register(tmp_path)
+    servers = []
+
+    def start(**settings):
+        server = ServerThread(Settings(models=[f"fake={checkpoint}"], cache_dir=cache_dir, **settings))
+        server.wait_ready()
+        servers.append(server)
+        return server
+
+    yield start
+    fakes.FakeBackend.step_gate = None
+    fakes.FakeBackend.step_delay = 0.0
+    for server in servers:
+        server.stop()
+    fakes.FakeBackend.reset()
+
+
+def rpc_error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    return info.value
+
+
+def health_status(channel, timeout=2.0):
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+
+
+def test_out_of_memory_is_resource_exhausted_and_the_next_request_works(fake):
+    server = fake()
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        fakes.FakeBackend.fail_next = MemoryError()
+        error = rpc_error(stub.Caption(caption_request()))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "out of memory" in error.details()
+        assert list(stub.Caption(caption_request()))[-1].finish_reason == pb.FINISH_REASON_STOP
+        assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_fatal_device_error_flips_health_to_not_serving(fake):
+    server = fake()
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        fakes.FakeBackend.fail_next = RuntimeError("CUDA error: an illegal memory access was encountered")
+        error = rpc_error(stub.Caption(caption_request()))
+        assert error.code() == grpc.StatusCode.INTERNAL and "CUDA" not in error.details()
+        deadline = time.monotonic() + 5
+        while health_status(channel) != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "health still SERVING after a fatal device error"
+            time.sleep(0.01)
+        assert rpc_error(stub.Caption(caption_request())).code() == grpc.StatusCode.UNAVAILABLE
+        assert not stub.ListModels(pb.ListModelsRequest()).models[0].ready
+
+
+def test_stalled_generation_is_aborted(fake):
+    server = fake(stall_timeout=0.5)
+    fakes.FakeBackend.step_gate = threading.Event()  # the model hangs before its first step
+    with server.channel() as channel:
+        started = time.monotonic()
+        error = rpc_error(server.stub(channel).Caption(caption_request(), timeout=20))
+        elapsed = time.monotonic() - started
+    fakes.FakeBackend.step_gate.set()
+    assert error.code() == grpc.StatusCode.ABORTED and "stalled" in error.details()
+    assert elapsed < 5
+
+
+def test_a_deadline_that_the_queue_cannot_meet_is_refused_at_once(fake):
+    server = fake(max_queue=8)
+    fakes.FakeBackend.step_delay = 0.1  # 5 steps: about 0.5 s a request
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        list(stub.Caption(caption_request()))  # the server learns how long a request takes
+        running = [stub.Caption(caption_request()) for _ in range(3)]
+        for call in running:
+            call.initial_metadata()
+        started = time.monotonic()
+        error = rpc_error(stub.Caption(caption_request(), timeout=0.6))
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "cannot be met" in error.details()
+        assert time.monotonic() - started < 0.3, "refused at once, not at the deadline"
+        assert all(list(call)[-1].finish_reason == pb.FINISH_REASON_STOP for call in running)
+        # With time enough, the same request is accepted.
+        assert list(stub.Caption(caption_request(), timeout=30))[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_cancel_before_the_first_token_never_runs_a_step(fake):
+    server = fake()
+    gate = fakes.FakeBackend.step_gate = threading.Event()
+    backend = fakes.FakeBackend.instances[-1]
+    steps_before = backend.steps  # the warm-up's
+    with server.channel() as channel:
+        call = server.stub(channel).Caption(caption_request())
+        call.initial_metadata()
+        assert len(backend.started) == 1  # the generation started and waits for its first step
+        call.cancel()
+        time.sleep(0.1)
+        gate.set()
+        wait_idle(server.engine)
+    assert backend.steps == steps_before
+
+
+def test_malformed_protobuf_and_unknown_enums_get_clean_statuses(fake):
+    server = fake()
+    with server.channel() as channel:
+        raw = channel.unary_stream("/vlm.v1.VisionLanguageService/Caption")
+        error = rpc_error(raw(b"\xff\xff\xff\x0f not protobuf", timeout=5))
+        assert error.code() != grpc.StatusCode.UNKNOWN and error.code() != grpc.StatusCode.OK
+        stub = server.stub(channel)
+        error = rpc_error(stub.Caption(caption_request(length=99)))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "length" in error.details()
+        assert list(stub.Caption(caption_request()))[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_image_byte_cap_and_transport_limit(fake):
+    server = fake(max_image_bytes=50_000)
+    big = os.urandom(60_000)  # over the image cap, under the transport limit (cap + 1 MiB)
+    huge = os.urandom(2 * 1024 * 1024)  # over the transport limit
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        error = rpc_error(stub.Caption(caption_request(big)))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit is 50000" in error.details()
+        assert rpc_error(stub.Caption(caption_request(huge))).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert list(stub.Caption(caption_request()))[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_health_answers_fast_under_a_flood_of_streams(cache_dir, noise_dir):
+    """64 concurrent streams on a real model: health checks are never queued behind generation."""
+    server = ServerThread(
+        Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir, max_queue=64, max_streams=64, grace_period=0)
+    )
+    server.wait_ready()
+    try:
+        with server.channel() as channel:
+            stub = server.stub(channel)
+            calls = [stub.Caption(caption_request(max_new_tokens=100)) for _ in range(64)]
+            calls[0].initial_metadata()
+            latencies = []
+            with server.channel() as probe:
+                for _ in range(20):
+                    started = time.monotonic()
+                    assert health_status(probe) == health_pb2.HealthCheckResponse.SERVING
+                    latencies.append(time.monotonic() - started)
+                    time.sleep(0.02)
+            assert server.engine.open_streams > 32, "the flood should still be running while health is probed"
+            for call in calls:
+                call.cancel()
+        latencies.sort()
+        print(
+            f"health latency under 64 streams: median {latencies[10] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms"
+        )
+        assert latencies[10] < 0.1
+        wait_idle(server.engine)
+    finally:
+        server.stop()
