@@ -170,7 +170,13 @@ class Engine:
             )
             request = replace(request, params=replace(request.params, max_new_tokens=default))
         self._check_deadline(served, request)
-        job = Job(request, asyncio.get_running_loop(), backend_cls.role_prefixes, self.settings.stall_timeout)
+        job = Job(
+            request,
+            asyncio.get_running_loop(),
+            backend_cls.role_prefixes,
+            stall_timeout=self.settings.stall_timeout,
+            abandon_after=self.settings.keepalive_time + self.settings.keepalive_timeout,
+        )
         served.worker.submit(job)
         self._streams.add(job)
         return job

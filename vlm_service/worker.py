@@ -27,6 +27,9 @@ from .types import Finished, FinishReason, GenerationRequest, TextDelta, Usage
 
 logger = logging.getLogger(__name__)
 
+#: Undelivered events beyond which a client that reads nothing counts as gone.
+_BACKLOG = 32
+
 _FATAL_DEVICE_MESSAGES = (
     "CUDA error",
     "device-side assert",
@@ -72,6 +75,7 @@ class Job:
         loop: asyncio.AbstractEventLoop,
         role_prefixes=(),
         stall_timeout: float = 60.0,
+        abandon_after: float = 40.0,
     ):
         self.request = request
         self._loop = loop
@@ -81,6 +85,11 @@ class Job:
         self.first_text_at: float | None = None
         self.last_progress: float = 0.0  # monotonic time of the last decode step (worker thread)
         self._stall_timeout = stall_timeout
+        # Back-pressure: the RPC takes events only as fast as the client reads them. A client that
+        # reads nothing for ``abandon_after`` seconds while output piles up has gone: stop generating.
+        self.abandon_after = abandon_after
+        self.last_taken = time.monotonic()
+        self._backlog = 0  # events sent, not yet taken
         self._assembler = TextAssembler(request.params.stop, role_prefixes)
         self._worker: ModelWorker | None = None
 
@@ -116,6 +125,8 @@ class Job:
                         f"(request id {self.request.request_id})"
                     ) from None
                 continue
+            self._backlog -= 1
+            self.last_taken = time.monotonic()
             if isinstance(event, BaseException):
                 raise event
             yield event
@@ -130,13 +141,17 @@ class Job:
             self._send(TextDelta(delta))
 
     def should_stop(self) -> bool:
-        self.last_progress = time.monotonic()  # called once per decode step
+        now = self.last_progress = time.monotonic()  # called once per decode step
+        if self._backlog > _BACKLOG and now - self.last_taken > self.abandon_after and not self._cancelled.is_set():
+            logger.warning("request %s: the client stopped reading; stopping its generation", self.request.request_id)
+            self._cancelled.set()
         return self._cancelled.is_set() or self._assembler.stopped
 
     def _send(self, event) -> None:
         if isinstance(event, TextDelta) and self.first_text_at is None:
             self.first_text_at = time.monotonic()
         try:
+            self._backlog += 1
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self._cancelled.set()

@@ -4,6 +4,10 @@ steerable; a real one where the row is about the model)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -12,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests import fakes
-from tests.helpers import ServerThread, caption_request, wait_idle
+from tests.helpers import ServerThread, caption_request, png_bytes, shape_image, wait_idle
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service.config import Settings
 
@@ -112,7 +116,10 @@ def test_cancel_before_the_first_token_never_runs_a_step(fake):
     with server.channel() as channel:
         call = server.stub(channel).Caption(caption_request())
         call.initial_metadata()
-        assert len(backend.started) == 1  # the generation started and waits for its first step
+        deadline = time.monotonic() + 5
+        while not backend.started:  # the generation starts and waits for its first step
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
         call.cancel()
         time.sleep(0.1)
         gate.set()
@@ -173,3 +180,37 @@ def test_health_answers_fast_under_a_flood_of_streams(cache_dir, noise_dir):
         wait_idle(server.engine)
     finally:
         server.stop()
+
+
+CLIENT = textwrap.dedent(
+    """
+    import sys
+    from vlm_client import VLMClient
+    with VLMClient(sys.argv[1]) as client:
+        for text in client.caption(sys.argv[2], max_new_tokens=2000):
+            print(text, flush=True)
+    """
+)
+
+
+def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path):
+    """A frozen client (SIGSTOP: no FIN, no reads, no ping answers) does not hold the model: its
+    connection is dropped, which cancels the RPC and stops the generation."""
+    server = fake(keepalive_time=0.5, keepalive_timeout=0.5)
+    fakes.FakeBackend.pieces = ["x" * 200] * 2000  # large messages fill the transport's buffers fast
+    fakes.FakeBackend.step_delay = 0.005  # 10 s of generation if nobody stops it
+    backend = fakes.FakeBackend.instances[-1]
+    image = tmp_path / "image.png"
+    image.write_bytes(png_bytes(shape_image()))
+    client = subprocess.Popen([sys.executable, "-c", CLIENT, server.target, str(image)], stdout=subprocess.PIPE)
+    try:
+        assert client.stdout.readline()  # streaming
+        client.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        wait_idle(server.engine, timeout=15)
+        stopped_after = time.monotonic() - started
+    finally:
+        client.kill()
+        client.wait()
+    print(f"frozen client: generation stopped after {stopped_after:.1f} s, {backend.steps} steps")
+    assert backend.steps < 1500, "the generation ran on for a client that stopped reading"

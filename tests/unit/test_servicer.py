@@ -211,3 +211,24 @@ async def test_unexpected_exceptions_become_opaque_internal():
     code, details, _ = context.aborted
     assert code == grpc.StatusCode.INTERNAL
     assert "secret" not in details and "error id" in details
+
+
+async def test_a_job_whose_output_is_not_taken_stops_itself():
+    """Back-pressure guard: output piling up unread for `abandon_after` seconds stops the generation."""
+    import time
+
+    from tests.helpers import shape_image
+    from vlm_service.types import GenerationRequest, SamplingParams, Task
+    from vlm_service.worker import Job
+
+    request = GenerationRequest("r", "m", Task.CAPTION, shape_image(), SamplingParams(10))
+    job = Job(request, asyncio.get_running_loop(), abandon_after=0.2)
+    for _ in range(100):
+        job.add_text("x ")
+    assert not job.should_stop(), "a client that read recently is not abandoned"
+    job.last_taken = time.monotonic() - 1.0
+    assert job.should_stop() and job.cancelled
+    fresh = Job(request, asyncio.get_running_loop(), abandon_after=0.2)
+    fresh.add_text("few")
+    fresh.last_taken = time.monotonic() - 1.0
+    assert not fresh.should_stop(), "a small backlog is not a vanished client"
