@@ -133,6 +133,13 @@ def channel_credentials(
     )
 
 
+def _open(api, target: str, credentials, options):
+    """A channel from ``api`` (``grpc`` or ``grpc.aio``): TLS with credentials, else plaintext."""
+    if credentials is not None:
+        return api.secure_channel(target, credentials, options=list(options))
+    return api.insecure_channel(target, options=list(options))
+
+
 class _ClientBase:
     def __init__(self, target: str, timeout: float | None, metadata: Metadata | None, channel, token: str | None):
         self.target = target
@@ -164,13 +171,7 @@ class VLMClient(_ClientBase):
         channel: grpc.Channel | None = None,
         options: Sequence[tuple[str, object]] = (),
     ):
-        if channel is None:
-            channel = (
-                grpc.secure_channel(target, credentials, options=list(options))
-                if credentials is not None
-                else grpc.insecure_channel(target, options=list(options))
-            )
-        super().__init__(target, timeout, metadata, channel, token)
+        super().__init__(target, timeout, metadata, channel or _open(grpc, target, credentials, options), token)
 
     def caption(
         self,
@@ -234,13 +235,7 @@ class AsyncVLMClient(_ClientBase):
         channel: grpc.aio.Channel | None = None,
         options: Sequence[tuple[str, object]] = (),
     ):
-        if channel is None:
-            channel = (
-                grpc.aio.secure_channel(target, credentials, options=list(options))
-                if credentials is not None
-                else grpc.aio.insecure_channel(target, options=list(options))
-            )
-        super().__init__(target, timeout, metadata, channel, token)
+        super().__init__(target, timeout, metadata, channel or _open(grpc.aio, target, credentials, options), token)
 
     def caption(
         self,
