@@ -89,7 +89,8 @@ class Job:
         # reads nothing for ``abandon_after`` seconds while output piles up has gone: stop generating.
         self.abandon_after = abandon_after
         self.last_taken = time.monotonic()
-        self._backlog = 0  # events sent, not yet taken
+        self._sent = 0  # events sent (written by the worker thread only)
+        self._taken = 0  # events taken (written by the event loop only)
         self._assembler = TextAssembler(request.params.stop, role_prefixes)
         self._worker: ModelWorker | None = None
 
@@ -115,7 +116,12 @@ class Job:
         poll = min(1.0, self._stall_timeout / 2)
         while True:
             try:
-                event = await asyncio.wait_for(self._events.get(), poll)
+                # The common case, an event already waiting, costs no timer.
+                event = (
+                    self._events.get_nowait()
+                    if not self._events.empty()
+                    else await asyncio.wait_for(self._events.get(), poll)
+                )
             except TimeoutError:
                 if self.started_at is not None and time.monotonic() - self.last_progress > self._stall_timeout:
                     self.cancel()
@@ -125,7 +131,7 @@ class Job:
                         f"(request id {self.request.request_id})"
                     ) from None
                 continue
-            self._backlog -= 1
+            self._taken += 1
             self.last_taken = time.monotonic()
             if isinstance(event, BaseException):
                 raise event
@@ -142,7 +148,8 @@ class Job:
 
     def should_stop(self) -> bool:
         now = self.last_progress = time.monotonic()  # called once per decode step
-        if self._backlog > _BACKLOG and now - self.last_taken > self.abandon_after and not self._cancelled.is_set():
+        backlog = self._sent - self._taken
+        if backlog > _BACKLOG and now - self.last_taken > self.abandon_after and not self._cancelled.is_set():
             logger.warning("request %s: the client stopped reading; stopping its generation", self.request.request_id)
             self._cancelled.set()
         return self._cancelled.is_set() or self._assembler.stopped
@@ -151,7 +158,7 @@ class Job:
         if isinstance(event, TextDelta) and self.first_text_at is None:
             self.first_text_at = time.monotonic()
         try:
-            self._backlog += 1
+            self._sent += 1
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self._cancelled.set()
