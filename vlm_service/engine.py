@@ -144,8 +144,10 @@ class Engine:
         if len(self._streams) >= self.settings.max_streams:
             raise QueueFull(f"the server has {len(self._streams)} streams open (the limit); retry later")
         served = self.lookup(request.model)
+        if served.state is ModelState.FAILED:
+            raise ModelNotReady(f"model {served.spec.name!r} has failed and no longer serves; use another instance")
         if served.state is not ModelState.READY or served.worker is None:
-            raise ModelNotReady(f"model {served.spec.name!r} is {served.state.value}; retry shortly")
+            raise ModelNotReady(f"model {served.spec.name!r} is still loading; retry shortly")
         backend_cls = type(served.backend)
         if request.language not in backend_cls.languages:
             raise InvalidInput(

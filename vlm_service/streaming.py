@@ -98,8 +98,10 @@ def clean_answer(raw: str, stop: Sequence[str] = (), role_prefixes: Sequence[str
 
 
 def _earliest_stop(text: str, stop: Sequence[str]) -> int | None:
-    positions = [i for s in stop if s and (i := text.find(s)) >= 0]
-    return min(positions) if positions else None
+    """Where to cut ``text``: the start of the stop string that completes first, as generation would
+    meet it (on a tie, the longer one, which starts earlier)."""
+    found = [(i + len(s), i) for s in stop if s and (i := text.find(s)) >= 0]
+    return min(found)[1] if found else None
 
 
 class TextAssembler:

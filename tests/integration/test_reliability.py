@@ -74,7 +74,8 @@ def test_fatal_device_error_flips_health_to_not_serving(fake):
         while health_status(channel) != health_pb2.HealthCheckResponse.NOT_SERVING:
             assert time.monotonic() < deadline, "health still SERVING after a fatal device error"
             time.sleep(0.01)
-        assert rpc_error(stub.Caption(caption_request())).code() == grpc.StatusCode.UNAVAILABLE
+        error = rpc_error(stub.Caption(caption_request()))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and "no longer serves" in error.details()
         assert not stub.ListModels(pb.ListModelsRequest()).models[0].ready
 
 
