@@ -75,6 +75,26 @@ def wait_idle(engine, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
+def cancel_after_chunks(server: ServerThread, stub, model: str, chunks: int = 3, max_new_tokens: int = 1500):
+    """Stream a caption from ``model``, cancel it after ``chunks`` text messages, wait until the engine
+    is idle. Returns (call, text messages received, decode steps at the cancel, decode steps in all)."""
+    wait_idle(server.engine)
+    counter = StepCounter(server.engine.models[model].backend.model)
+    received = at_cancel = 0
+    try:
+        call = stub.Caption(caption_request(model=model, max_new_tokens=max_new_tokens))
+        for message in call:
+            received += bool(message.text)
+            if received == chunks:
+                at_cancel = counter.count
+                call.cancel()
+                break
+        wait_idle(server.engine)
+    finally:
+        counter.remove()
+    return call, received, at_cancel, counter.count
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

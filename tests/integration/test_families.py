@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from tests.helpers import StepCounter, caption_request, query_request, shape_image, wait_idle
+from tests.helpers import StepCounter, cancel_after_chunks, caption_request, query_request, shape_image, wait_idle
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service.backends.hf import TransformersBackend
 from vlm_service.backends.moondream import LENGTHS as MOONDREAM_LENGTHS
@@ -116,24 +116,10 @@ def test_seed_makes_sampling_reproducible(stub, name):
 @pytest.mark.parametrize("family", list(FAMILIES.values()))
 def test_cancel_stops_generation(families_server, stub, family):
     name = f"noise-{family}"  # random weights: it talks on instead of ending its answer
-    backend = backend_of(families_server, name)
-    wait_idle(families_server.engine)
-    counter = StepCounter(backend.model)
-    try:
-        call = stub.Caption(caption_request(model=name, max_new_tokens=1500))
-        received = 0
-        for message in call:
-            received += bool(message.text)
-            if received == 3:
-                at_cancel = counter.count
-                call.cancel()
-                break
-        wait_idle(families_server.engine)
-    finally:
-        counter.remove()
+    _, received, at_cancel, steps = cancel_after_chunks(families_server, stub, name)
     assert received == 3
-    assert counter.count - at_cancel <= 2, f"{counter.count - at_cancel} decode steps ran after the cancel"
-    assert counter.count < 100
+    assert steps - at_cancel <= 2, f"{steps - at_cancel} decode steps ran after the cancel"
+    assert steps < 100
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-moondream"])

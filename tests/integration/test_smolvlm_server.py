@@ -11,7 +11,16 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers import ServerThread, StepCounter, caption_request, png_bytes, query_request, shape_image, wait_idle
+from tests.helpers import (
+    ServerThread,
+    StepCounter,
+    cancel_after_chunks,
+    caption_request,
+    png_bytes,
+    query_request,
+    shape_image,
+    wait_idle,
+)
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service.config import Settings
 from vlm_service.streaming import IncrementalDetokenizer, TextAssembler, clean_answer
@@ -96,25 +105,11 @@ def test_stop_string_ends_the_stream(stub):
 
 
 def test_client_cancel_stops_generation(smolvlm_server, stub):
-    backend = smolvlm_server.engine.models["noise"].backend
-    wait_idle(smolvlm_server.engine)
-    counter = StepCounter(backend.model)
-    try:
-        call = stub.Caption(caption_request(model="noise", max_new_tokens=2000))
-        received = 0
-        for message in call:
-            received += bool(message.text)
-            if received == 3:
-                at_cancel = counter.count
-                call.cancel()
-                break
-        wait_idle(smolvlm_server.engine)
-        steps_after_cancel = counter.count - at_cancel
-    finally:
-        counter.remove()
+    call, received, at_cancel, steps = cancel_after_chunks(smolvlm_server, stub, "noise", max_new_tokens=2000)
+    assert received == 3
     assert call.code() == grpc.StatusCode.CANCELLED
-    assert steps_after_cancel <= 2, f"{steps_after_cancel} decode steps ran after the cancel"
-    assert counter.count < 50
+    assert steps - at_cancel <= 2, f"{steps - at_cancel} decode steps ran after the cancel"
+    assert steps < 50
     # The worker is free: the next request is answered.
     assert list(stub.Caption(caption_request(model="noise", max_new_tokens=3)))[-1].usage.completion_tokens == 3
 
