@@ -194,10 +194,12 @@ CLIENT = textwrap.dedent(
 )
 
 
-def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path):
-    """A frozen client (SIGSTOP: no FIN, no reads, no ping answers) does not hold the model: its
-    connection is dropped, which cancels the RPC and stops the generation."""
-    server = fake(keepalive_time=0.5, keepalive_timeout=0.5)
+@pytest.mark.parametrize("keepalive", [0.5, 60.0], ids=["short-keepalive", "control-long-keepalive"])
+def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path, keepalive):
+    """A frozen client (SIGSTOP: no FIN, no reads, no ping answers) does not hold the model: the
+    server's keepalive ping goes unanswered, the connection is dropped, which cancels the RPC and stops
+    the generation. The control run with a long keepalive shows that keepalive is what finds it."""
+    server = fake(keepalive_time=keepalive, keepalive_timeout=keepalive)
     fakes.FakeBackend.pieces = ["x" * 200] * 2000  # large messages fill the transport's buffers fast
     fakes.FakeBackend.step_delay = 0.005  # 10 s of generation if nobody stops it
     backend = fakes.FakeBackend.instances[-1]
@@ -208,6 +210,10 @@ def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path):
         assert client.stdout.readline()  # streaming
         client.send_signal(signal.SIGSTOP)
         started = time.monotonic()
+        if keepalive > 30:
+            time.sleep(6)
+            assert server.engine.open_streams == 1, "without keepalive the frozen client's stream should still be open"
+            return
         wait_idle(server.engine, timeout=15)
         stopped_after = time.monotonic() - started
     finally:
