@@ -14,10 +14,11 @@ ARGS ?=
 # Extras installed with the project: [dev] adds the test and lint tools; the Docker image uses none.
 EXTRAS ?= [dev]
 PYTEST_ARGS ?=
-# Extras installed with the project: [dev] adds the test and lint tools; the Docker image uses none.
-EXTRAS ?= [dev]
+# Where the tiny checkpoints are built (the same place `make serve` uses): `make test` builds them
+# once before pytest (minutes on a 2-core CPU; cached by a digest of the code that makes them).
+CHECKPOINTS ?= $(or $(VLM_CACHE_DIR),$(HOME)/.cache/vlm-service)
 
-.PHONY: install proto serve test lint bench soak clean
+.PHONY: install proto checkpoints serve test lint bench soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -47,14 +48,18 @@ $(STUBS): $(PROTOS) | $(TOOLS)
 serve: install
 	$(BIN)/vlm-service serve $(ARGS)
 
-test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+checkpoints: install
+	$(BIN)/vlm-service build --random-twins --cache-dir $(CHECKPOINTS)
 
-soak: install
-	VLM_SOAK_SECONDS=$${VLM_SOAK_SECONDS:-180} $(BIN)/python -m pytest -m soak -s tests/integration/test_soak.py
+test: checkpoints
+	VLM_TEST_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: install
-	$(BIN)/python bench/stream_bench.py $(ARGS)
+soak: checkpoints
+	VLM_TEST_CACHE_DIR=$(CHECKPOINTS) VLM_SOAK_SECONDS=$${VLM_SOAK_SECONDS:-180} \
+		$(BIN)/python -m pytest -m soak -s tests/integration/test_soak.py
+
+bench: install checkpoints
+	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/stream_bench.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check vlm_service clients tests bench

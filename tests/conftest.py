@@ -28,12 +28,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """Where tiny checkpoints are built: VLM_TEST_CACHE_DIR if set (reused across runs), else a temp dir."""
-    configured = os.environ.get("VLM_TEST_CACHE_DIR")
-    if configured:
-        return Path(configured)
-    return tmp_path_factory.mktemp("vlm-cache")
+def cache_dir() -> Path:
+    """Where the tiny checkpoints are: VLM_TEST_CACHE_DIR if set, else where the server looks
+    ($VLM_CACHE_DIR or ~/.cache/vlm-service). `make test` builds them there first (`make checkpoints`):
+    building them inside a test's setup can take longer than the per-test timeout on a small CPU."""
+    configured = os.environ.get("VLM_TEST_CACHE_DIR") or os.environ.get("VLM_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Settings().cache_dir
 
 
 @pytest.fixture(scope="session")

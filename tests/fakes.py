@@ -26,6 +26,7 @@ class FakeBackend(Backend):
     pieces: list[str] = ["Hello", ",", " wor", "ld", "."]
     load_gate: threading.Event | None = None  # load() waits for it
     step_gate: threading.Event | None = None  # every step waits for it
+    step_permits: threading.Semaphore | None = None  # every step takes one permit
     fail_next: BaseException | bool = False  # True: a RuntimeError; an exception: raise that one
     step_delay = 0.0  # seconds each decode step takes (sleeping, like a model releasing the GIL)
     instances: list[FakeBackend] = []
@@ -53,6 +54,8 @@ class FakeBackend(Backend):
         for piece in self.pieces[: request.params.max_new_tokens]:
             if FakeBackend.step_gate is not None:
                 FakeBackend.step_gate.wait(30)
+            if FakeBackend.step_permits is not None:
+                FakeBackend.step_permits.acquire(timeout=30)
             if FakeBackend.step_delay:
                 time.sleep(FakeBackend.step_delay)
             if out.should_stop():
@@ -68,6 +71,7 @@ class FakeBackend(Backend):
         cls.pieces = ["Hello", ",", " wor", "ld", "."]
         cls.load_gate = None
         cls.step_gate = None
+        cls.step_permits = None
         cls.fail_next = False
         cls.step_delay = 0.0
         cls.instances = []

@@ -1,4 +1,4 @@
-"""``vlm-service``: run the server (``serve``) or probe one (``health``)."""
+"""``vlm-service``: run the server (``serve``), probe one (``health``), or build the tiny checkpoints (``build``)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,34 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _build(args: argparse.Namespace) -> int:
+    """Build the tiny built-in checkpoints now (they are otherwise built on first use)."""
+    import time
+
+    from .registry import BUILTINS
+
+    try:
+        cache_dir = load_settings(args).cache_dir
+    except ConfigError as exc:
+        print(f"vlm-service build: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging("warning")
+    names = args.names or [name for name, builtin in BUILTINS.items() if builtin.build is not None]
+    for name in names:
+        builtin = BUILTINS.get(name)
+        if builtin is None or builtin.build is None:
+            buildable = ", ".join(n for n, b in BUILTINS.items() if b.build is not None)
+            print(
+                f"vlm-service build: {name!r} is not a built-in tiny checkpoint; those are {buildable}", file=sys.stderr
+            )
+            return 2
+        for trained in (True, False) if args.random_twins else (True,):
+            start = time.monotonic()
+            path = builtin.build(cache_dir, trained)
+            print(f"{name}{'' if trained else ' (random weights)'}: {path} ({time.monotonic() - start:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-service", description="Serve vision-language models over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--client-cert", help="PEM client certificate, for mutual TLS")
     health.add_argument("--client-key", help="PEM client private key, for mutual TLS")
     health.set_defaults(func=_health)
+    build = commands.add_parser(
+        "build", help="build the tiny built-in checkpoints now (else each is built when first served)"
+    )
+    build.add_argument("names", nargs="*", help="built-in names (default: every tiny one)")
+    add_arguments(build, only=("cache_dir",))
+    build.add_argument(
+        "--random-twins", action="store_true", help="also build each one's random-weights twin (the tests use them)"
+    )
+    build.set_defaults(func=_build)
     return parser
 
 

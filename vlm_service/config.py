@@ -51,6 +51,21 @@ class Settings:
     max_queue: int = _setting(
         16, "Requests that may wait per model; beyond it requests get RESOURCE_EXHAUSTED at once."
     )
+    torch_threads: int = _setting(
+        0,
+        "Threads torch uses inside one operation on the CPU. 0 (auto): one fewer than the CPUs when a model "
+        "runs on the CPU, leaving a core to the gRPC server (torch's spinning threads otherwise starve it); "
+        "torch's default on a GPU.",
+    )
+    max_batch_size: int = _setting(
+        16,
+        "Requests decoded together per model (continuous batching: new ones join between decode steps); "
+        "1 decodes one at a time. Moondream always runs one at a time.",
+    )
+    image_cache_size: int = _setting(
+        32, "Images per model whose preprocessing and vision features are kept for reuse (by content hash); 0 is off."
+    )
+    metrics_port: int = _setting(0, "Port for the Prometheus metrics endpoint (HTTP /metrics); 0 turns it off.")
     default_max_new_tokens: int = _setting(
         256, "max_new_tokens for a Query that leaves it 0 (Captions use their length's budget)."
     )
@@ -107,6 +122,7 @@ class Settings:
         """Check every value; raise ConfigError naming the setting."""
         positive = (
             "max_queue",
+            "max_batch_size",
             "default_max_new_tokens",
             "max_new_tokens_limit",
             "max_image_bytes",
@@ -119,8 +135,13 @@ class Settings:
                 raise ConfigError(f"{_describe(name)} must be positive, got {getattr(self, name)}")
         if self.max_stop_sequences < 0:
             raise ConfigError(f"{_describe('max_stop_sequences')} must be >= 0")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"{_describe('port')} must be between 0 and 65535, got {self.port}")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{_describe(name)} must be between 0 and 65535, got {getattr(self, name)}")
+        if self.torch_threads < 0:
+            raise ConfigError(f"{_describe('torch_threads')} must be >= 0, got {self.torch_threads}")
+        if self.image_cache_size < 0:
+            raise ConfigError(f"{_describe('image_cache_size')} must be >= 0, got {self.image_cache_size}")
         if self.grace_period < 0:
             raise ConfigError(f"{_describe('grace_period')} must be >= 0, got {self.grace_period}")
         if self.max_streams <= 0:
@@ -209,9 +230,12 @@ def _convert(spec: _Spec, raw: str):
         raise ConfigError(f"{spec.flag} (${spec.env}): invalid value {raw!r}: {exc}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting to ``parser``; defaults are left unset so env vars can fill in."""
+def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Add one flag per setting (or per setting in ``only``) to ``parser``; defaults are left unset so
+    env vars can fill in."""
     for spec in _specs().values():
+        if only is not None and spec.name not in only:
+            continue
         help_text = f"{spec.help} [env {spec.env}; default {_default_text(spec)}]"
         if spec.type is bool:
             parser.add_argument(

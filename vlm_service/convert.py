@@ -6,6 +6,7 @@ the request field (``options.top_p``) and what is wrong with it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import uuid
 
@@ -80,6 +81,11 @@ def _image(message: pb.CaptionRequest | pb.QueryRequest, settings: Settings):
     return decode_image(message.image.data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
 
 
+def image_digest(message: pb.CaptionRequest | pb.QueryRequest) -> str:
+    """The image cache's key: a hash of the bytes (decoding is deterministic, so equal bytes, equal image)."""
+    return hashlib.blake2b(message.image.data, digest_size=16).hexdigest()
+
+
 def _language(code: str) -> str:
     return code.strip().lower() or "en"
 
@@ -92,6 +98,7 @@ def caption_request(message: pb.CaptionRequest, settings: Settings) -> Generatio
         model=message.model,
         task=Task.CAPTION,
         image=_image(message, settings),
+        image_digest=image_digest(message),
         params=sampling_params(message.options, settings),
         length=_LENGTHS[message.length],
         language=_language(message.response_language),
@@ -109,6 +116,7 @@ def query_request(message: pb.QueryRequest, settings: Settings) -> GenerationReq
         model=message.model,
         task=Task.QUERY,
         image=_image(message, settings),
+        image_digest=image_digest(message),
         params=sampling_params(message.options, settings),
         question=question,
         language=_language(message.response_language),

@@ -19,8 +19,9 @@ from . import registry
 from .backends.base import Backend, ModelSpec, Runtime
 from .config import Settings
 from .errors import DeadlineUnmeetable, InvalidInput, ModelNotFound, ModelNotReady, QueueFull, ShuttingDown
+from .metrics import Metrics, ModelMetrics
 from .types import GenerationRequest, ModelCard, SamplingParams, Task
-from .worker import Job, ModelWorker
+from .worker import BatchingWorker, Job, ModelWorker
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,17 @@ class Engine:
         self._draining = False
         self._streams: set[Job] = set()  # submitted and not yet released, over all models
         self.health_listener: Callable[[], None] | None = None  # called (from any thread) when readiness drops
+        self.metrics = Metrics()
+        self.metrics.watch(self)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def load_all(self) -> None:
         """Load and warm up every model (blocking; run it off the event loop). Raises on failure."""
-        runtime = Runtime(device=self.settings.device, dtype=self.settings.dtype)
+        runtime = Runtime(
+            device=self.settings.device, dtype=self.settings.dtype, image_cache_size=self.settings.image_cache_size
+        )
+        set_torch_threads(self.settings.torch_threads, runtime)
         for served in self.models.values():
             start = time.monotonic()
             try:
@@ -76,7 +82,12 @@ class Engine:
                 served.error = str(exc)
                 raise
             served.backend = backend
-            served.worker = ModelWorker(served.spec.name, backend, self.settings.max_queue, self._fatal)
+            metrics = ModelMetrics(self.metrics, served.spec.name)
+            args = (served.spec.name, backend, self.settings.max_queue, self._fatal, metrics)
+            if backend.batches and self.settings.max_batch_size > 1:
+                served.worker = BatchingWorker(*args, slots=self.settings.max_batch_size)
+            else:
+                served.worker = ModelWorker(*args)
             served.load_seconds = time.monotonic() - start
             served.state = ModelState.READY
             logger.info("model %s ready (%s, %.1fs)", served.spec.name, served.spec.family, served.load_seconds)
@@ -178,6 +189,7 @@ class Engine:
             backend_cls.role_prefixes,
             stall_timeout=self.settings.stall_timeout,
             abandon_after=self.settings.keepalive_time + self.settings.keepalive_timeout,
+            metrics=served.worker.metrics,
         )
         served.worker.submit(job)
         self._streams.add(job)
@@ -225,6 +237,22 @@ class Engine:
                 )
             )
         return out
+
+
+def set_torch_threads(threads: int, runtime: Runtime) -> None:
+    """Size torch's intra-op thread pool (process-wide): ``threads``, or for 0 the automatic choice."""
+    import os
+
+    import torch
+
+    if not threads:
+        device, _ = runtime.resolve()
+        if device.type != "cpu":
+            return
+        threads = max(1, (os.cpu_count() or 1) - 1)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        logger.info("torch uses %d intra-op thread(s)", threads)
 
 
 def warmup_image() -> Image.Image:

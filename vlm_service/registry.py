@@ -39,26 +39,26 @@ class Builtin:
     description: str
     repo_id: str | None = None
     revision: str | None = None
-    build: Callable[[Path], Path] | None = None
+    build: Callable[..., Path] | None = None  # (cache_dir, trained=True) -> checkpoint directory
     revision_setting: str | None = None  # a Settings field that names the revision
 
 
-def _tiny_smolvlm(cache_dir: Path) -> Path:
+def _tiny_smolvlm(cache_dir: Path, trained: bool = True) -> Path:
     from .checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
 
-    return ensure_tiny_smolvlm(cache_dir)
+    return ensure_tiny_smolvlm(cache_dir, trained)
 
 
-def _tiny_qwen2_vl(cache_dir: Path) -> Path:
+def _tiny_qwen2_vl(cache_dir: Path, trained: bool = True) -> Path:
     from .checkpoints.tiny_qwen2_vl import ensure_tiny_qwen2_vl
 
-    return ensure_tiny_qwen2_vl(cache_dir)
+    return ensure_tiny_qwen2_vl(cache_dir, trained)
 
 
-def _tiny_moondream(cache_dir: Path) -> Path:
+def _tiny_moondream(cache_dir: Path, trained: bool = True) -> Path:
     from .checkpoints.tiny_moondream import ensure_tiny_moondream
 
-    return ensure_tiny_moondream(cache_dir)
+    return ensure_tiny_moondream(cache_dir, trained)
 
 
 BUILTINS: dict[str, Builtin] = {

@@ -87,6 +87,7 @@ class VLMServer:
         self._server_loop: asyncio.AbstractEventLoop | None = None
         self.engine.health_listener = self._readiness_dropped
         self._stopped = asyncio.Event()
+        self._metrics_http = None
 
     @classmethod
     async def start(cls, settings: Settings) -> VLMServer:
@@ -107,6 +108,9 @@ class VLMServer:
             raise OSError(f"cannot listen on {address}")
         await self._server.start()
         logger.info("listening on %s:%d; loading models", self.settings.host, self.port)
+        if self.settings.metrics_port:
+            self._metrics_http, _ = self.engine.metrics.serve(self.settings.metrics_port, self.settings.host)
+            logger.info("metrics on http://%s:%d/metrics", self.settings.host, self.settings.metrics_port)
         self._loading = asyncio.create_task(self._load())
 
     async def _load(self) -> None:
@@ -154,6 +158,9 @@ class VLMServer:
             self._loading.cancel()
         # Every RPC has ended, so running generations are cancelled and stop within a decode step.
         await asyncio.to_thread(self.engine.close)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         self._stopped.set()
         logger.info("stopped")
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 
@@ -15,6 +17,8 @@ from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 from . import convert
 from .config import Settings
 from .engine import Engine
+from .errors import ServiceError
+from .interceptors import status_code
 from .types import GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -30,21 +34,42 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
     async def Caption(
         self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CaptionResponse]:
-        domain = convert.caption_request(request, self.settings)
-        async for response in self._stream(domain, pb.CaptionResponse, context):
-            yield response
+        with self._counted("Caption", context):
+            domain = convert.caption_request(request, self.settings)
+            async for response in self._stream(domain, pb.CaptionResponse, context):
+                yield response
 
     async def Query(
         self, request: pb.QueryRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.QueryResponse]:
-        domain = convert.query_request(request, self.settings)
-        async for response in self._stream(domain, pb.QueryResponse, context):
-            yield response
+        with self._counted("Query", context):
+            domain = convert.query_request(request, self.settings)
+            async for response in self._stream(domain, pb.QueryResponse, context):
+                yield response
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[convert.model_info(card) for card in self.engine.cards()])
+
+    @contextlib.contextmanager
+    def _counted(self, method: str, context) -> Iterator[None]:
+        """Count the RPC by the status it ends with (the metrics' requests by final status)."""
+        code = "OK"
+        try:
+            yield
+        except ServiceError as exc:
+            code = status_code(exc).name
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            self.engine.metrics.requests.labels(method, code).inc()
 
     async def _stream(self, request: GenerationRequest, message: Callable, context) -> AsyncIterator:
         remaining = context.time_remaining()

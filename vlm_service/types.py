@@ -63,6 +63,7 @@ class GenerationRequest:
     language: str = "en"
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() by which the RPC ends, if it has a deadline
+    image_digest: str = ""  # hash of the image's bytes (the image cache's key); empty: not cached
 
 
 @dataclass(frozen=True)

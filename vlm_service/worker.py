@@ -1,9 +1,10 @@
 """One generation worker per model: a bounded queue, a thread, and the bridge back to asyncio.
 
 The event loop never blocks here: ``submit`` only appends to a deque under a short lock (or raises
-:class:`QueueFull` at once), and results come back through ``loop.call_soon_threadsafe`` into an
-``asyncio.Queue`` that the RPC handler awaits. The model runs only in the worker thread, one request
-at a time, because some families keep per-instance state that concurrent ``generate`` calls corrupt.
+:class:`QueueFull` at once), and results come back in a per-job deque; the worker wakes the RPC
+handler with ``loop.call_soon_threadsafe`` once per burst of events, not once per token. The model runs only in the worker thread, one request
+at a time, because some families keep per-instance state that concurrent ``generate`` calls corrupt;
+families that can batch get a :class:`BatchingWorker`, whose one thread decodes many requests together.
 
 A :class:`Job` is owned by its RPC: when the RPC ends (finished, cancelled, deadline, disconnect)
 the handler calls :meth:`Job.cancel`; a queued job is dropped before it starts and a running one
@@ -21,7 +22,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from .backends.base import Backend, Outcome
+from .batching import DecodeBatch
 from .errors import GenerationFailed, GenerationStalled, OutOfMemory, QueueFull, ServiceError, ShuttingDown
+from .metrics import ModelMetrics
 from .streaming import TextAssembler
 from .types import Finished, FinishReason, GenerationRequest, TextDelta, Usage
 
@@ -76,10 +79,15 @@ class Job:
         role_prefixes=(),
         stall_timeout: float = 60.0,
         abandon_after: float = 40.0,
+        metrics: ModelMetrics | None = None,
     ):
         self.request = request
         self._loop = loop
-        self._events: asyncio.Queue = asyncio.Queue()
+        # Events cross from the worker thread in a deque; the loop is woken at most once per batch of
+        # them (``_wake_pending``), so a busy batch does not flood the loop with one wake-up per token.
+        self._events: collections.deque = collections.deque()
+        self._arrived = asyncio.Event()
+        self._wake_pending = False
         self._cancelled = threading.Event()
         self.started_at: float | None = None
         self.first_text_at: float | None = None
@@ -93,6 +101,8 @@ class Job:
         self._taken = 0  # events taken (written by the event loop only)
         self._assembler = TextAssembler(request.params.stop, role_prefixes)
         self._worker: ModelWorker | None = None
+        self._metrics = metrics
+        self._steps = 0  # decode steps so far (worker thread)
 
     # --- the RPC's side (event loop) ---------------------------------------------------------
 
@@ -114,30 +124,44 @@ class Job:
         :class:`GenerationStalled`.
         """
         poll = min(1.0, self._stall_timeout / 2)
+        events = self._events
         while True:
-            try:
-                # The common case, an event already waiting, costs no timer.
-                event = (
-                    self._events.get_nowait()
-                    if not self._events.empty()
-                    else await asyncio.wait_for(self._events.get(), poll)
-                )
-            except TimeoutError:
-                if self.started_at is not None and time.monotonic() - self.last_progress > self._stall_timeout:
-                    self.cancel()
-                    logger.error("request %s stalled; stopped it", self.request.request_id)
-                    raise GenerationStalled(
-                        f"the generation stalled: no progress for {self._stall_timeout:g} s "
-                        f"(request id {self.request.request_id})"
-                    ) from None
-                continue
+            if not events:
+                self._arrived.clear()
+                if not events:  # re-checked: an event sent before the clear has its wake-up pending
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), poll)
+                    except TimeoutError:
+                        self._check_stalled()
+                    continue
+            event = events.popleft()
             self._taken += 1
             self.last_taken = time.monotonic()
+            if isinstance(event, TextDelta):
+                # Text that piled up while the client was slower than the model leaves as one message.
+                pieces = [event.text]
+                while events and isinstance(events[0], TextDelta):
+                    pieces.append(events.popleft().text)
+                    self._taken += 1
+                yield TextDelta("".join(pieces)) if len(pieces) > 1 else event
+                continue
             if isinstance(event, BaseException):
                 raise event
             yield event
-            if isinstance(event, Finished):
-                return
+            return  # Finished is the last event
+
+    def _check_stalled(self) -> None:
+        if self.started_at is not None and time.monotonic() - self.last_progress > self._stall_timeout:
+            self.cancel()
+            logger.error("request %s stalled; stopped it", self.request.request_id)
+            raise GenerationStalled(
+                f"the generation stalled: no progress for {self._stall_timeout:g} s "
+                f"(request id {self.request.request_id})"
+            )
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        self._arrived.set()
 
     # --- the worker's side (worker thread): the TextSink a backend writes to ----------------
 
@@ -147,7 +171,14 @@ class Job:
             self._send(TextDelta(delta))
 
     def should_stop(self) -> bool:
-        now = self.last_progress = time.monotonic()  # called once per decode step
+        now = time.monotonic()  # called once per decode step
+        if self._metrics is not None:
+            if self._steps:
+                self._metrics.inter_token_latency.observe(now - self.last_progress)
+            if self._cancelled.is_set():
+                self._metrics.tokens_after_end.inc()
+        self._steps += 1
+        self.last_progress = now
         backlog = self._sent - self._taken
         if backlog > _BACKLOG and now - self.last_taken > self.abandon_after and not self._cancelled.is_set():
             logger.warning("request %s: the client stopped reading; stopping its generation", self.request.request_id)
@@ -157,11 +188,16 @@ class Job:
     def _send(self, event) -> None:
         if isinstance(event, TextDelta) and self.first_text_at is None:
             self.first_text_at = time.monotonic()
-        try:
-            self._sent += 1
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self._cancelled.set()
+            if self._metrics is not None:
+                self._metrics.time_to_first_token.observe(self.first_text_at - self.request.arrival)
+        self._sent += 1
+        self._events.append(event)
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                self._cancelled.set()
 
     def _finish(self, outcome: Outcome) -> None:
         tail = self._assembler.finish()
@@ -187,8 +223,17 @@ class Job:
 class ModelWorker:
     """Runs one backend's requests one at a time in a dedicated thread."""
 
-    def __init__(self, name: str, backend: Backend, max_queue: int, on_fatal: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        max_queue: int,
+        on_fatal: Callable[[str], None] | None = None,
+        metrics: ModelMetrics | None = None,
+        slots: int = 1,
+    ):
         self.name = name
+        self.metrics = metrics
         self.backend = backend
         self.max_queue = max_queue
         self._on_fatal = on_fatal
@@ -196,8 +241,9 @@ class ModelWorker:
         self._pending: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()
         self._closed = False
-        self._running: Job | None = None
+        self._active: list[Job] = []  # started and not finished
         self.completed = 0  # finished generations (for tests and metrics)
+        self.slots = slots  # requests that run at once
         self._thread = threading.Thread(target=self._run, name=f"vlm-worker-{name}", daemon=True)
         self._thread.start()
 
@@ -206,18 +252,23 @@ class ModelWorker:
         with self._lock:
             return len(self._pending)
 
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return len(self._active)
+
     def estimated_wait(self) -> float | None:
         """Seconds until a request submitted now would start, from recent generation times."""
         if self.seconds_per_request is None:
             return None
         with self._lock:
-            ahead = len(self._pending) + (self._running is not None)
-        return ahead * self.seconds_per_request
+            ahead = len(self._pending) + len(self._active)
+        return ahead // self.slots * self.seconds_per_request  # a slot frees about every request's time
 
     @property
     def busy(self) -> bool:
         with self._lock:
-            return self._running is not None or bool(self._pending)
+            return bool(self._active) or bool(self._pending)
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise QueueFull / ShuttingDown at once. Never blocks on the model."""
@@ -246,43 +297,106 @@ class ModelWorker:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._pending and not self._closed:
-                    self._lock.wait()
-                if not self._pending:
-                    return
+    def _take(self, room: int) -> list[Job] | None:
+        """Up to ``room`` jobs that should start (waits for one if nothing runs); None: closed and done."""
+        with self._lock:
+            while not self._pending and not self._active and not self._closed:
+                self._lock.wait()
+            if not self._pending and not self._active:
+                return None
+            taken = []
+            while self._pending and len(taken) < room:
                 job = self._pending.popleft()
-                self._running = job
-            try:
                 expired = job.request.deadline is not None and time.monotonic() >= job.request.deadline
                 if not job.cancelled and not expired:
+                    taken.append(job)
+                    self._active.append(job)
+            return taken
+
+    def _done(self, job: Job) -> None:
+        with self._lock:
+            self._active.remove(job)
+
+    def _run(self) -> None:
+        while (jobs := self._take(1)) is not None:
+            for job in jobs:
+                try:
                     self._execute(job)
-            finally:
-                with self._lock:
-                    self._running = None
+                finally:
+                    self._done(job)
+
+    def _start(self, job: Job) -> None:
+        job.started_at = job.last_progress = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.queue_time.observe(job.started_at - job.request.arrival)
 
     def _execute(self, job: Job) -> None:
-        job.started_at = time.monotonic()
-        request = job.request
-        job.last_progress = job.started_at
+        self._start(job)
         try:
-            outcome = self.backend.generate(request, job)
+            outcome = self.backend.generate(job.request, job)
         except Exception as exc:
-            if is_out_of_memory(exc):
-                logger.error("request %s on model %s ran out of memory; freeing it", request.request_id, self.name)
-                free_memory()
-                job._fail(OutOfMemory(request.request_id))
-                return
-            logger.exception("request %s on model %s failed", request.request_id, self.name)
-            job._fail(GenerationFailed(request.request_id))
-            if is_fatal_device_error(exc) and self._on_fatal is not None:
-                self._on_fatal(self.name)
+            self._failed(job, exc)
             return
+        self._finished(job, outcome)
+
+    def _finished(self, job: Job, outcome: Outcome) -> None:
         elapsed = time.monotonic() - job.started_at
         previous = self.seconds_per_request
         self.seconds_per_request = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
         self.completed += 1
+        if self.metrics is not None:
+            self.metrics.tokens.inc(outcome.completion_tokens)
         if not job.cancelled:
             job._finish(outcome)
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        """End ``job`` after its generation raised ``exc`` (called in the worker thread)."""
+        request = job.request
+        if is_out_of_memory(exc):
+            logger.error("request %s on model %s ran out of memory; freeing it", request.request_id, self.name)
+            free_memory()
+            job._fail(OutOfMemory(request.request_id))
+            return
+        logger.exception("request %s on model %s failed", request.request_id, self.name, exc_info=exc)
+        job._fail(GenerationFailed(request.request_id))
+        if is_fatal_device_error(exc) and self._on_fatal is not None:
+            self._on_fatal(self.name)
+
+
+class BatchingWorker(ModelWorker):
+    """Decodes up to ``slots`` requests together, admitting new ones between decode steps.
+
+    The thread loops: take waiting jobs while the batch has room (each is prefilled alone and joins
+    the batch), then one decode step for every row. A row leaves the batch the step it finishes or its
+    RPC ends, so it stops costing compute at once; the other rows go on.
+    """
+
+    def _run(self) -> None:
+        batch = DecodeBatch(self.backend)
+        while (new := self._take(self.slots - len(batch))) is not None:
+            for job in new:
+                self._start(job)
+                try:
+                    row = batch.admit(job.request, job)
+                except Exception as exc:
+                    self._failed(job, exc)
+                    self._done(job)
+                    continue
+                if row.done:
+                    self._finished(job, row.outcome)
+                    self._done(job)
+            if not len(batch):
+                continue
+            if self.metrics is not None:
+                self.metrics.batch_size.observe(len(batch))
+            try:
+                finished = batch.step()
+            except Exception as exc:
+                # A failed step leaves no row in a known state: each gets the error, the batch starts over.
+                for row in batch.abort():  # each row's sink is its Job
+                    self._failed(row.sink, exc)
+                    self._done(row.sink)
+                continue
+            for row in finished:
+                self._finished(row.sink, row.outcome)
+                self._done(row.sink)

@@ -236,3 +236,16 @@ def test_serve_rejects_bad_configuration_before_binding():
     assert "unknown built-in name" in result.stderr and "Traceback" not in result.stderr
     result = run([str(BIN / "vlm-service"), "serve", "--max-queue", "0"])
     assert result.returncode == 2 and "--max-queue ($VLM_MAX_QUEUE)" in result.stderr
+
+
+def test_build_command_builds_the_tiny_checkpoints_the_server_serves(cache_dir, tiny_smolvlm_dir, noise_dir):
+    """`vlm-service build` (what `make checkpoints` runs) puts each checkpoint where the server and the
+    tests look for it, and names what it cannot build."""
+    result = run([str(BIN / "vlm-service"), "build", "tiny-smolvlm", "--random-twins", "--cache-dir", str(cache_dir)])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"tiny-smolvlm: {tiny_smolvlm_dir} (")
+    assert lines[1].startswith(f"tiny-smolvlm (random weights): {noise_dir} (")
+    result = run([str(BIN / "vlm-service"), "build", "smolvlm"])
+    assert result.returncode == 2 and "not a built-in tiny checkpoint" in result.stderr
+    assert "tiny-qwen2-vl" in result.stderr and "Traceback" not in result.stderr

@@ -50,6 +50,18 @@ def expected_deltas(tokenizer, ids):
     return [d for d in deltas if d]
 
 
+def assert_merges_of(texts: list[str], deltas: list[str]) -> None:
+    """Each of ``texts`` is the concatenation of one or more consecutive ``deltas``, in order."""
+    position = 0
+    for text in texts:
+        joined = ""
+        while len(joined) < len(text) and position < len(deltas):
+            joined += deltas[position]
+            position += 1
+        assert joined == text, f"message {text!r} is not whole deltas ({joined!r})"
+    assert position == len(deltas)
+
+
 @pytest.mark.parametrize(("model", "colour"), [("tiny-smolvlm", "red"), ("tiny-smolvlm", "blue"), ("noise", "red")])
 def test_caption_stream_equals_in_process_generate(smolvlm_server, stub, model, colour):
     image = shape_image(colour, size=(120, 70))
@@ -59,8 +71,10 @@ def test_caption_stream_equals_in_process_generate(smolvlm_server, stub, model, 
         smolvlm_server, Task.CAPTION, image, length=CaptionLength.LONG, model=model
     )
     assert "".join(texts) == expected_text
-    # Per token: exactly the deltas that decoding one token at a time releases, none merged.
-    assert texts == expected_deltas(tokenizer, ids)
+    # Per token: the deltas that decoding one token at a time releases. Deltas that pile up while the
+    # client lags leave together (tests/unit/test_servicer.py pins both cases down), so each message
+    # is one or more consecutive deltas, never part of one.
+    assert_merges_of(texts, expected_deltas(tokenizer, ids))
     assert len(texts) >= 10
     final = messages[-1]
     assert final.usage.completion_tokens == len(ids)

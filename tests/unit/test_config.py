@@ -52,6 +52,10 @@ def test_environment_fills_in_and_flags_win():
         (["--dtype", "int3"], {}, "--dtype"),
         ([], {"VLM_REFLECTION": "maybe"}, "$VLM_REFLECTION"),
         (["--default-max-new-tokens", "5000"], {}, "--max-new-tokens-limit"),
+        (["--metrics-port", "70000"], {}, "--metrics-port"),
+        ([], {"VLM_MAX_BATCH_SIZE": "0"}, "$VLM_MAX_BATCH_SIZE"),
+        (["--image-cache-size", "-1"], {}, "--image-cache-size"),
+        (["--torch-threads", "-2"], {}, "--torch-threads"),
     ],
 )
 def test_invalid_values_name_the_setting(argv, env, needle):

@@ -58,13 +58,41 @@ async def test_caption_streams_deltas_then_finish(fake_engine, settings):
     servicer = VisionLanguageServicer(fake_engine, settings)
     context = FakeContext()
     messages = await collect(servicer.Caption(caption_request(), context))
-    assert [m.text for m in messages[:-1]] == ["Hello", ",", " wor", "ld", "."]
+    assert "".join(m.text for m in messages[:-1]) == "Hello, world."
     assert all(m.text for m in messages[:-1]), "no empty text messages"
     last = messages[-1]
     assert last.finish_reason == pb.FINISH_REASON_STOP
     assert last.usage.completion_tokens == 5 and last.usage.prompt_tokens == 7
     assert 0 <= last.usage.queue_time_ms <= last.usage.time_to_first_token_ms <= last.usage.total_time_ms
     assert dict(context.initial_metadata)["x-request-id"]
+
+
+async def test_each_token_is_its_own_message_while_the_client_keeps_up(fake_engine, settings):
+    """The model writes a token only after the client has the previous one: nothing is merged."""
+    await asyncio.to_thread(fake_engine.load_all)
+    permits = fakes.FakeBackend.step_permits = threading.Semaphore(1)
+    servicer = VisionLanguageServicer(fake_engine, settings)
+    texts = []
+    async for message in servicer.Caption(caption_request(), FakeContext()):
+        texts.append(message.text)
+        permits.release()
+    assert texts[:-1] == ["Hello", ",", " wor", "ld", "."]
+
+
+async def test_text_that_piles_up_unread_leaves_as_one_message(fake_engine, settings):
+    """When the model is ahead of the client, what waits is sent together (fewer, larger messages),
+    not one message per token behind the rest."""
+    await asyncio.to_thread(fake_engine.load_all)
+    permits = fakes.FakeBackend.step_permits = threading.Semaphore(1)
+    servicer = VisionLanguageServicer(fake_engine, settings)
+    stream = servicer.Caption(caption_request(), FakeContext())
+    first = await anext(stream)
+    permits.release(4)  # the other four tokens are written while the client reads nothing
+    while not fake_engine.idle:  # the generation has ended: all of it waits unread
+        await asyncio.sleep(0.001)
+    rest = await collect(stream)
+    assert [first.text] + [m.text for m in rest[:-1]] == ["Hello", ", world."]
+    assert rest[-1].usage.completion_tokens == 5
 
 
 async def test_max_new_tokens_and_stop_strings(fake_engine, settings):

@@ -8,6 +8,9 @@ Lifecycle, driven by the engine (one instance per served model):
    raw text to ``out.add_text`` as soon as the model writes it, checks ``out.should_stop()`` between
    decode steps (cancelled RPC, deadline, stop string), and returns an :class:`Outcome`.
    Exceptions it raises end that request with INTERNAL; the worker goes on with the next.
+   A family that sets ``batches = True`` (the transformers families) is instead driven by the
+   engine's batching worker, which decodes many requests together through ``prefill`` and
+   :class:`~vlm_service.batching.DecodeBatch`; its ``generate`` is that same path with one row.
 
 Capabilities are declared as class attributes, not discovered.
 """
@@ -20,6 +23,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from ..image_cache import ImageCache
 from ..types import CaptionLength, FinishReason, GenerationRequest
 
 
@@ -44,6 +48,7 @@ class Runtime:
 
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    image_cache_size: int = 0  # images whose preprocessing and vision features are kept (0: off)
 
     def resolve(self) -> tuple[torch.device, torch.dtype]:
         """The torch device and dtype: auto is cuda with bfloat16 when available, else cpu with float32."""
@@ -85,6 +90,8 @@ class Backend(abc.ABC):
     supported_options: ClassVar[frozenset[str]] = frozenset(
         {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed"}
     )
+    #: Whether concurrent requests are decoded together (a batching worker) or one at a time.
+    batches: ClassVar[bool] = False
     #: Role words the model may write before its answer; removed once from the start of the text.
     role_prefixes: ClassVar[tuple[str, ...]] = ()
     #: Default token budget per caption length, used when a request leaves max_new_tokens at 0.
@@ -97,6 +104,8 @@ class Backend(abc.ABC):
     def __init__(self, spec: ModelSpec, runtime: Runtime):
         self.spec = spec
         self.runtime = runtime
+        #: What this model already computed for recent images (by content hash); see image_cache.
+        self.images = ImageCache(runtime.image_cache_size)
 
     @abc.abstractmethod
     def load(self) -> None:

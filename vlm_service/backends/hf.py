@@ -1,96 +1,25 @@
 """Shared machinery for families that run through transformers' ``generate``.
 
 A family subclasses :class:`TransformersBackend` and writes only how a request becomes a prompt and
-processor inputs. Everything else is shared: loading on the chosen device and dtype, per-token
-streaming through :class:`~vlm_service.streaming.IncrementalDetokenizer`, stopping between decode steps,
-and sampling with a per-request ``torch.Generator`` (the process-global RNG is never touched).
+processor inputs, and which inputs feed its vision encoder. Everything else is shared: loading on the
+chosen device and dtype, the prefill (with the image cache), and decoding, which runs through
+:class:`~vlm_service.batching.DecodeBatch` whether a request is alone or batched with others.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-import secrets
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from transformers import (
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
-from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from ..streaming import IncrementalDetokenizer
-from ..types import FinishReason, GenerationRequest, SamplingParams
+from ..batching import DecodeBatch
+from ..types import GenerationRequest
 from .base import Backend, ModelSpec, Outcome, Runtime, TextSink
 
 logger = logging.getLogger(__name__)
-
-
-class _StopWhen(StoppingCriteria):
-    """Checked by ``generate`` after every decode step."""
-
-    def __init__(self, out: TextSink):
-        self._out = out
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self._out.should_stop(), dtype=torch.bool, device=input_ids.device)
-
-
-class _SeededSampler(LogitsProcessor):
-    """Samples the next token with this request's own generator, then forces it.
-
-    ``generate`` runs greedy (``do_sample=False``); this last processor draws the token from the warped
-    distribution and masks every other logit, so the greedy pick is the sampled token. The draw uses a
-    ``torch.Generator`` owned by the request, which makes seeds reproducible and concurrency-safe.
-    """
-
-    def __init__(self, params: SamplingParams, device: torch.device):
-        self._warpers = [TemperatureLogitsWarper(params.temperature)]
-        if params.top_k > 0:
-            self._warpers.append(TopKLogitsWarper(params.top_k))
-        if params.top_p < 1.0:
-            self._warpers.append(TopPLogitsWarper(params.top_p))
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self._generator = torch.Generator(device=device).manual_seed(seed)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for warper in self._warpers:
-            scores = warper(input_ids, scores)
-        probs = torch.softmax(scores.float(), dim=-1)
-        chosen = torch.multinomial(probs, num_samples=1, generator=self._generator)
-        forced = torch.full_like(scores, float("-inf"))
-        return forced.scatter_(1, chosen, 0.0)
-
-
-class _TokenStreamer(BaseStreamer):
-    """Receives each new token from ``generate`` (in the worker thread) and forwards its text."""
-
-    def __init__(self, detokenizer: IncrementalDetokenizer, out: TextSink):
-        self._detokenizer = detokenizer
-        self._out = out
-        self._prompt_seen = False
-        self.tokens: list[int] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # the first call carries the prompt
-            self._prompt_seen = True
-            return
-        for token_id in value.reshape(-1).tolist():
-            self.tokens.append(token_id)
-            piece = self._detokenizer.step(token_id)
-            if piece:
-                self._out.add_text(piece)
-
-    def end(self) -> None:
-        piece = self._detokenizer.finish()
-        if piece:
-            self._out.add_text(piece)
 
 
 class TransformersBackend(Backend):
@@ -98,6 +27,11 @@ class TransformersBackend(Backend):
 
     #: Extra keyword arguments for ``from_pretrained`` (processor and model).
     load_kwargs: dict[str, Any] = {}
+    #: Processor outputs that ``model.get_image_features`` takes.
+    vision_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: Processor outputs that only the vision encoder needs (left out once its output is given).
+    encoder_only_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    batches = True
 
     processor: Any
 
@@ -106,6 +40,7 @@ class TransformersBackend(Backend):
         """A backend over an already-built model and processor (used to train the tiny checkpoints)."""
         backend = cls(ModelSpec(name="local", source=""), Runtime(device="cpu"))
         backend.model, backend.processor, backend._device = model, processor, model.device
+        backend.end_token_ids = backend._end_token_ids()
         return backend
 
     def load(self) -> None:
@@ -115,7 +50,7 @@ class TransformersBackend(Backend):
         self.model = AutoModelForImageTextToText.from_pretrained(self.spec.source, dtype=dtype, **common)
         self.model.to(device).eval()
         self._device = device
-        self._eos_ids = self._end_token_ids()
+        self.end_token_ids = self._end_token_ids()
         logger.info("loaded %s (%s) on %s as %s", self.spec.name, type(self.model).__name__, device, dtype)
 
     @abc.abstractmethod
@@ -127,8 +62,9 @@ class TransformersBackend(Backend):
         """Processor outputs (input_ids, pixel values, ...) for prompts with one image each."""
 
     def prepare(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
-        """Processor outputs for one request."""
-        return self.encode([self.prompt(request)], [request.image])
+        """Processor outputs for one request; the image's part comes from the image cache when it can."""
+        with self.images.preprocessing(self.processor, request.image_digest):
+            return self.encode([self.prompt(request)], [request.image])
 
     @property
     def tokenizer(self):
@@ -145,35 +81,34 @@ class TransformersBackend(Backend):
             eos = self.tokenizer.eos_token_id
         return [eos] if isinstance(eos, int) else list(eos or [])
 
-    def generate(self, request: GenerationRequest, out: TextSink) -> Outcome:
-        inputs = self.prepare(request).to(self._device)
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        params = request.params
-        streamer = _TokenStreamer(IncrementalDetokenizer(self.tokenizer), out)
-        if out.should_stop():  # cancelled while preprocessing
-            return Outcome(prompt_tokens, 0, FinishReason.STOP)
-        processors = LogitsProcessorList()
-        if not params.greedy:
-            processors.append(_SeededSampler(params, self._device))
-        pad = self.model.generation_config.pad_token_id
-        with torch.inference_mode():
-            self.model.generate(
-                **inputs,
-                max_new_tokens=params.max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                repetition_penalty=params.repetition_penalty,
-                eos_token_id=self._eos_ids,
-                pad_token_id=pad if pad is not None else self._eos_ids[0],
-                logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([_StopWhen(out)]),
-                streamer=streamer,
+    def prefill(self, request: GenerationRequest, inputs) -> tuple[torch.Tensor, Any, int]:
+        """Run the vision encoder (or take its cached output) and the prompt through the model.
+
+        Returns the last position's logits, the KV cache, and the position id of the next token.
+        """
+        inputs = dict(inputs.to(self._device))
+        features = self.images.get(request.image_digest, "features")
+        if features is None:
+            pixels = inputs["pixel_values"]
+            if pixels.is_floating_point():
+                inputs["pixel_values"] = pixels.to(self.model.dtype)
+            features = self.model.get_image_features(
+                **{key: inputs[key] for key in self.vision_inputs if key in inputs}, return_dict=True
             )
-        tokens = streamer.tokens
-        reason = FinishReason.STOP if tokens and tokens[-1] in self._eos_ids else FinishReason.LENGTH
-        return Outcome(prompt_tokens, len(tokens), reason)
+            self.images.put(request.image_digest, "features", features)
+        for key in self.encoder_only_inputs:
+            inputs.pop(key, None)
+        output = self.model(**inputs, mm_encoder_outputs={"image": features}, use_cache=True, logits_to_keep=1)
+        return output.logits, output.cache, inputs["input_ids"].shape[1] + self.position_offset()
+
+    def position_offset(self) -> int:
+        """How far the next text position is from the prompt length (multimodal RoPE shifts it)."""
+        return 0
+
+    def generate(self, request: GenerationRequest, out: TextSink) -> Outcome:
+        """One request alone: a decode batch of one row (the batching worker shares batches instead)."""
+        batch = DecodeBatch(self)
+        row = batch.admit(request, out)
+        while batch.rows:
+            batch.step()
+        return row.outcome

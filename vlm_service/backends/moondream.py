@@ -6,6 +6,9 @@ request should stop (cancel, deadline, stop string), which ends the generation a
 keeps one KV cache per instance, so the engine's single worker per model is what keeps requests from
 interleaving on it.
 
+The image cache keeps ``encode_image``'s result (the API's ``EncodedImage``, made to be passed back to
+``caption``/``query``) by content hash, so a Caption then Queries on one image encode it once.
+
 The API does not report token counts: ``completion_tokens`` is the length of the answer re-tokenized
 with the model's tokenizer where it exposes one (else the number of streamed pieces), and
 ``prompt_tokens`` is 0. Sampling draws from torch's global generator inside the remote code, so a
@@ -67,7 +70,10 @@ class MoondreamBackend(Backend):
         with _GLOBAL_RNG if sampling else nullcontext(), rng:
             if sampling:
                 torch.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-            encoded = self.model.encode_image(request.image)
+            encoded = self.images.get(request.image_digest, "encoded")
+            if encoded is None:
+                encoded = self.model.encode_image(request.image)
+                self.images.put(request.image_digest, "encoded", encoded)
             if out.should_stop():
                 return Outcome(0, 0, FinishReason.STOP)
             if request.task is Task.CAPTION:

@@ -26,6 +26,12 @@ class Qwen2VLBackend(TransformersBackend):
     languages = tuple(LANGUAGE_INSTRUCTIONS)
     # With special tokens skipped, a stray "<|im_start|>assistant\n" leaves its role word behind.
     role_prefixes = ("assistant\n",)
+    vision_inputs = ("pixel_values", "image_grid_thw")
+    encoder_only_inputs = ("pixel_values",)  # the grid sizes also place the image tokens (M-RoPE)
+
+    def position_offset(self) -> int:
+        # The prefill just computed the prompt's 3-D positions; text after it is shifted by this delta.
+        return int(self.model.model.rope_deltas[0, 0])
 
     def prompt(self, request: GenerationRequest) -> str:
         text = request.question if request.task is Task.QUERY else CAPTION_PROMPTS[request.length]

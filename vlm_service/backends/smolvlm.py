@@ -16,6 +16,8 @@ CAPTION_PROMPTS = {
 class SmolVLMBackend(TransformersBackend):
     family = "smolvlm"
     languages = ("en",)
+    vision_inputs = ("pixel_values", "pixel_attention_mask")
+    encoder_only_inputs = ("pixel_values", "pixel_attention_mask")
 
     def prompt(self, request: GenerationRequest) -> str:
         text = request.question if request.task is Task.QUERY else CAPTION_PROMPTS[request.length]

@@ -1,0 +1,88 @@
+"""The Prometheus endpoint (`--metrics-port`) of a real server, scraped over HTTP as Prometheus would."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import ServerThread, caption_request, query_request, wait_idle
+from vlm_service.config import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample at /metrics, by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@pytest.fixture
+def metered(cache_dir, noise_dir):
+    port = free_port()
+    server = ServerThread(Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir, metrics_port=port))
+    server.wait_ready()
+    yield server, port
+    server.stop()
+
+
+def test_metrics_count_requests_tokens_latencies_and_batches(metered):
+    server, port = metered
+    model = (("model", "noise"),)
+    before = scrape(port)
+    assert before[("vlm_active_streams", ())] == 0
+    assert before[("vlm_queue_depth", model)] == 0
+
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        # Four streams at once, so decode steps are shared.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda n: list(stub.Caption(caption_request(max_new_tokens=n))), [20, 30, 40, 50]))
+        query = list(stub.Query(query_request("What is it?", max_new_tokens=7)))
+        with pytest.raises(grpc.RpcError):
+            list(stub.Caption(caption_request(top_p=2.0)))  # INVALID_ARGUMENT
+        call = stub.Caption(caption_request(max_new_tokens=2000))
+        for message in call:
+            if message.text:
+                call.cancel()
+                break
+        wait_idle(server.engine)
+    tokens = sum(a[-1].usage.completion_tokens for a in answers) + query[-1].usage.completion_tokens
+    assert tokens == 147
+
+    after = scrape(port)
+
+    def count(name, **labels):
+        return after.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert count("vlm_requests_total", method="Caption", code="OK") == 4
+    assert count("vlm_requests_total", method="Query", code="OK") == 1
+    assert count("vlm_requests_total", method="Caption", code="INVALID_ARGUMENT") == 1
+    assert count("vlm_requests_total", method="Caption", code="CANCELLED") == 1
+    generated = count("vlm_generated_tokens_total", model="noise")
+    assert tokens < generated < tokens + 100, "the cancelled stream's few tokens count too"
+    assert count("vlm_tokens_after_rpc_end_total", model="noise") <= 2
+    # Six generations started: each has a queue time and a first token.
+    assert count("vlm_queue_time_seconds_count", model="noise") == 6
+    assert count("vlm_time_to_first_token_seconds_count", model="noise") == 6
+    assert count("vlm_inter_token_latency_seconds_count", model="noise") >= tokens - 6
+    # Some decode steps ran more than one row.
+    steps = count("vlm_batch_size_count", model="noise")
+    assert steps > 0 and count("vlm_batch_size_bucket", model="noise", le="1.0") < steps
+    assert count("vlm_active_streams") == 0 and count("vlm_queue_depth", model="noise") == 0
+    assert count("vlm_running_requests", model="noise") == 0

@@ -1,0 +1,35 @@
+"""The image cache's bookkeeping: least-recently-used eviction, per-kind entries, off at capacity 0."""
+
+from __future__ import annotations
+
+from vlm_service.image_cache import ImageCache
+
+
+def test_least_recently_used_images_are_evicted_beyond_capacity():
+    cache = ImageCache(2)
+    cache.put("a", "features", 1)
+    cache.put("b", "features", 2)
+    assert cache.get("a", "features") == 1  # a is now the most recent
+    cache.put("c", "features", 3)
+    assert len(cache) == 2
+    assert cache.get("b", "features") is None
+    assert (cache.get("a", "features"), cache.get("c", "features")) == (1, 3)
+    assert cache.hits["features"] == 3 and cache.misses["features"] == 1
+
+
+def test_kinds_of_one_image_share_its_entry():
+    cache = ImageCache(1)
+    cache.put("a", "preprocessing", "p")
+    cache.put("a", "features", "f")
+    assert len(cache) == 1
+    assert (cache.get("a", "preprocessing"), cache.get("a", "features")) == ("p", "f")
+    assert cache.get("a", "encoded") is None
+
+
+def test_capacity_zero_or_no_digest_keeps_nothing():
+    off = ImageCache(0)
+    off.put("a", "features", 1)
+    assert off.get("a", "features") is None and len(off) == 0
+    on = ImageCache(4)
+    on.put("", "features", 1)
+    assert on.get("", "features") is None and len(on) == 0

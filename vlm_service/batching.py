@@ -1,0 +1,247 @@
+"""Continuous batching for the transformers families: rows join a running decode batch between
+decode steps and leave it the step they finish.
+
+A :class:`DecodeBatch` holds the rows being decoded together and one KV cache for all of them,
+left-padded to a common length (an attention mask marks the padding). A new request is prefilled on
+its own (the vision encoder and the prompt, exactly as it would run alone), then its cache is merged
+into the batch. Each :meth:`DecodeBatch.step` runs one forward pass for every row, picks each row's next
+token with that row's own options (greedy, or sampled with its own seeded generator; its own repetition
+penalty), streams each row's text to its sink, and drops rows that are finished (end of sequence,
+token budget, context length, cancelled RPC or stop string), so a finished row stops costing compute.
+
+transformers' own continuous-batching manager was considered: it takes token ids only (no pixel
+values), so it cannot serve a vision-language request; this module is the small part that it lacks.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.generation import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .streaming import IncrementalDetokenizer
+from .types import FinishReason, GenerationRequest, SamplingParams
+
+if TYPE_CHECKING:
+    from .backends.base import Outcome, TextSink
+    from .backends.hf import TransformersBackend
+
+
+class SeededSampler:
+    """Draws a row's next token from its warped distribution with the row's own ``torch.Generator``.
+
+    The process-global RNG is never touched, so seeds are reproducible whatever else runs in the batch.
+    """
+
+    def __init__(self, params: SamplingParams, device: torch.device):
+        self._warpers = [TemperatureLogitsWarper(params.temperature)]
+        if params.top_k > 0:
+            self._warpers.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            self._warpers.append(TopPLogitsWarper(params.top_p))
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> int:
+        for warper in self._warpers:
+            scores = warper(input_ids, scores)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, num_samples=1, generator=self._generator)[0, 0])
+
+
+@dataclass(eq=False)
+class Row:
+    """One request in the batch."""
+
+    request: GenerationRequest
+    sink: TextSink
+    detokenizer: IncrementalDetokenizer
+    prompt_ids: list[int]
+    position: int  # the position id of the next token fed to the model
+    sampler: SeededSampler | None
+    penalty: RepetitionPenaltyLogitsProcessor | None
+    next_token: int = -1
+    tokens: list[int] = field(default_factory=list)
+    outcome: Outcome | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+
+class DecodeBatch:
+    """The rows decoded together on one model, and their shared KV cache."""
+
+    def __init__(self, backend: TransformersBackend):
+        self.backend = backend
+        self.model = backend.model
+        self.device = backend.model.device
+        self._end_ids = frozenset(backend.end_token_ids)
+        self._context_length = backend.context_length or 1 << 62
+        self.rows: list[Row] = []
+        self._cache: DynamicCache | None = None  # every row's keys and values, batch-first, left-padded
+        self._mask: torch.Tensor | None = None  # (rows, cache length): 1 for real tokens, 0 for padding
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # --- joining ----------------------------------------------------------------------------------
+
+    def admit(self, request: GenerationRequest, sink: TextSink) -> Row:
+        """Prefill ``request`` alone and add it to the batch; its first token is streamed at once.
+
+        Returns the row; if it is already finished (one-token budget, cancelled, end of sequence) it is
+        not added, and ``row.outcome`` says how it ended.
+        """
+        backend = self.backend
+        inputs = backend.prepare(request)
+        prompt_ids = inputs["input_ids"][0].tolist()
+        params = request.params
+        row = Row(
+            request=request,
+            sink=sink,
+            detokenizer=IncrementalDetokenizer(backend.tokenizer),
+            prompt_ids=prompt_ids,
+            position=0,
+            sampler=None if params.greedy else SeededSampler(params, self.device),
+            penalty=(
+                RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
+                if params.repetition_penalty != 1.0
+                else None
+            ),
+        )
+        if sink.should_stop():  # cancelled while its inputs were prepared
+            self._finish(row, FinishReason.STOP)
+            return row
+        with torch.inference_mode():
+            logits, cache, next_position = backend.prefill(request, inputs)
+        row.position = next_position
+        self._emit(row, self._choose(row, logits[0, -1].float()))
+        if not row.done:
+            self._merge(cache, len(prompt_ids))
+            self.rows.append(row)
+        return row
+
+    def _merge(self, cache: DynamicCache, length: int) -> None:
+        new_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
+        if self._cache is None:
+            self._cache, self._mask = cache, new_mask
+            return
+        current = self._mask.shape[1]
+        grow, pad = max(0, length - current), max(0, current - length)
+        self._cache = _cache_of(
+            (torch.cat([_left_pad(k, grow), _left_pad(nk, pad)]), torch.cat([_left_pad(v, grow), _left_pad(nv, pad)]))
+            for (k, v), (nk, nv) in zip(_layers(self._cache), _layers(cache), strict=True)
+        )
+        self._mask = torch.cat([F.pad(self._mask, (grow, 0)), F.pad(new_mask, (pad, 0))])
+
+    # --- decoding ---------------------------------------------------------------------------------
+
+    def step(self) -> list[Row]:
+        """One decode step for every row; returns the rows that finished (and left the batch)."""
+        if not self.rows:
+            return []
+        self._mask = F.pad(self._mask, (0, 1), value=1)
+        input_ids = torch.tensor([[row.next_token] for row in self.rows], device=self.device)
+        positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
+        with torch.inference_mode():
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=self._mask,
+                position_ids=positions,
+                cache=self._cache,  # extended in place by one position
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        logits = output.logits[:, -1].float()
+        if all(row.sampler is None and row.penalty is None for row in self.rows):
+            chosen = logits.argmax(dim=-1).tolist()
+        else:
+            chosen = [self._choose(row, logits[i]) for i, row in enumerate(self.rows)]
+        for row, token in zip(self.rows, chosen, strict=True):
+            row.position += 1
+            self._emit(row, token)
+        finished = [row for row in self.rows if row.done]
+        if finished:
+            self._drop(finished)
+        return finished
+
+    def _choose(self, row: Row, logits: torch.Tensor) -> int:
+        if row.sampler is None and row.penalty is None:
+            return int(logits.argmax())
+        scores = logits[None]
+        ids = torch.tensor([row.prompt_ids + row.tokens], device=self.device)
+        if row.penalty is not None:
+            scores = row.penalty(ids, scores)
+        if row.sampler is None:
+            return int(scores.argmax())
+        return row.sampler(ids, scores)
+
+    def _emit(self, row: Row, token: int) -> None:
+        """Record and stream ``token`` for ``row``; finish the row if it should stop."""
+        row.tokens.append(token)
+        row.next_token = token
+        piece = row.detokenizer.step(token)
+        if piece:
+            row.sink.add_text(piece)
+        if token in self._end_ids:
+            self._finish(row, FinishReason.STOP)
+        elif len(row.tokens) >= row.request.params.max_new_tokens or row.position >= self._context_length:
+            self._finish(row, FinishReason.LENGTH)
+        elif row.sink.should_stop():
+            self._finish(row, FinishReason.STOP)
+
+    def _finish(self, row: Row, reason: FinishReason) -> None:
+        from .backends.base import Outcome
+
+        piece = row.detokenizer.finish()
+        if piece:
+            row.sink.add_text(piece)
+        row.outcome = Outcome(len(row.prompt_ids), len(row.tokens), reason)
+
+    def _drop(self, finished: list[Row]) -> None:
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        start = int((mask.sum(dim=0) > 0).nonzero()[0, 0])  # columns that are padding in every row go
+        self._mask = mask[:, start:]
+        self._cache = _cache_of(
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+            for k, v in _layers(self._cache)
+        )
+
+    def abort(self) -> list[Row]:
+        """Drop every row (after a failed step); returns them."""
+        rows, self.rows = self.rows, []
+        self._cache, self._mask = None, None
+        return rows
+
+
+def _left_pad(tensor: torch.Tensor, amount: int) -> torch.Tensor:
+    """Pad a (batch, heads, length, dim) cache tensor with ``amount`` positions on the left."""
+    return F.pad(tensor, (0, 0, amount, 0)) if amount else tensor
+
+
+def _layers(cache: DynamicCache):
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache_of(layers) -> DynamicCache:
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache

@@ -1,0 +1,103 @@
+"""Prometheus metrics (prometheus-client), served over HTTP on ``--metrics-port``.
+
+Each server has its own registry. Latencies, tokens and statuses are recorded as they happen (the
+worker thread and the RPC handlers share thread-safe instruments); queue depth, running requests and
+open streams are read from the engine when Prometheus scrapes, so the hot path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    """The service's instruments, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "vlm_time_to_first_token_seconds",
+            "From the request's arrival to its first text.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "vlm_inter_token_latency_seconds",
+            "Time between a request's successive decode steps.",
+            ["model"],
+            buckets=_TOKEN_GAP_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "vlm_queue_time_seconds",
+            "From the request's arrival to the start of its generation.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "vlm_batch_size", "Requests in each decode step.", ["model"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.tokens = Counter("vlm_generated_tokens", "Tokens generated.", ["model"], registry=r)
+        self.tokens_after_end = Counter(
+            "vlm_tokens_after_rpc_end",
+            "Tokens generated for requests whose RPC had already ended (cancel, deadline, disconnect); "
+            "should stay near one per ended RPC.",
+            ["model"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "vlm_requests", "Caption and Query RPCs by final status code.", ["method", "code"], registry=r
+        )
+
+    def watch(self, engine: Engine) -> None:
+        """Report the engine's queue depth, running requests and open streams at each scrape."""
+        self.registry.register(_EngineCollector(engine))
+
+    def serve(self, port: int, host: str = "0.0.0.0"):
+        """Serve ``/metrics`` over HTTP on ``port`` (a daemon thread); returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        queued = GaugeMetricFamily("vlm_queue_depth", "Requests waiting for their model.", labels=["model"])
+        running = GaugeMetricFamily("vlm_running_requests", "Requests being generated.", labels=["model"])
+        for name, served in self._engine.models.items():
+            if served.worker is not None:
+                queued.add_metric([name], served.worker.queue_depth)
+                running.add_metric([name], served.worker.running)
+        yield queued
+        yield running
+        yield GaugeMetricFamily(
+            "vlm_active_streams", "Open Caption and Query streams.", value=self._engine.open_streams
+        )
+
+
+class ModelMetrics:
+    """One model's instruments, label already bound (what a worker and its jobs record into)."""
+
+    def __init__(self, metrics: Metrics, model: str):
+        self.time_to_first_token = metrics.time_to_first_token.labels(model)
+        self.inter_token_latency = metrics.inter_token_latency.labels(model)
+        self.queue_time = metrics.queue_time.labels(model)
+        self.batch_size = metrics.batch_size.labels(model)
+        self.tokens = metrics.tokens.labels(model)
+        self.tokens_after_end = metrics.tokens_after_end.labels(model)
