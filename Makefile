@@ -17,6 +17,7 @@ PYTEST_ARGS ?=
 # Where the tiny checkpoints are built (the same place `make serve` uses): `make test` builds them
 # once before pytest (minutes on a 2-core CPU; cached by a digest of the code that makes them).
 CHECKPOINTS ?= $(or $(VLM_CACHE_DIR),$(HOME)/.cache/vlm-service)
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: install proto checkpoints serve test lint bench soak clean
 
@@ -58,7 +59,12 @@ soak: checkpoints
 	VLM_TEST_CACHE_DIR=$(CHECKPOINTS) VLM_SOAK_SECONDS=$${VLM_SOAK_SECONDS:-180} \
 		$(BIN)/python -m pytest -m soak -s tests/integration/test_soak.py
 
-bench: install checkpoints
+# The bench also needs its peer (`transformers serve`) and the plot library: the [bench] extra.
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
+	$(PIP) install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: install checkpoints $(BENCH_STAMP)
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/stream_bench.py $(ARGS)
 
 lint: install
