@@ -33,3 +33,12 @@ def test_capacity_zero_or_no_digest_keeps_nothing():
     on = ImageCache(4)
     on.put("", "features", 1)
     assert on.get("", "features") is None and len(on) == 0
+
+
+def test_pixels_are_dropped_from_the_preprocessing_but_the_rest_is_kept():
+    cache = ImageCache(2)
+    cache.put("a", "preprocessing", ({"pixel_values": "big", "image_grid_thw": "small"}, ["<image>"]))
+    cache.drop_inputs("a", ("pixel_values",))
+    assert cache.get("a", "preprocessing") == ({"image_grid_thw": "small"}, ["<image>"])
+    cache.drop_inputs("b", ("pixel_values",))  # an image not cached: nothing happens
+    assert len(cache) == 1

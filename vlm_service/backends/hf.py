@@ -96,6 +96,7 @@ class TransformersBackend(Backend):
                 **{key: inputs[key] for key in self.vision_inputs if key in inputs}, return_dict=True
             )
             self.images.put(request.image_digest, "features", features)
+            self.images.drop_inputs(request.image_digest, self.encoder_only_inputs)
         for key in self.encoder_only_inputs:
             inputs.pop(key, None)
         output = self.model(**inputs, mm_encoder_outputs={"image": features}, use_cache=True, logits_to_keep=1)
