@@ -52,9 +52,9 @@ class SeededSampler:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self._generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> int:
-        for warper in self._warpers:
-            scores = warper(input_ids, scores)
+    def __call__(self, scores: torch.FloatTensor) -> int:
+        for warper in self._warpers:  # temperature, top-k and top-p look at the scores only
+            scores = warper(None, scores)
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, num_samples=1, generator=self._generator)[0, 0])
 
@@ -180,12 +180,11 @@ class DecodeBatch:
         if row.sampler is None and row.penalty is None:
             return int(logits.argmax())
         scores = logits[None]
-        ids = torch.tensor([row.prompt_ids + row.tokens], device=self.device)
-        if row.penalty is not None:
-            scores = row.penalty(ids, scores)
+        if row.penalty is not None:  # the only step that reads the row's ids so far
+            scores = row.penalty(torch.tensor([row.prompt_ids + row.tokens], device=self.device), scores)
         if row.sampler is None:
             return int(scores.argmax())
-        return row.sampler(ids, scores)
+        return row.sampler(scores)
 
     def _emit(self, row: Row, token: int) -> None:
         """Record and stream ``token`` for ``row``; finish the row if it should stop."""
