@@ -14,6 +14,7 @@ from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 from vlm_service.config import Settings
 from vlm_service.server import VLMServer
+from vlm_service.worker import Job
 
 
 class ServerThread:
@@ -77,22 +78,39 @@ def wait_idle(engine, timeout: float = 10.0) -> None:
 
 def cancel_after_chunks(server: ServerThread, stub, model: str, chunks: int = 3, max_new_tokens: int = 1500):
     """Stream a caption from ``model``, cancel it after ``chunks`` text messages, wait until the engine
-    is idle. Returns (call, text messages received, decode steps at the cancel, decode steps in all)."""
+    is idle. Returns (call, text messages received, decode steps when the server learnt of the cancel,
+    decode steps in all), and checks that the cancel reached the server within a few steps.
+
+    The steps are counted from the server's side of the cancel (its handler stopping the job), not
+    the client's call: on a loaded machine the model may take a step or two while the cancel crosses
+    the connection, which is transport latency, not generation going on after a stop."""
     wait_idle(server.engine)
     counter = StepCounter(server.engine.models[model].backend.model)
-    received = at_cancel = 0
+    received = at_client_cancel = 0
+    at_server_cancel: list[int] = []
+    cancel = Job.cancel
+
+    def recording_cancel(job):
+        if not job.cancelled and job.request.model == model:
+            at_server_cancel.append(counter.count)
+        cancel(job)
+
+    Job.cancel = recording_cancel
     try:
         call = stub.Caption(caption_request(model=model, max_new_tokens=max_new_tokens))
         for message in call:
             received += bool(message.text)
             if received == chunks:
-                at_cancel = counter.count
+                at_client_cancel = counter.count
                 call.cancel()
                 break
         wait_idle(server.engine)
     finally:
+        Job.cancel = cancel
         counter.remove()
-    return call, received, at_cancel, counter.count
+    assert at_server_cancel, "the server never stopped the job"
+    assert at_server_cancel[0] - at_client_cancel <= 10, "the cancel took more than 10 decode steps to arrive"
+    return call, received, at_server_cancel[0], counter.count
 
 
 def png_bytes(image: Image.Image) -> bytes:
