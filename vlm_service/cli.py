@@ -81,18 +81,17 @@ def _build(args: argparse.Namespace) -> int:
         print(f"vlm-service build: {exc}", file=sys.stderr)
         return 2
     _configure_logging("warning")
-    names = args.names or [name for name, builtin in BUILTINS.items() if builtin.build is not None]
-    for name in names:
-        builtin = BUILTINS.get(name)
-        if builtin is None or builtin.build is None:
-            buildable = ", ".join(n for n, b in BUILTINS.items() if b.build is not None)
+    buildable = {name: builtin.build for name, builtin in BUILTINS.items() if builtin.build is not None}
+    for name in args.names or buildable:
+        if name not in buildable:
             print(
-                f"vlm-service build: {name!r} is not a built-in tiny checkpoint; those are {buildable}", file=sys.stderr
+                f"vlm-service build: {name!r} is not a built-in tiny checkpoint; those are {', '.join(buildable)}",
+                file=sys.stderr,
             )
             return 2
         for trained in (True, False) if args.random_twins else (True,):
             start = time.monotonic()
-            path = builtin.build(cache_dir, trained)
+            path = buildable[name](cache_dir, trained)
             print(f"{name}{'' if trained else ' (random weights)'}: {path} ({time.monotonic() - start:.0f} s)")
     return 0
 

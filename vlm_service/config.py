@@ -129,25 +129,18 @@ class Settings:
             "max_image_pixels",
             "max_question_chars",
             "max_stop_chars",
+            "max_streams",
+            "stall_timeout",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_describe(name)} must be positive, got {getattr(self, name)}")
-        if self.max_stop_sequences < 0:
-            raise ConfigError(f"{_describe('max_stop_sequences')} must be >= 0")
+        for name in ("max_stop_sequences", "torch_threads", "image_cache_size", "grace_period"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_describe(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{_describe(name)} must be between 0 and 65535, got {getattr(self, name)}")
-        if self.torch_threads < 0:
-            raise ConfigError(f"{_describe('torch_threads')} must be >= 0, got {self.torch_threads}")
-        if self.image_cache_size < 0:
-            raise ConfigError(f"{_describe('image_cache_size')} must be >= 0, got {self.image_cache_size}")
-        if self.grace_period < 0:
-            raise ConfigError(f"{_describe('grace_period')} must be >= 0, got {self.grace_period}")
-        if self.max_streams <= 0:
-            raise ConfigError(f"{_describe('max_streams')} must be positive, got {self.max_streams}")
-        if self.stall_timeout <= 0:
-            raise ConfigError(f"{_describe('stall_timeout')} must be positive, got {self.stall_timeout}")
         if self.keepalive_time <= 0 or self.keepalive_timeout <= 0:
             raise ConfigError(f"{_describe('keepalive_time')} and {_describe('keepalive_timeout')} must be positive")
         if bool(self.tls_cert) != bool(self.tls_key):
