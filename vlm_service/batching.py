@@ -29,11 +29,12 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from .backends.base import Outcome
 from .streaming import IncrementalDetokenizer
 from .types import FinishReason, GenerationRequest, SamplingParams
 
 if TYPE_CHECKING:
-    from .backends.base import Outcome, TextSink
+    from .backends.base import TextSink
     from .backends.hf import TransformersBackend
 
 
@@ -201,8 +202,6 @@ class DecodeBatch:
             self._finish(row, FinishReason.STOP)
 
     def _finish(self, row: Row, reason: FinishReason) -> None:
-        from .backends.base import Outcome
-
         piece = row.detokenizer.finish()
         if piece:
             row.sink.add_text(piece)
