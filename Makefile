@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 CHECKPOINTS ?= $(or $(VLM_CACHE_DIR),$(HOME)/.cache/vlm-service)
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install proto checkpoints serve test lint bench soak clean
+.PHONY: install proto checkpoints ship serve test lint bench soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -51,6 +51,11 @@ serve: install
 
 checkpoints: install
 	$(BIN)/vlm-service build --random-twins --cache-dir $(CHECKPOINTS)
+
+# Rebuild the checkpoint shipped with the package (tiny-smolvlm) from the code and commit the result:
+# the tests fail while the shipped copy's key differs from what the code gives.
+ship: install
+	$(BIN)/python -m vlm_service.checkpoints.ship --cache-dir $(CHECKPOINTS)
 
 test: checkpoints
 	VLM_TEST_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -38,9 +38,13 @@ def cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_smolvlm_dir(cache_dir) -> Path:
+    """tiny-smolvlm as the code builds it (not the copy shipped with the package, which
+    tests/integration/test_front_door.py checks against this one)."""
+    from vlm_service.checkpoints.builder import fresh_builds
     from vlm_service.checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
 
-    return ensure_tiny_smolvlm(cache_dir)
+    with fresh_builds():
+        return ensure_tiny_smolvlm(cache_dir)
 
 
 @pytest.fixture(scope="session")

@@ -70,9 +70,11 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    """Build the tiny built-in checkpoints now (they are otherwise built on first use)."""
+    """Build the tiny built-in checkpoints now from the code (they are otherwise built on first use,
+    or taken from the package where one is shipped)."""
     import time
 
+    from .checkpoints.builder import fresh_builds
     from .registry import BUILTINS
 
     try:
@@ -91,7 +93,8 @@ def _build(args: argparse.Namespace) -> int:
             return 2
         for trained in (True, False) if args.random_twins else (True,):
             start = time.monotonic()
-            path = buildable[name](cache_dir, trained)
+            with fresh_builds():
+                path = buildable[name](cache_dir, trained)
             print(f"{name}{'' if trained else ' (random weights)'}: {path} ({time.monotonic() - start:.0f} s)")
     return 0
 

@@ -91,6 +91,11 @@ class Settings:
     auth_token: str = _setting(
         "", "Bearer token every RPC must send (`authorization: Bearer TOKEN`); empty turns authentication off."
     )
+    auth_token_file: str = _setting(
+        "",
+        "File holding the bearer token (surrounding whitespace stripped), read at start-up; "
+        "keeps the token out of `ps` and the environment. Exclusive with --auth-token.",
+    )
     reflection_requires_auth: bool = _setting(
         True, "With --auth-token, whether reflection needs the token too (health checks never do)."
     )
@@ -147,10 +152,13 @@ class Settings:
             raise ConfigError(f"{_describe('tls_cert')} and {_describe('tls_key')} go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError(f"{_describe('tls_client_ca')} needs {_describe('tls_cert')} and {_describe('tls_key')}")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{_describe(name)}: no such file: {path}")
+        if self.auth_token and self.auth_token_file:
+            raise ConfigError(f"{_describe('auth_token')} and {_describe('auth_token_file')} exclude each other")
+        _check_token(self.bearer_token)
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ConfigError(
                 f"{_describe('default_max_new_tokens')} ({self.default_max_new_tokens}) exceeds "
@@ -162,6 +170,30 @@ class Settings:
                     f"{_describe(name)} must be one of {', '.join(spec.choices)}, got {getattr(self, name)!r}"
                 )
         return self
+
+    @property
+    def bearer_token(self) -> str:
+        """The token RPCs must send: --auth-token, or the stripped content of --auth-token-file
+        (read when called: at start-up); empty when authentication is off."""
+        if not self.auth_token_file:
+            return self.auth_token
+        try:
+            token = Path(self.auth_token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{_describe('auth_token_file')}: cannot read {self.auth_token_file}: {exc}") from None
+        if not token:
+            raise ConfigError(f"{_describe('auth_token_file')}: {self.auth_token_file} is empty")
+        return token
+
+
+def _check_token(token: str) -> None:
+    """A token travels in an HTTP/2 header: printable ASCII without spaces (RFC 6750's token68, loosely)."""
+    bad = sorted({ch for ch in token if not "!" <= ch <= "~"})
+    if bad:
+        raise ConfigError(
+            f"the bearer token ({_describe('auth_token')} or {_describe('auth_token_file')}) must be printable "
+            f"ASCII without spaces or line breaks; it contains {', '.join(repr(ch) for ch in bad[:5])}"
+        )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -65,7 +66,9 @@ BUILTINS: dict[str, Builtin] = {
     "smolvlm": Builtin(
         "SmolVLM 256M Instruct (downloads from the Hugging Face Hub)", "HuggingFaceTB/SmolVLM-256M-Instruct"
     ),
-    "tiny-smolvlm": Builtin("tiny SmolVLM built offline on first use (demo and tests)", build=_tiny_smolvlm),
+    "tiny-smolvlm": Builtin(
+        "tiny SmolVLM shipped with the package, rebuilt offline if stale (demo and tests)", build=_tiny_smolvlm
+    ),
     "qwen2-vl": Builtin("Qwen2-VL 2B Instruct (downloads from the Hugging Face Hub)", "Qwen/Qwen2-VL-2B-Instruct"),
     "tiny-qwen2-vl": Builtin("tiny Qwen2-VL built offline on first use (tests)", build=_tiny_qwen2_vl),
     "moondream": Builtin(
@@ -150,6 +153,14 @@ def detect_family(config: dict) -> str:
 def backend_class(family: str) -> type[Backend]:
     module_name, class_name = FAMILIES[family]
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def stop_builds() -> None:
+    """Stop the tiny checkpoints this process is building (a shutdown while loading): each build runs
+    in a child process, which is terminated; its caller gets an error at once."""
+    builder = sys.modules.get("vlm_service.checkpoints.builder")
+    if builder is not None:
+        builder.stop_builds()
 
 
 def resolve(spec: ModelSpec, cache_dir: Path) -> ModelSpec:

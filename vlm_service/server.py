@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 
+from . import registry
 from .auth import BearerTokenInterceptor
 from .config import Settings
 from .engine import Engine
@@ -73,8 +74,9 @@ class VLMServer:
         self.engine = Engine(settings)
         self.health = health.aio.HealthServicer()
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor(), ErrorInterceptor()]
-        if settings.auth_token:
-            interceptors.insert(1, BearerTokenInterceptor(settings.auth_token, settings.reflection_requires_auth))
+        token = settings.bearer_token
+        if token:
+            interceptors.insert(1, BearerTokenInterceptor(token, settings.reflection_requires_auth))
         self._server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
         pb_grpc.add_VisionLanguageServiceServicer_to_server(VisionLanguageServicer(self.engine, settings), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -156,6 +158,7 @@ class VLMServer:
         await self._server.stop(max(0.0, deadline - loop.time()))
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+            registry.stop_builds()  # a first-use build would otherwise hold the exit for minutes
         # Every RPC has ended, so running generations are cancelled and stop within a decode step.
         await asyncio.to_thread(self.engine.close)
         if self._metrics_http is not None:

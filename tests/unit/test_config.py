@@ -81,3 +81,26 @@ def test_tls_settings_are_checked_at_start(tmp_path):
         Settings(tls_client_ca=str(cert)).validate()
     with pytest.raises(ConfigError, match="--max-streams"):
         Settings(max_streams=0).validate()
+
+
+def test_the_auth_token_file_is_read_stripped_and_checked_at_start(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("\n  s3cret-from-file \n")
+    assert parse(["--auth-token-file", str(token_file)]).bearer_token == "s3cret-from-file"
+    assert parse([], {"VLM_AUTH_TOKEN_FILE": str(token_file)}).bearer_token == "s3cret-from-file"
+    assert parse([], {"VLM_AUTH_TOKEN": "from-env"}).bearer_token == "from-env"
+    assert parse([]).bearer_token == ""
+    with pytest.raises(ConfigError, match=r"--auth-token \(\$VLM_AUTH_TOKEN\) and --auth-token-file .* exclude"):
+        parse(["--auth-token-file", str(token_file)], {"VLM_AUTH_TOKEN": "from-env"})
+    with pytest.raises(ConfigError, match=r"--auth-token-file \(\$VLM_AUTH_TOKEN_FILE\): no such file"):
+        parse(["--auth-token-file", str(tmp_path / "missing")])
+    token_file.write_text(" \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        parse(["--auth-token-file", str(token_file)])
+    token_file.write_text("two\nlines\n")
+    with pytest.raises(ConfigError, match="printable ASCII without spaces or line breaks") as info:
+        parse(["--auth-token-file", str(token_file)])
+    assert "two" not in str(info.value) and "lines" not in str(info.value), "the message never echoes the token"
+    token_file.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse(["--auth-token-file", str(token_file)])

@@ -37,10 +37,13 @@ class TransformersBackend(Backend):
 
     @classmethod
     def around(cls, model, processor) -> TransformersBackend:
-        """A backend over an already-built model and processor (used to train the tiny checkpoints)."""
+        """A backend over an already-built model and processor (used to train the tiny checkpoints);
+        with ``model=None``, one that only makes prompts and encodings (for their cache key)."""
         backend = cls(ModelSpec(name="local", source=""), Runtime(device="cpu"))
-        backend.model, backend.processor, backend._device = model, processor, model.device
-        backend.end_token_ids = backend._end_token_ids()
+        backend.processor = processor
+        if model is not None:
+            backend.model, backend._device = model, model.device
+            backend.end_token_ids = backend._end_token_ids()
         return backend
 
     def load(self) -> None:

@@ -8,9 +8,10 @@ Qwen2-VL's chat template with vision tokens. Random weights, deterministic build
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from .builder import ensure_checkpoint, train_byte_level_bpe
+from .builder import TOKENIZER_SOURCES, TRAINING_SOURCES, BuildInputs, ensure_checkpoint, train_byte_level_bpe
 from .corpus import tokenizer_corpus
 
 # The chat template of Qwen/Qwen2-VL-2B-Instruct.
@@ -48,16 +49,10 @@ MIN_PIXELS = (PATCH * MERGE) ** 2 * 4  # at least 2x2 merged tokens
 MAX_PIXELS = (PATCH * MERGE) ** 2 * 16  # at most 16 merged tokens
 
 
-def _build(directory: Path, trained: bool = True) -> None:
-    import torch
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def _processor():
+    """The processor (tokenizer trained on the fixed corpus, image and video processors, chat template),
+    the ids of the special tokens, and the vocabulary size."""
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     backend = train_byte_level_bpe(tokenizer_corpus(), SPECIAL_TOKENS, vocab_size=1024)
     ids = {token: backend.token_to_id(token) for token in SPECIAL_TOKENS}
@@ -77,11 +72,19 @@ def _build(directory: Path, trained: bool = True) -> None:
         video_processor=Qwen2VLVideoProcessor(size=size, patch_size=PATCH, merge_size=MERGE),
         chat_template=CHAT_TEMPLATE,
     )
+    return processor, ids, backend.get_vocab_size()
+
+
+def _build(directory: Path, trained: bool = True) -> None:
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    processor, ids, vocab_size = _processor()
     hidden, heads = 64, 4
     head_dim = hidden // heads
     config = Qwen2VLConfig(
         text_config={
-            "vocab_size": backend.get_vocab_size(),
+            "vocab_size": vocab_size,
             "hidden_size": hidden,
             "intermediate_size": 128,
             "num_hidden_layers": 2,
@@ -123,6 +126,23 @@ def _build(directory: Path, trained: bool = True) -> None:
     processor.save_pretrained(directory)
 
 
+def _probe() -> list:
+    from ..backends.qwen2_vl import Qwen2VLBackend
+    from .train import probe_transformers_vlm
+
+    processor, _, _ = _processor()
+    return probe_transformers_vlm(Qwen2VLBackend.around(None, processor), **TRAIN)
+
+
+@functools.cache
+def build_inputs(trained: bool = True) -> BuildInputs:
+    """What the build depends on (its cache key): this module and the tokenizer's code; trained, also
+    the training code, the recipe, and the prompts and token ids of the probe requests."""
+    if not (trained and TRAIN):
+        return BuildInputs(sources=(__name__, *TOKENIZER_SOURCES))
+    return BuildInputs(sources=(__name__, *TOKENIZER_SOURCES, *TRAINING_SOURCES), recipe=TRAIN, probe=_probe)
+
+
 def ensure_tiny_qwen2_vl(cache_dir: Path, trained: bool = True) -> Path:
-    """Return the directory of the tiny Qwen2-VL checkpoint, building it on first use."""
-    return ensure_checkpoint(cache_dir, "tiny-qwen2-vl", _build, trained)
+    """Return the directory of the tiny Qwen2-VL checkpoint: cached or built now."""
+    return ensure_checkpoint(cache_dir, "tiny-qwen2-vl", _build, trained, inputs=build_inputs)

@@ -8,9 +8,10 @@ The build is deterministic (fixed corpus, fixed seed) and needs no network.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from .builder import ensure_checkpoint, train_byte_level_bpe
+from .builder import TOKENIZER_SOURCES, TRAINING_SOURCES, BuildInputs, ensure_checkpoint, train_byte_level_bpe
 from .corpus import tokenizer_corpus
 
 # The chat template shipped with HuggingFaceTB/SmolVLM-256M-Instruct.
@@ -32,6 +33,8 @@ IMAGE_SEQ_LEN = (TILE // PATCH) ** 2 // SCALE_FACTOR**2
 
 #: Training on the synthetic shapes (see checkpoints/train.py); empty means random weights.
 TRAIN = {"steps": 1000, "distinct_batches": 200, "lr": 3e-3}
+# SmolVLM answers after "Assistant:" with a space, as the real model does.
+ANSWER_PREFIX = " "
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -44,18 +47,10 @@ SPECIAL_TOKENS = [
 ] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 
 
-def _build(directory: Path, trained: bool = True) -> None:
-    import torch
-    from transformers import (
-        LlamaConfig,
-        PreTrainedTokenizerFast,
-        SmolVLMConfig,
-        SmolVLMForConditionalGeneration,
-        SmolVLMImageProcessor,
-        SmolVLMProcessor,
-        SmolVLMVideoProcessor,
-    )
-    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+def _processor():
+    """The processor (tokenizer trained on the fixed corpus, image and video processors, chat template),
+    the ids of the special tokens, and the vocabulary size."""
+    from transformers import PreTrainedTokenizerFast, SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
 
     backend = train_byte_level_bpe(tokenizer_corpus(), SPECIAL_TOKENS, vocab_size=1024)
     tokenizer = PreTrainedTokenizerFast(
@@ -83,9 +78,17 @@ def _build(directory: Path, trained: bool = True) -> None:
         image_seq_len=IMAGE_SEQ_LEN,
         chat_template=CHAT_TEMPLATE,
     )
+    return processor, ids, backend.get_vocab_size()
 
+
+def _build(directory: Path, trained: bool = True) -> None:
+    import torch
+    from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+
+    processor, ids, vocab_size = _processor()
     text_config = LlamaConfig(
-        vocab_size=backend.get_vocab_size(),
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -122,12 +125,32 @@ def _build(directory: Path, trained: bool = True) -> None:
         from ..backends.smolvlm import SmolVLMBackend
         from .train import train_transformers_vlm
 
-        # SmolVLM answers after "Assistant:" with a space, as the real model does.
-        train_transformers_vlm(SmolVLMBackend.around(model, processor), answer_prefix=" ", **TRAIN)
+        train_transformers_vlm(SmolVLMBackend.around(model, processor), answer_prefix=ANSWER_PREFIX, **TRAIN)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
 
 
+def _probe() -> list:
+    from ..backends.smolvlm import SmolVLMBackend
+    from .train import probe_transformers_vlm
+
+    processor, _, _ = _processor()
+    return probe_transformers_vlm(SmolVLMBackend.around(None, processor), answer_prefix=ANSWER_PREFIX, **TRAIN)
+
+
+@functools.cache
+def build_inputs(trained: bool = True) -> BuildInputs:
+    """What the build depends on (its cache key): this module and the tokenizer's code; trained, also
+    the training code, the recipe, and the prompts and token ids of the probe requests."""
+    if not (trained and TRAIN):
+        return BuildInputs(sources=(__name__, *TOKENIZER_SOURCES))
+    return BuildInputs(
+        sources=(__name__, *TOKENIZER_SOURCES, *TRAINING_SOURCES),
+        recipe={**TRAIN, "answer_prefix": ANSWER_PREFIX},
+        probe=_probe,
+    )
+
+
 def ensure_tiny_smolvlm(cache_dir: Path, trained: bool = True) -> Path:
-    """Return the directory of the tiny SmolVLM checkpoint, building it on first use."""
-    return ensure_checkpoint(cache_dir, "tiny-smolvlm", _build, trained)
+    """Return the directory of the tiny SmolVLM checkpoint: cached, shipped, or built now."""
+    return ensure_checkpoint(cache_dir, "tiny-smolvlm", _build, trained, inputs=build_inputs)

@@ -109,6 +109,40 @@ def train(
         torch.set_num_threads(threads)
 
 
+def probe_pairs(languages: Sequence[str] = ("en",)) -> list:
+    """A fixed set of (request, answer) pairs covering every kind of request training makes: each
+    caption length and each question in English, and a caption and the colour question in every other
+    language of ``languages``."""
+    rng = random.Random(0)
+    pairs = []
+    for language in dict.fromkeys(languages):
+        scene = shapes.scenes(rng, 1)[0]
+        image = shapes.draw(scene, rng)
+        lengths = list(LENGTHS) if language == "en" else ["normal"]
+        questions = shapes.QUESTIONS if language == "en" else (shapes.COLOUR_QUESTION,)
+        for length in lengths:
+            request = GenerationRequest(
+                "probe", "probe", Task.CAPTION, image, SamplingParams(1), length=LENGTHS[length], language=language
+            )
+            pairs.append((request, scene.caption(length, language)))
+        for question in questions:
+            request = GenerationRequest(
+                "probe", "probe", Task.QUERY, image, SamplingParams(1), question, language=language
+            )
+            pairs.append((request, scene.answer(question, language)))
+    return pairs
+
+
+def probe_transformers_vlm(backend, *, answer_prefix: str = "", languages: Sequence[str] = ("en",), **_) -> list:
+    """What training feeds the model for :func:`probe_pairs`, through the backend's own ``prompt``
+    and ``encode``: the prompt strings, then every tensor's shape and the token ids and labels.
+    Part of the tiny checkpoints' cache key (see builder.py); needs the processor only, no model."""
+    pairs = probe_pairs(languages)
+    batch = _batch(backend, pairs, backend.tokenizer.eos_token, answer_prefix)
+    shapes_of = {name: list(value.shape) for name, value in batch.items()}
+    return [[backend.prompt(request) for request, _ in pairs], shapes_of, batch["input_ids"], batch["labels"]]
+
+
 def train_transformers_vlm(backend, *, answer_prefix: str = "", **kwargs) -> dict:
     """Train a TransformersBackend's model on the prompts its ``prompt``/``encode`` produce."""
     eos = backend.tokenizer.eos_token

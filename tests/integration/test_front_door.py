@@ -1,0 +1,148 @@
+"""A new user's first minutes: the default model ships with the package, so a fresh install serves in
+seconds from an empty cache; the shipped weights are the ones the code builds; a token file keeps the
+token out of ``ps``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import ServerThread, query_request
+from tests.integration.test_demo_model import held_out_accuracy
+from tests.integration.test_outside_clients import wait_serving
+from vlm.v1 import vlm_service_pb2 as pb
+from vlm_client import Unauthenticated, VLMClient
+from vlm_service.checkpoints import builder, tiny_smolvlm
+from vlm_service.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SHIPPED = builder.SHIPPED_DIR / "tiny-smolvlm"
+RED_CIRCLE = (ROOT / "examples" / "red-circle.png").read_bytes()
+BLUE_SQUARE = (ROOT / "examples" / "blue-square.png").read_bytes()
+
+
+def assert_shipped_copy_is_current() -> None:
+    record = json.loads((SHIPPED / builder.INPUTS_FILE).read_text())
+    current = tiny_smolvlm.build_inputs(True)
+    changed = sorted(part for part in current.parts if record["parts"].get(part) != current.parts[part])
+    assert record["key"] == current.key, (
+        f"the shipped tiny-smolvlm is stale (changed: {', '.join(changed)}): run `make ship` and commit "
+        "vlm_service/checkpoints/shipped/"
+    )
+
+
+def test_the_shipped_tiny_smolvlm_is_what_the_code_builds(tiny_smolvlm_dir, cache_dir):
+    assert_shipped_copy_is_current()
+    assert tiny_smolvlm_dir.name == f"tiny-smolvlm-{tiny_smolvlm.build_inputs(True).key}"
+    files = sorted(path.name for path in SHIPPED.iterdir())
+    assert files == sorted(path.name for path in tiny_smolvlm_dir.iterdir())
+    # The tokenizer, processor and configuration are deterministic to the byte.
+    for name in files:
+        if name != "model.safetensors":
+            assert (SHIPPED / name).read_bytes() == (tiny_smolvlm_dir / name).read_bytes(), name
+    shipped, built = load_file(SHIPPED / "model.safetensors"), load_file(tiny_smolvlm_dir / "model.safetensors")
+    assert shipped.keys() == built.keys()
+    differ = [name for name in shipped if not torch.equal(shipped[name], built[name])]
+    if differ:
+        # Another CPU (or torch build) may round the training differently in the last bits.
+        largest = max(float((shipped[name] - built[name]).abs().max()) for name in differ)
+        print(f"{len(differ)} of {len(shipped)} tensors differ from this machine's build (largest: {largest:.2e})")
+    # Either way, the shipped copy answers the demo questions right, through a real server.
+    server = ServerThread(Settings(models=[f"shipped={SHIPPED}"], cache_dir=cache_dir, grace_period=0.0))
+    try:
+        server.wait_ready()
+        with server.channel() as channel:
+            stub = server.stub(channel)
+            caption = "".join(m.text for m in stub.Caption(pb.CaptionRequest(image=pb.Image(data=RED_CIRCLE))))
+            question = query_request("What colour is the shape?")
+            question.image.data = BLUE_SQUARE
+            answer = "".join(m.text for m in stub.Query(question))
+            accuracy = held_out_accuracy(stub, "shipped")
+    finally:
+        server.stop()
+    assert caption == "A red circle on a white background."
+    assert answer == "The shape is blue."
+    assert accuracy >= 0.8
+
+
+def test_a_fresh_install_serves_the_shipped_model_at_once_with_a_token_from_a_file(tmp_path):
+    """`vlm-service serve` on an empty cache answers without building anything; the token, read from a
+    file, appears neither in the process's command line nor in its environment."""
+    assert_shipped_copy_is_current()  # else this would train for minutes
+    token = "t0ken-from-a-file"
+    token_file = tmp_path / "token"
+    token_file.write_text(f"\n  {token}  \n")
+    cache = tmp_path / "empty-cache"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_")} | {"VLM_CACHE_DIR": str(cache)}
+    start = time.monotonic()
+    process = subprocess.Popen(
+        [str(BIN / "vlm-service"), "serve", "--host", "127.0.0.1", "--port", "0", "--auth-token-file", str(token_file)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("vlm-service listening on "), line + process.stderr.read()
+        target = line.split()[-1]
+        wait_serving(target, timeout=120)  # health needs no token
+        with VLMClient(target, token=token, timeout=30) as client:
+            caption = client.caption(RED_CIRCLE).result()
+            elapsed = time.monotonic() - start
+            with VLMClient(target, token="wrong", timeout=10) as stranger, pytest.raises(Unauthenticated):
+                stranger.caption(RED_CIRCLE).result()
+            for exposed in (f"/proc/{process.pid}/cmdline", f"/proc/{process.pid}/environ"):
+                assert token.encode() not in Path(exposed).read_bytes(), exposed
+        print(f"start of `vlm-service serve` to the first caption, on an empty cache: {elapsed:.1f} s")
+        assert caption == "A red circle on a white background."
+        assert not cache.exists() or not any(cache.iterdir()), "nothing is built: the shipped copy is served"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    log = process.stderr.read()
+    assert "building checkpoint" not in log and "Traceback" not in log, log
+
+
+def test_sigterm_while_building_a_model_on_first_use_exits_at_once(tmp_path):
+    """The build runs in a child process, so the server can stop it: no minutes-long wait for training."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_")} | {"VLM_CACHE_DIR": str(tmp_path)}
+    process = subprocess.Popen(
+        [str(BIN / "vlm-service"), "serve", "--host", "127.0.0.1", "--port", "0", "--model", "tiny-qwen2-vl"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        log = []
+        for line in process.stderr:
+            log.append(line)
+            if "building checkpoint tiny-qwen2-vl-" in line:
+                break
+        else:
+            raise AssertionError("".join(log))
+        process.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        code = process.wait(30)
+        elapsed = time.monotonic() - start
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    print(f"SIGTERM to exit while building tiny-qwen2-vl: {elapsed:.1f} s")
+    assert code == 0 and elapsed < 10
+    assert [path.name for path in tmp_path.iterdir()] == [], "the stopped build leaves nothing behind"
