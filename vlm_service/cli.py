@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--client-key", help="PEM client private key, for mutual TLS")
     health.set_defaults(func=_health)
     build = commands.add_parser(
-        "build", help="build the tiny built-in checkpoints now (else each is built when first served)"
+        "build",
+        help="build the tiny built-in checkpoints from the code now (else each is built when first served, "
+        "unless a current copy ships with the package)",
     )
     build.add_argument("names", nargs="*", help="built-in names (default: every tiny one)")
     add_arguments(build, only=("cache_dir",))
