@@ -131,3 +131,31 @@ def test_a_prompt_that_ends_in_a_silenced_token_is_refused(tokenizer):
     check_prompts_end_kept(tokenizer, ["<|im_start|>user\nDescribe this image.<|im_end|>\nAssistant:"], silenced)
     with pytest.raises(ValueError, match="ends in a silenced token"):
         check_prompts_end_kept(tokenizer, ["<|im_start|>assistant<|im_end|>"], silenced)
+
+
+def test_build_makes_the_tiny_checkpoints_by_default_and_a_twin_only_when_named(monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    from vlm_service import cli, registry
+
+    built = []
+
+    def recorder(name):
+        def build(cache_dir, *trained):
+            built.append((name, *trained))
+            return tmp_path / name
+
+        return build
+
+    builtins = {
+        name: replace(builtin, build=recorder(name)) if builtin.build else builtin
+        for name, builtin in registry.BUILTINS.items()
+    }
+    monkeypatch.setattr(registry, "BUILTINS", builtins)
+    assert cli.main(["build", "--random-twins", "--cache-dir", str(tmp_path)]) == 0
+    tiny = [name for name, builtin in builtins.items() if builtin.build and not builtin.twin]
+    assert built == [(name, trained) for name in tiny for trained in (True, False)]
+    assert {"smolvlm-256m-shapes", "qwen2-vl-2b-shapes"} <= {n for n, b in builtins.items() if b.twin}
+    built.clear()
+    assert cli.main(["build", "smolvlm-256m-shapes", "--random-twins", "--cache-dir", str(tmp_path)]) == 0
+    assert built == [("smolvlm-256m-shapes",)]
