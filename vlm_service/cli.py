@@ -86,7 +86,8 @@ def _build(args: argparse.Namespace) -> int:
     for name in args.names or [name for name, builtin in buildable.items() if not builtin.twin]:
         if name not in buildable:
             print(
-                f"vlm-service build: {name!r} is not a built-in checkpoint; those are {', '.join(buildable)}",
+                f"vlm-service build: {name!r} is not a buildable built-in (a tiny checkpoint or a real-size twin); "
+                f"those are {', '.join(buildable)}",
                 file=sys.stderr,
             )
             return 2
