@@ -247,5 +247,5 @@ def test_build_command_builds_the_tiny_checkpoints_the_server_serves(cache_dir, 
     assert lines[0].startswith(f"tiny-smolvlm: {tiny_smolvlm_dir} (")
     assert lines[1].startswith(f"tiny-smolvlm (random weights): {noise_dir} (")
     result = run([str(BIN / "vlm-service"), "build", "smolvlm"])
-    assert result.returncode == 2 and "not a built-in tiny checkpoint" in result.stderr
+    assert result.returncode == 2 and "not a buildable built-in" in result.stderr
     assert "tiny-qwen2-vl" in result.stderr and "Traceback" not in result.stderr
