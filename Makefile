@@ -49,8 +49,11 @@ $(STUBS): $(PROTOS) | $(TOOLS)
 serve: install
 	$(BIN)/vlm-service serve $(ARGS)
 
+# The tiny checkpoints with their random-weights twins, and the real-size SmolVLM-256M twin that one
+# smoke test serves (about a minute; the 4.4 GB qwen2-vl-2b-shapes is never built here).
 checkpoints: install
 	$(BIN)/vlm-service build --random-twins --cache-dir $(CHECKPOINTS)
+	$(BIN)/vlm-service build smolvlm-256m-shapes --cache-dir $(CHECKPOINTS)
 
 test: checkpoints
 	VLM_TEST_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python -m pytest $(PYTEST_ARGS)

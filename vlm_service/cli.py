@@ -1,4 +1,4 @@
-"""``vlm-service``: run the server (``serve``), probe one (``health``), or build the tiny checkpoints (``build``)."""
+"""``vlm-service``: run the server (``serve``), probe one (``health``), or build built-in checkpoints (``build``)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    """Build the tiny built-in checkpoints now (they are otherwise built on first use)."""
+    """Build built-in checkpoints now (they are otherwise built on first use): by default the tiny ones;
+    the real-size twins only when named."""
     import time
 
     from .registry import BUILTINS
@@ -81,17 +82,23 @@ def _build(args: argparse.Namespace) -> int:
         print(f"vlm-service build: {exc}", file=sys.stderr)
         return 2
     _configure_logging("warning")
-    buildable = {name: builtin.build for name, builtin in BUILTINS.items() if builtin.build is not None}
-    for name in args.names or buildable:
+    buildable = {name: builtin for name, builtin in BUILTINS.items() if builtin.build is not None}
+    for name in args.names or [name for name, builtin in buildable.items() if not builtin.twin]:
         if name not in buildable:
             print(
-                f"vlm-service build: {name!r} is not a built-in tiny checkpoint; those are {', '.join(buildable)}",
+                f"vlm-service build: {name!r} is not a built-in checkpoint; those are {', '.join(buildable)}",
                 file=sys.stderr,
             )
             return 2
+        builtin = buildable[name]
+        if builtin.twin:
+            start = time.monotonic()
+            path = builtin.build(cache_dir)
+            print(f"{name} (real size, random weights): {path} ({time.monotonic() - start:.0f} s)")
+            continue
         for trained in (True, False) if args.random_twins else (True,):
             start = time.monotonic()
-            path = buildable[name](cache_dir, trained)
+            path = builtin.build(cache_dir, trained)
             print(f"{name}{'' if trained else ' (random weights)'}: {path} ({time.monotonic() - start:.0f} s)")
     return 0
 
@@ -111,13 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--client-cert", help="PEM client certificate, for mutual TLS")
     health.add_argument("--client-key", help="PEM client private key, for mutual TLS")
     health.set_defaults(func=_health)
-    build = commands.add_parser(
-        "build", help="build the tiny built-in checkpoints now (else each is built when first served)"
+    build = commands.add_parser("build", help="build built-in checkpoints now (else each is built when first served)")
+    build.add_argument(
+        "names", nargs="*", help="built-in names (default: every tiny one; real-size twins only when named)"
     )
-    build.add_argument("names", nargs="*", help="built-in names (default: every tiny one)")
     add_arguments(build, only=("cache_dir",))
     build.add_argument(
-        "--random-twins", action="store_true", help="also build each one's random-weights twin (the tests use them)"
+        "--random-twins",
+        action="store_true",
+        help="also build each tiny one's random-weights twin (the tests use them)",
     )
     build.set_defaults(func=_build)
     return parser

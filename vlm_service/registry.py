@@ -1,7 +1,8 @@
 """The registry of model families and the catalogue of built-in model names.
 
 Adding a family is one module under ``backends/``, one line in ``FAMILIES``, its architectures in
-``ARCHITECTURES``, and (for tests and demos) a tiny checkpoint builder in ``BUILTINS``. Backends are
+``ARCHITECTURES``, and (for tests and demos) a tiny checkpoint builder in ``BUILTINS``; a real-size
+twin of a published model (random weights, for benchmarks) is a ``BUILTINS`` entry too. Backends are
 imported lazily, so serving one family never imports another.
 """
 
@@ -41,6 +42,7 @@ class Builtin:
     revision: str | None = None
     build: Callable[..., Path] | None = None  # (cache_dir, trained=True) -> checkpoint directory
     revision_setting: str | None = None  # a Settings field that names the revision
+    twin: bool = False  # a real-size random-weights twin: built only when named (cache_dir) -> directory
 
 
 def _tiny_smolvlm(cache_dir: Path, trained: bool = True) -> Path:
@@ -61,6 +63,18 @@ def _tiny_moondream(cache_dir: Path, trained: bool = True) -> Path:
     return ensure_tiny_moondream(cache_dir, trained)
 
 
+def _smolvlm_256m_shapes(cache_dir: Path) -> Path:
+    from .checkpoints.smolvlm_256m_shapes import ensure_smolvlm_256m_shapes
+
+    return ensure_smolvlm_256m_shapes(cache_dir)
+
+
+def _qwen2_vl_2b_shapes(cache_dir: Path) -> Path:
+    from .checkpoints.qwen2_vl_2b_shapes import ensure_qwen2_vl_2b_shapes
+
+    return ensure_qwen2_vl_2b_shapes(cache_dir)
+
+
 BUILTINS: dict[str, Builtin] = {
     "smolvlm": Builtin(
         "SmolVLM 256M Instruct (downloads from the Hugging Face Hub)", "HuggingFaceTB/SmolVLM-256M-Instruct"
@@ -74,6 +88,16 @@ BUILTINS: dict[str, Builtin] = {
         revision_setting="moondream_revision",
     ),
     "tiny-moondream": Builtin("tiny Moondream-API remote-code model built offline on first use", build=_tiny_moondream),
+    "smolvlm-256m-shapes": Builtin(
+        "SmolVLM-256M-Instruct's shapes, random weights, built offline (benchmarks, smoke tests)",
+        build=_smolvlm_256m_shapes,
+        twin=True,
+    ),
+    "qwen2-vl-2b-shapes": Builtin(
+        "Qwen2-VL-2B-Instruct's shapes, random weights, built offline (benchmarks; 4.4 GB)",
+        build=_qwen2_vl_2b_shapes,
+        twin=True,
+    ),
 }
 
 DEFAULT_MODEL = "tiny-smolvlm"

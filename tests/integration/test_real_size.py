@@ -1,0 +1,78 @@
+"""Real size: the ``smolvlm-256m-shapes`` twin (SmolVLM-256M-Instruct's shapes, random weights)
+streamed through a real server on 127.0.0.1:0, one 512-px tile, a few tokens.
+
+`make test` builds the twin first (`make checkpoints`, about half a minute)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoProcessor
+
+from tests.helpers import ServerThread, caption_request, query_request, shape_image
+from vlm.v1 import vlm_service_pb2 as pb
+from vlm_service.backends.smolvlm import CAPTION_PROMPTS
+from vlm_service.checkpoints.smolvlm_256m_shapes import ensure_smolvlm_256m_shapes
+from vlm_service.checkpoints.twins import is_whole_printable
+from vlm_service.config import Settings
+from vlm_service.types import CaptionLength
+
+
+@pytest.fixture(scope="module")
+def twin_dir(cache_dir):
+    return ensure_smolvlm_256m_shapes(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def one_tile_dir(twin_dir, tmp_path_factory):
+    """The twin with its processor's single-view path (one 512-px view, no 4x4 split): the same
+    weights (linked), ``do_image_splitting`` off, as a user would serve it for low latency."""
+    view = tmp_path_factory.mktemp("smolvlm-256m-one-tile")
+    for path in twin_dir.iterdir():
+        if path.name != "processor_config.json":
+            (view / path.name).symlink_to(path)
+    processor_config = json.loads((twin_dir / "processor_config.json").read_text())
+    processor_config["image_processor"]["do_image_splitting"] = False
+    (view / "processor_config.json").write_text(json.dumps(processor_config))
+    return view
+
+
+@pytest.fixture(scope="module")
+def twin_server(one_tile_dir, cache_dir):
+    server = ServerThread(Settings(models=[f"twin={one_tile_dir}"], cache_dir=cache_dir, grace_period=0.0))
+    server.wait_ready(timeout=600)
+    yield server
+    server.stop()
+
+
+def test_the_published_processor_makes_sixteen_tiles_and_a_global_view(twin_dir):
+    processor = AutoProcessor.from_pretrained(twin_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[[shape_image(size=(512, 512))]], return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape[1:]) == (17, 3, 512, 512)
+    image_tokens = int((inputs["input_ids"] == processor.image_token_id).sum())
+    assert image_tokens == 17 * 64
+    assert 1_100 <= inputs["input_ids"].shape[1] <= 1_250
+
+
+@pytest.mark.parametrize("kind", ["caption", "query"])
+def test_a_real_size_twin_streams_whole_text_to_the_asked_length(twin_server, kind):
+    image = shape_image("blue", size=(300, 200))
+    with twin_server.channel() as channel:
+        stub = twin_server.stub(channel)
+        if kind == "caption":
+            call = stub.Caption(caption_request(image, model="twin", length=pb.CAPTION_LENGTH_SHORT, max_new_tokens=8))
+        else:
+            call = stub.Query(query_request("What is in the picture?", image, model="twin", max_new_tokens=8))
+        messages = list(call)
+    texts = [m.text for m in messages if m.text]
+    final = messages[-1]
+    assert len(texts) >= 3, texts  # streamed: several messages, not one at the end
+    assert final.finish_reason == pb.FINISH_REASON_LENGTH
+    assert final.usage.completion_tokens == 8
+    # One 512-px view: 64 image tokens, its markers and the prompt's text.
+    prompt_words = len(CAPTION_PROMPTS[CaptionLength.SHORT].split())
+    assert 64 + prompt_words < final.usage.prompt_tokens < 200
+    assert is_whole_printable("".join(texts))
