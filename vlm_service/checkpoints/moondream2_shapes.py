@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 from .builder import build_cached
+from .twins import is_whole_printable
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +66,11 @@ def sizes_source() -> str:
     )
 
 
-def is_whole_printable(text: str) -> bool:
-    """Non-empty text of whole characters (no U+FFFD from a cut multi-byte sequence) that prints."""
-    return bool(text) and "\ufffd" not in text and text.isprintable()
-
-
 def silenced_ids(tokenizer, vocab_size: int) -> list[int]:
     """Ids the twin must never write: special tokens (the end token too, so it writes to the asked
-    length), ids past the tokenizer, and tokens that alone do not decode to whole printable text."""
+    length), ids past the tokenizer, and tokens that alone do not decode to whole printable text
+    (``twins.unprintable_ids`` does the same for a transformers tokenizer; this model's is a
+    ``tokenizers.Tokenizer``, and its output layer has a bias to push them down with)."""
     special = set(tokenizer.get_added_tokens_decoder())
     known = min(tokenizer.get_vocab_size(), vocab_size)
     unprintable = [i for i in range(known) if i in special or not is_whole_printable(tokenizer.decode([i]))]

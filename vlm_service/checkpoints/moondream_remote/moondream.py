@@ -382,9 +382,9 @@ class MoondreamModel(nn.Module):
             while (token := next_token.item()) != c.tokenizer.eos_id and len(produced) < max_tokens:
                 produced.append(token)
                 text = self.tokenizer.decode(produced)
-                # Whole words only: send up to the last space once the text is complete characters.
+                # Whole words only: send the text up to its last space.
                 cut = text.rfind(" ") + 1
-                if cut > sent and "\ufffd" not in text[sent:cut]:
+                if cut > sent:
                     yield text[sent:cut]
                     sent = cut
                 with torch.inference_mode():
