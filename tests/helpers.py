@@ -8,6 +8,7 @@ import threading
 import time
 
 import grpc
+import torch
 from PIL import Image, ImageDraw
 
 from vlm.v1 import vlm_service_pb2 as pb
@@ -54,12 +55,19 @@ class ServerThread:
             self._thread.join(10)
 
 
+def decode_step_module(model):
+    """The module that runs once per forward pass: the model, or for Moondream's remote code (whose
+    API never calls the model's own forward) its text model's output layer."""
+    text = getattr(getattr(model, "model", None), "text", None)
+    return text["lm_head"] if isinstance(text, torch.nn.ModuleDict) and "lm_head" in text else model
+
+
 class StepCounter:
     """Counts forward passes of a model: one for the prefill and one per further decode step."""
 
-    def __init__(self, module):
+    def __init__(self, model):
         self.count = 0
-        self._handle = module.register_forward_hook(self._hook)
+        self._handle = decode_step_module(model).register_forward_hook(self._hook)
 
     def _hook(self, *args):
         self.count += 1

@@ -76,6 +76,12 @@ def _qwen2_vl_2b_shapes(cache_dir: Path) -> Path:
     return ensure_qwen2_vl_2b_shapes(cache_dir)
 
 
+def _moondream2_shapes(cache_dir: Path) -> Path:
+    from .checkpoints.moondream2_shapes import ensure_moondream2_shapes
+
+    return ensure_moondream2_shapes(cache_dir)
+
+
 BUILTINS: dict[str, Builtin] = {
     "smolvlm": Builtin(
         "SmolVLM 256M Instruct (downloads from the Hugging Face Hub)", "HuggingFaceTB/SmolVLM-256M-Instruct"
@@ -99,6 +105,11 @@ BUILTINS: dict[str, Builtin] = {
     "qwen2-vl-2b-shapes": Builtin(
         "Qwen2-VL-2B-Instruct's shapes, random weights, built offline (benchmarks; 4.4 GB)",
         build=_qwen2_vl_2b_shapes,
+        twin=True,
+    ),
+    "moondream2-shapes": Builtin(
+        "Moondream2's shapes (revision 2025-06-21), random weights, built offline (benchmarks; 3.9 GB)",
+        build=_moondream2_shapes,
         twin=True,
     ),
 }

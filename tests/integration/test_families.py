@@ -43,10 +43,12 @@ def reference(server, name, task, image, question="", length=CaptionLength.NORMA
         raw = backend.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     else:
         settings = {"temperature": 0.0, "max_tokens": max_new_tokens}
+        # The published encode_image reads settings["variant"] (KeyError without it): encode first.
+        encoded = backend.model.encode_image(image)
         if task is Task.CAPTION:
-            raw = backend.model.caption(image, length=MOONDREAM_LENGTHS[length], settings=settings)["caption"]
+            raw = backend.model.caption(encoded, length=MOONDREAM_LENGTHS[length], settings=settings)["caption"]
         else:
-            raw = backend.model.query(image, question, settings=settings)["answer"]
+            raw = backend.model.query(encoded, question, settings=settings)["answer"]
     return clean_answer(raw, (), type(backend).role_prefixes)[0]
 
 
@@ -98,8 +100,9 @@ def test_max_new_tokens_is_exact(families_server, stub, name):
         counter.remove()
     assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert messages[-1].usage.completion_tokens == 3
-    # prefill + 2 more decode steps produce 3 tokens (the last token needs no forward pass)
-    assert counter.count == 3
+    # prefill + 2 more decode steps produce 3 tokens (the last token needs no forward pass); Moondream's
+    # published code runs one more decode step after its last token, whose result it never reads.
+    assert counter.count == 3 + (FAMILIES[name] == "moondream")
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -119,7 +122,9 @@ def test_cancel_stops_generation(families_server, stub, family):
     _, received, at_cancel, steps = cancel_after_chunks(families_server, stub, name)
     assert received == 3
     assert steps - at_cancel <= 2, f"{steps - at_cancel} decode steps ran after the cancel"
-    assert steps < 100
+    # Stopped long before its 1,500-token budget. Moondream's published code sends text only when a
+    # word ends, and random weights write long runs without a space: its three messages take longer.
+    assert steps < (500 if family == "moondream" else 100)
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-moondream"])

@@ -68,7 +68,8 @@ def test_a_query_after_a_caption_on_the_same_image_reuses_it_and_answers_the_sam
     assert messages[-1].finish_reason == pb.FINISH_REASON_STOP
     # The same answer as a request that computes everything afresh (no digest, so no cache).
     if name == "tiny-moondream":
-        fresh = backend.model.query(image, "What colour is the shape?", settings={"temperature": 0.0, "max_tokens": 12})
+        settings = {"temperature": 0.0, "max_tokens": 12}
+        fresh = backend.model.query(backend.model.encode_image(image), "What colour is the shape?", settings=settings)
         expected = clean_answer(fresh["answer"])[0]
     else:
         request = request_for(name, image, "")

@@ -155,7 +155,9 @@ def test_build_makes_the_tiny_checkpoints_by_default_and_a_twin_only_when_named(
     assert cli.main(["build", "--random-twins", "--cache-dir", str(tmp_path)]) == 0
     tiny = [name for name, builtin in builtins.items() if builtin.build and not builtin.twin]
     assert built == [(name, trained) for name in tiny for trained in (True, False)]
-    assert {"smolvlm-256m-shapes", "qwen2-vl-2b-shapes"} <= {n for n, b in builtins.items() if b.twin}
+    assert {"smolvlm-256m-shapes", "qwen2-vl-2b-shapes", "moondream2-shapes"} <= {
+        n for n, b in builtins.items() if b.twin
+    }
     built.clear()
     assert cli.main(["build", "smolvlm-256m-shapes", "--random-twins", "--cache-dir", str(tmp_path)]) == 0
     assert built == [("smolvlm-256m-shapes",)]

@@ -1,8 +1,16 @@
 """Moondream2 through its published remote-code API (``trust_remote_code=True``).
 
+It is loaded by :func:`~.remote_code.load_remote_model`, not ``from_pretrained``: the published
+remote code (revision 2025-06-21) cannot go through transformers 5's meta-device loading (no
+``post_init``; buffers made in ``__init__`` and never saved come back uninitialised). Its code fixes
+the weights' dtype (bfloat16 for Moondream2), whatever ``--dtype`` asks; the log and ListModels report
+the dtype the weights have.
+
 The model is driven only through ``encode_image``, ``caption`` and ``query`` with ``stream=True``: the
 generator they return is pulled in the worker thread, one piece at a time, and closed as soon as the
-request should stop (cancel, deadline, stop string), which ends the generation at that step. The model
+request should stop (cancel, deadline, stop string). The published code yields text only when a word
+ends, so the stop is also checked before each decode step's output layer (a forward pre-hook), which
+ends the generation within one step. The model
 keeps one KV cache per instance, so the engine's single worker per model is what keeps requests from
 interleaving on it.
 
@@ -24,16 +32,31 @@ import threading
 from contextlib import nullcontext
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from ..types import CaptionLength, FinishReason, GenerationRequest, Task
 from .base import Backend, Outcome, TextSink
+from .remote_code import load_remote_model, weights_dtype
 
 logger = logging.getLogger(__name__)
 
 LENGTHS = {CaptionLength.SHORT: "short", CaptionLength.NORMAL: "normal", CaptionLength.LONG: "long"}
 
 _GLOBAL_RNG = threading.Lock()
+
+
+class _Stopped(Exception):
+    """Raised inside the remote code's decode step to end a generation that should stop."""
+
+
+def _stop_check(out: TextSink):
+    """A hook for the output layer: the remote code sends text only at word ends, so the request's stop
+    (cancel, deadline, stop string) is checked at every decode step, not only when text comes out."""
+
+    def check(module, args):
+        if out.should_stop():
+            raise _Stopped
+
+    return check
 
 
 class MoondreamBackend(Backend):
@@ -43,15 +66,21 @@ class MoondreamBackend(Backend):
     caption_budgets = {CaptionLength.SHORT: 32, CaptionLength.NORMAL: 128, CaptionLength.LONG: 512}
 
     def load(self) -> None:
-        self._device, dtype = self.runtime.resolve()
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.spec.source,
-            revision=self.spec.revision,
-            trust_remote_code=True,
-            dtype=dtype,
-            device_map={"": str(self._device)},
-        ).eval()
-        logger.info("loaded %s (%s) on %s as %s", self.spec.name, type(self.model).__name__, self._device, dtype)
+        self._device, requested = self.runtime.resolve()
+        self.model = load_remote_model(self.spec.source, self.spec.revision, self._device)
+        self._dtype = weights_dtype(self.model)
+        if self._dtype != requested and self.runtime.dtype != "auto":
+            logger.warning(
+                "%s: its remote code fixes the weights' dtype to %s; the asked %s does not apply",
+                self.spec.name,
+                str(self._dtype).removeprefix("torch."),
+                str(requested).removeprefix("torch."),
+            )
+        logger.info("loaded %s (%s) on %s as %s", self.spec.name, type(self.model).__name__, self._device, self.dtype)
+
+    @property
+    def dtype(self) -> str:
+        return str(self._dtype).removeprefix("torch.")
 
     @property
     def tokenizer(self):
@@ -59,8 +88,8 @@ class MoondreamBackend(Backend):
 
     @property
     def context_length(self) -> int:
-        config = self.model.config
-        return int(getattr(config, "max_context", 0) or getattr(getattr(config, "text", {}), "max_context", 0) or 2048)
+        inner = getattr(getattr(getattr(self.model, "model", None), "config", None), "text", None)
+        return int(getattr(inner, "max_context", 0) or getattr(self.model.config, "max_context", 0) or 2048)
 
     def generate(self, request: GenerationRequest, out: TextSink) -> Outcome:
         params = request.params
@@ -82,6 +111,8 @@ class MoondreamBackend(Backend):
             else:
                 pieces = self.model.query(encoded, request.question, stream=True, settings=settings)["answer"]
             text = []
+            step = self._decode_step_module()
+            hook = step.register_forward_pre_hook(_stop_check(out)) if step is not None else None
             try:
                 for piece in pieces:
                     if piece:
@@ -89,8 +120,12 @@ class MoondreamBackend(Backend):
                         out.add_text(piece)
                     if out.should_stop():
                         break
+            except _Stopped:
+                pass
             finally:
                 pieces.close()  # stops the remote generator at this step
+                if hook is not None:
+                    hook.remove()
         tokenizer = self.tokenizer
         answer = "".join(text)
         if tokenizer is not None and answer:
@@ -100,6 +135,11 @@ class MoondreamBackend(Backend):
             produced = len(text)
         reason = FinishReason.LENGTH if produced >= params.max_new_tokens else FinishReason.STOP
         return Outcome(prompt_tokens=0, completion_tokens=min(produced, params.max_new_tokens), reason=reason)
+
+    def _decode_step_module(self) -> torch.nn.Module | None:
+        """The output layer, which the published code runs once per decode step (None if it has none)."""
+        text = getattr(getattr(self.model, "model", None), "text", None)
+        return text["lm_head"] if isinstance(text, torch.nn.ModuleDict) and "lm_head" in text else None
 
     def _rng_devices(self) -> list:
         return [self._device] if self._device.type == "cuda" else []

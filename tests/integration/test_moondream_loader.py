@@ -1,0 +1,168 @@
+"""Loading Moondream2-style remote code under transformers 5.
+
+`tiny-moondream` behaves as Moondream2's published code (revision 2025-06-21) does: no `post_init`,
+buffers made in `__init__` and never saved, sizes and dtype fixed by the code, the tokenizer read by
+repo name from a Hugging Face cache, `settings["variant"]` without a default, streams of text pieces.
+These tests show that the loader the service had before fails on it, and that the present one gives
+the same model as building the class eagerly and loading its weights by hand."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+from vlm_service.backends.base import ModelSpec, Runtime
+from vlm_service.backends.moondream import MoondreamBackend
+from vlm_service.backends.remote_code import bundled_hub_cache, hub_cache
+from vlm_service.checkpoints import shapes
+from vlm_service.types import CaptionLength, GenerationRequest, SamplingParams, Task
+
+CLASS = "hf_moondream.HfMoondream"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(cache_dir):
+    """tiny-moondream with random weights: loading is what is tested here, not what it answers."""
+    from vlm_service.checkpoints.tiny_moondream import ensure_tiny_moondream
+
+    return str(ensure_tiny_moondream(cache_dir, trained=False))
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint):
+    backend = MoondreamBackend(ModelSpec("noise-moondream", checkpoint), Runtime(dtype="bfloat16"))
+    backend.load()
+    return backend
+
+
+@pytest.fixture(scope="module")
+def by_hand(checkpoint):
+    """The checkpoint's own class built eagerly on the CPU, its weights loaded with load_state_dict."""
+    model_class = get_class_from_dynamic_module(CLASS, checkpoint)
+    with hub_cache(bundled_hub_cache(checkpoint)):
+        model = model_class(model_class.config_class.from_pretrained(checkpoint))
+    model.load_state_dict(load_file(f"{checkpoint}/model.safetensors"), strict=True)
+    return model.eval()
+
+
+def picture(colour="green", shape="triangle", seed=3):
+    return shapes.draw(shapes.Scene(colour, shape, "white"), random.Random(seed))
+
+
+class Collect:
+    def __init__(self):
+        self.pieces = []
+
+    def add_text(self, piece):
+        self.pieces.append(piece)
+
+    def should_stop(self):
+        return False
+
+
+def test_the_previous_loader_fails_on_the_stand_in(checkpoint):
+    """What `MoondreamBackend.load` did before (transformers' from_pretrained), as the published code
+    fails under transformers 5: the class never calls post_init."""
+    with hub_cache(bundled_hub_cache(checkpoint)), pytest.raises(AttributeError, match="all_tied_weights_keys"):
+        AutoModelForCausalLM.from_pretrained(
+            checkpoint, trust_remote_code=True, dtype=torch.float32, device_map={"": "cpu"}
+        )
+
+
+def test_with_a_post_init_shim_the_unsaved_buffers_come_back_uninitialised(checkpoint, by_hand):
+    """With post_init added, from_pretrained loads, but on the meta device: the buffers __init__ makes
+    and never saves are not what __init__ makes (which is why such a model writes NaN)."""
+    model_class = get_class_from_dynamic_module(CLASS, checkpoint)
+
+    class WithPostInit(model_class):
+        def __init__(self, config):
+            super().__init__(config)
+            self.post_init()
+
+    with hub_cache(bundled_hub_cache(checkpoint)):
+        shimmed = WithPostInit.from_pretrained(checkpoint, dtype=torch.float32, device_map={"": "cpu"})
+    assert not torch.equal(shimmed.model.attn_mask, by_hand.model.attn_mask)
+    assert not torch.equal(shimmed.model.text.freqs_cis, by_hand.model.text.freqs_cis)
+
+
+def test_the_loader_gives_the_model_built_eagerly_and_loaded_by_hand(backend, by_hand):
+    loaded, reference = backend.model.model, by_hand.model
+    assert loaded.attn_mask.any() and torch.equal(loaded.attn_mask, reference.attn_mask)
+    assert torch.equal(loaded.text.freqs_cis, reference.text.freqs_cis)
+    mine, theirs = dict(backend.model.named_parameters()), dict(by_hand.named_parameters())
+    assert mine.keys() == theirs.keys()
+    for name, parameter in mine.items():
+        assert torch.equal(parameter, theirs[name]), name
+    image = picture()
+    encoded, expected = backend.model.encode_image(image), by_hand.encode_image(image)
+    for (k, v), (k_ref, v_ref) in zip(encoded.caches, expected.caches, strict=True):
+        assert torch.isfinite(k).all() and torch.isfinite(v).all()
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+@pytest.mark.parametrize("task", [Task.CAPTION, Task.QUERY])
+def test_streamed_answers_equal_the_hand_loaded_models(backend, by_hand, task):
+    image = picture("blue", "square", seed=7)
+    question = shapes.COLOUR_QUESTION if task is Task.QUERY else ""
+    request = GenerationRequest("t", "noise-moondream", task, image, SamplingParams(30), question, CaptionLength.SHORT)
+    sink = Collect()
+    backend.generate(request, sink)
+    settings = {"temperature": 0, "max_tokens": 30}
+    encoded = by_hand.encode_image(image)
+    if task is Task.CAPTION:
+        expected = by_hand.caption(encoded, length="short", settings=settings)["caption"]
+    else:
+        expected = by_hand.query(encoded, question, settings=settings)["answer"]
+    assert expected and "".join(sink.pieces) == expected
+
+
+def test_list_models_and_log_report_the_dtype_the_code_fixes(backend, caplog):
+    """--dtype bfloat16 was asked; the code makes float32 weights, and that is what is reported."""
+    assert {p.dtype for p in backend.model.parameters()} == {torch.float32}
+    assert backend.dtype == "float32"
+    again = MoondreamBackend(backend.spec, Runtime(dtype="bfloat16"))
+    with caplog.at_level("INFO", logger="vlm_service.backends.moondream"):
+        again.load()
+    assert "as float32" in caplog.text and "the asked bfloat16 does not apply" in caplog.text
+
+
+# --- the stand-in has the published code's traits --------------------------------------------------
+
+
+def test_the_stand_in_never_calls_post_init_and_ignores_config_sizes(checkpoint, by_hand):
+    assert not hasattr(by_hand, "all_tied_weights_keys")
+    model_class = get_class_from_dynamic_module(CLASS, checkpoint)
+    config = model_class.config_class(config={"text": {"dim": 8}})
+    assert config.config == {}, "sizes come from the code, never from config.json"
+    assert by_hand.model.text.wte.dtype == torch.float32
+
+
+def test_the_stand_in_reads_its_tokenizer_by_repo_name_from_a_hub_cache(checkpoint, tmp_path):
+    """No tokenizer.json beside the weights: without a hub cache holding its repo, building fails."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    model_class = get_class_from_dynamic_module(CLASS, checkpoint)
+    config = model_class.config_class.from_pretrained(checkpoint)
+    with hub_cache(tmp_path), pytest.raises(LocalEntryNotFoundError):
+        model_class(config)
+
+
+def test_encode_image_settings_need_a_variant(by_hand):
+    with pytest.raises(KeyError, match="variant"):
+        by_hand.encode_image(picture(), settings={"max_tokens": 3})
+    with pytest.raises(KeyError, match="variant"):
+        by_hand.caption(picture(), settings={"max_tokens": 3})  # caption passes its settings on
+
+
+def test_streams_are_text_pieces_ending_at_word_boundaries(by_hand):
+    encoded = by_hand.encode_image(picture("red", "circle"))
+    settings = {"temperature": 0, "max_tokens": 120}
+    pieces = list(by_hand.caption(encoded, length="long", stream=True, settings=settings)["caption"])
+    assert len(pieces) >= 2 and all(isinstance(piece, str) for piece in pieces)
+    assert all(piece.endswith(" ") for piece in pieces[:-1])
+    assert "".join(pieces) == by_hand.caption(encoded, length="long", settings=settings)["caption"]
