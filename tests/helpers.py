@@ -69,12 +69,12 @@ class StepCounter:
         self._handle.remove()
 
 
-def wait_for(condition, timeout: float = 30.0, message: str = "the condition never held") -> None:
-    """Wait until ``condition()`` is true (a server-side state; polled every millisecond)."""
+def wait_for(condition, timeout: float = 30.0, message: str = "the condition never held", every: float = 0.001):
+    """Wait until ``condition()`` is true (a server-side state, polled ``every`` seconds)."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, message
-        time.sleep(0.001)
+        time.sleep(every)
 
 
 def wait_idle(engine, timeout: float = 30.0) -> None:
