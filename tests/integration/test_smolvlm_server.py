@@ -313,7 +313,8 @@ def test_drain_cancels_the_streams_still_running_when_the_grace_period_ends(cach
             stopping.result(30)
     finally:
         server.loop.call_soon_threadsafe(server.loop.stop)
-    assert info.value.code() == grpc.StatusCode.CANCELLED
+    # The transport cuts the stream as the server stops: the client may retry on another instance.
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert steps - at_cancel <= 1, f"{steps - at_cancel} decode steps ran after the drain cancelled the stream"
     assert steps < 2000
     assert not served.worker._thread.is_alive(), "the worker thread outlived the server"
