@@ -201,13 +201,15 @@ def run_rpc(server: ServerThread, request) -> tuple[str, pb.CaptionResponse]:
 
 def run_as_one_batch(server: ServerThread, model: str, requests: list) -> list[tuple[str, pb.CaptionResponse]]:
     """Run ``requests`` on ``model`` so that they are decoded together: the worker is held before the
-    first one's prefill until all the others wait in its queue; then they join the batch at once."""
+    first one's prefill until all the others are submitted; then they join the batch at once."""
     served = server.engine.models[model]
     wait_idle(server.engine)
-    with StepGate(served.worker, closed=True) as gate, concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+    # The gate is opened (left) before the pool waits for the requests, also when an assertion fails.
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool, StepGate(served.worker, closed=True) as gate:
         futures = [pool.submit(run_rpc, server, request) for request in requests]
-        gate.wait_held()
-        wait_for(lambda: served.worker.queue_depth == len(requests) - 1, message="the requests never all queued")
+        gate.wait_held()  # some may have been taken with the first: they are admitted one after another
+        worker = served.worker
+        wait_for(lambda: worker.running + worker.queue_depth == len(requests), message="the requests never all queued")
         gate.open()
         return [future.result(timeout=300) for future in futures]
 

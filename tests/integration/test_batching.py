@@ -128,22 +128,25 @@ def test_a_cancelled_row_leaves_the_batch_and_the_others_go_on(smolvlm_server):
     wait_idle(engine)
     with StepGate(served.worker, served.backend.model) as gate, smolvlm_server.channel() as channel:
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            others = [pool.submit(run, smolvlm_server, r) for r in requests[1:]]
-            call = smolvlm_server.stub(channel).Query(requests[0])
-            cancelled_id = request_id(call)
-            received = 0
-            for message in call:
-                received += bool(message.text)
-                if received >= 20 and len(gate.jobs()) == 4:  # all four rows are in the batch
-                    break
-            gate.close()
-            call.cancel()
-            gate.wait_held()
-            cancelled = next(j for j in gate.jobs() if j.request.request_id == cancelled_id)
-            wait_for(lambda: cancelled.cancelled, message="the server never stopped the cancelled job")
-            at_cancel, mark = gate.forward_passes, len(gate.trace)
-            gate.open()
-            results = [future.result(120) for future in others]
+            try:
+                others = [pool.submit(run, smolvlm_server, r) for r in requests[1:]]
+                call = smolvlm_server.stub(channel).Query(requests[0])
+                cancelled_id = request_id(call)
+                received = 0
+                for message in call:
+                    received += bool(message.text)
+                    if received >= 20 and len(gate.jobs()) == 4:  # all four rows are in the batch
+                        break
+                gate.close()
+                call.cancel()
+                gate.wait_held()
+                cancelled = next(j for j in gate.jobs() if j.request.request_id == cancelled_id)
+                wait_for(lambda: cancelled.cancelled, message="the server never stopped the cancelled job")
+                at_cancel, mark = gate.forward_passes, len(gate.trace)
+                gate.open()
+                results = [future.result(120) for future in others]
+            finally:
+                gate.open()  # also when an assertion fails: the pool waits for the other rows
         steps = gate.forward_passes
         after = gate.trace[mark:]
     # The first stop check that sees three running rows tells when the cancelled row had left.
