@@ -167,14 +167,6 @@ def keep_up(job) -> None:
         time.sleep(0.0002)
 
 
-def job_of(engine, request_id: str) -> Job:
-    """The server's job for a request id (the ``x-request-id`` the server sent)."""
-    for job in list(engine._streams):
-        if job.request.request_id == request_id:
-            return job
-    raise AssertionError(f"no open stream has request id {request_id}")
-
-
 def request_id(call) -> str:
     return dict(call.initial_metadata())["x-request-id"]
 
