@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import threading
 import time
@@ -76,49 +77,179 @@ class StepCounter:
         self._handle.remove()
 
 
-def wait_idle(engine, timeout: float = 10.0) -> None:
-    """Wait until no model has a running or queued generation."""
+def wait_for(condition, timeout: float = 30.0, message: str = "the condition never held", every: float = 0.001):
+    """Wait until ``condition()`` is true (a server-side state, polled ``every`` seconds)."""
     deadline = time.monotonic() + timeout
-    while not engine.idle:
-        assert time.monotonic() < deadline, "the worker never became idle"
-        time.sleep(0.005)
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(every)
 
 
-def cancel_after_chunks(server: ServerThread, stub, model: str, chunks: int = 3, max_new_tokens: int = 1500):
-    """Stream a caption from ``model``, cancel it after ``chunks`` text messages, wait until the engine
-    is idle. Returns (call, text messages received, decode steps when the server learnt of the cancel,
-    decode steps in all), and checks that the cancel reached the server within a few steps.
+def wait_idle(engine, timeout: float = 30.0) -> None:
+    """Wait until no model has a running or queued generation."""
+    wait_for(lambda: engine.idle, timeout, "the worker never became idle")
 
-    The steps are counted from the server's side of the cancel (its handler stopping the job), not
-    the client's call: on a loaded machine the model may take a step or two while the cancel crosses
-    the connection, which is transport latency, not generation going on after a stop."""
+
+class StepGate:
+    """Holds or observes a model's generation at its stop checks (the worker's ``step_gate`` seam).
+
+    Installed on a worker, it is called in the worker thread at each stop check of each job (once before
+    the job's prefill, then once per decode step), before the check. While closed, the worker waits there,
+    so nothing on that model moves: a test can cancel, fill the queue or scrape metrics against a frozen,
+    known state, then ``open()`` it. ``trace`` records each call as (job, forward passes so far, running
+    jobs). ``hold_when(job)``, if given, closes the gate at the first call for which it is true.
+    """
+
+    def __init__(self, worker, model=None, closed: bool = False, hold_when=None):
+        self._worker = worker
+        self._cond = threading.Condition()
+        self._closed = closed
+        self.hold_when = hold_when
+        self.held = None  # the job the worker waits on while the gate is closed
+        self.trace: list[tuple[Job, int, int]] = []
+        self._counter = StepCounter(model) if model is not None else None
+        worker.step_gate = self
+
+    @property
+    def forward_passes(self) -> int:
+        return self._counter.count
+
+    def __call__(self, job) -> None:
+        with self._cond:
+            self.trace.append((job, self._counter.count if self._counter else 0, self._worker.running))
+            if self.hold_when is not None and self.hold_when(job):
+                self._closed, self.hold_when = True, None
+            while self._closed:
+                self.held = job
+                self._cond.notify_all()
+                self._cond.wait()
+            self.held = None
+
+    def jobs(self) -> list[Job]:
+        """The jobs that reached a stop check, in order of their first."""
+        return list(dict.fromkeys(job for job, _, _ in self.trace))
+
+    def steps_of(self, job) -> int:
+        """Stop checks ``job`` reached so far."""
+        return sum(1 for seen, _, _ in self.trace if seen is job)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+
+    def open(self) -> None:
+        with self._cond:
+            self._closed = False
+            self._cond.notify_all()
+
+    def wait_held(self, timeout: float = 30.0, unless=None):
+        """Wait until the worker waits at the closed gate; returns the job it waits on, or None if
+        ``unless()`` became true first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.held is None:
+                if unless is not None and unless():
+                    return None
+                assert time.monotonic() < deadline, "the worker never reached the closed gate"
+                self._cond.wait(0.01)
+            return self.held
+
+    def remove(self) -> None:
+        self._worker.step_gate = None
+        self.open()
+        if self._counter is not None:
+            self._counter.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def keep_up(job) -> None:
+    """A step gate that paces a generation to its reader: each decode step waits until the RPC has
+    taken everything sent so far, so a client that keeps up gets each token's text as its own message."""
+    deadline = time.monotonic() + 30
+    while job.backlog and time.monotonic() < deadline:
+        time.sleep(0.0002)
+
+
+def request_id(call) -> str:
+    return dict(call.initial_metadata())["x-request-id"]
+
+
+def sample(engine, name: str, **labels) -> float:
+    """One sample of the server's Prometheus registry (0 when absent)."""
+    return engine.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def steps_with_more_rows_than(engine, model: str, rows: int) -> float:
+    """Decode steps of ``model`` so far that ran more than ``rows`` rows (``rows`` a bucket bound)."""
+    total = sample(engine, "vlm_batch_size_count", model=model)
+    return total - sample(engine, "vlm_batch_size_bucket", model=model, le=str(float(rows)))
+
+
+def run_rpc(server: ServerThread, request) -> tuple[str, pb.CaptionResponse]:
+    """One Caption or Query on its own channel: (its text, its last message)."""
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        method = stub.Query if isinstance(request, pb.QueryRequest) else stub.Caption
+        messages = list(method(request))
+    return "".join(m.text for m in messages), messages[-1]
+
+
+def run_as_one_batch(server: ServerThread, model: str, requests: list) -> list[tuple[str, pb.CaptionResponse]]:
+    """Run ``requests`` on ``model`` so that they are decoded together: the worker is held before the
+    first one's prefill until all the others are submitted; then they join the batch at once."""
+    served = server.engine.models[model]
     wait_idle(server.engine)
-    counter = StepCounter(server.engine.models[model].backend.model)
-    received = at_client_cancel = 0
-    at_server_cancel: list[int] = []
-    cancel = Job.cancel
+    # The gate is opened (left) before the pool waits for the requests, also when an assertion fails.
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool, StepGate(served.worker, closed=True) as gate:
+        futures = [pool.submit(run_rpc, server, request) for request in requests]
+        gate.wait_held()  # some may have been taken with the first: they are admitted one after another
+        worker = served.worker
+        wait_for(lambda: worker.running + worker.queue_depth == len(requests), message="the requests never all queued")
+        gate.open()
+        return [future.result(timeout=300) for future in futures]
 
-    def recording_cancel(job):
-        if not job.cancelled and job.request.model == model:
-            at_server_cancel.append(counter.count)
-        cancel(job)
 
-    Job.cancel = recording_cancel
-    try:
+def end_after_chunks(server: ServerThread, stub, model: str, chunks: int = 3, max_new_tokens: int = 1500, end=None):
+    """Stream a caption from ``model`` and end its RPC after ``chunks`` text messages: ``end(call)``
+    (default: the client cancels). Returns (call, text messages received, forward passes when the server
+    had stopped the job, forward passes in all).
+
+    As the RPC ends, the worker is held at its next stop check (a StepGate) until the server's handler
+    has stopped the job, so the steps after the end are counted from the server's side of it: the trip
+    of a cancel across a loaded machine does not count as generation going on after a stop."""
+    engine = server.engine
+    wait_idle(engine)
+    served = engine.models[model]
+    received = 0
+    with StepGate(served.worker, served.backend.model) as gate:
         call = stub.Caption(caption_request(model=model, max_new_tokens=max_new_tokens))
         for message in call:
             received += bool(message.text)
             if received == chunks:
-                at_client_cancel = counter.count
-                call.cancel()
+                gate.close()
+                (end or type(call).cancel)(call)
                 break
-        wait_idle(server.engine)
-    finally:
-        Job.cancel = cancel
-        counter.remove()
-    assert at_server_cancel, "the server never stopped the job"
-    assert at_server_cancel[0] - at_client_cancel <= 10, "the cancel took more than 10 decode steps to arrive"
-    return call, received, at_server_cancel[0], counter.count
+        at_end, steps = held_until_stopped(engine, gate)
+    return call, received, at_end, steps
+
+
+def held_until_stopped(engine, gate: StepGate) -> tuple[int, int]:
+    """With ``gate`` closed (or about to close) on a job whose RPC is ending: wait until the worker is
+    held and the server has stopped the job, then let it go on. Returns (forward passes at that moment,
+    forward passes once the model is idle). A job that stopped before reaching the gate counts from
+    where it stopped."""
+    job = gate.wait_held(unless=lambda: engine.idle)
+    if job is not None:
+        wait_for(lambda: job.cancelled, message="the server never stopped the job")
+    at_stop = gate.forward_passes
+    gate.open()
+    wait_idle(engine)
+    return at_stop, gate.forward_passes
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -170,8 +170,16 @@ class Job:
         if delta:
             self._send(TextDelta(delta))
 
+    @property
+    def backlog(self) -> int:
+        """Events sent and not yet taken by the RPC (what piles up while its client lags)."""
+        return self._sent - self._taken
+
     def should_stop(self) -> bool:
-        now = time.monotonic()  # called once per decode step
+        worker = self._worker  # called once per decode step, and once at admission
+        if worker is not None and worker.step_gate is not None:
+            worker.step_gate(self)
+        now = time.monotonic()
         if self._metrics is not None:
             if self._steps:
                 self._metrics.inter_token_latency.observe(now - self.last_progress)
@@ -179,8 +187,7 @@ class Job:
                 self._metrics.tokens_after_end.inc()
         self._steps += 1
         self.last_progress = now
-        backlog = self._sent - self._taken
-        if backlog > _BACKLOG and now - self.last_taken > self.abandon_after and not self._cancelled.is_set():
+        if self.backlog > _BACKLOG and now - self.last_taken > self.abandon_after and not self._cancelled.is_set():
             logger.warning("request %s: the client stopped reading; stopping its generation", self.request.request_id)
             self._cancelled.set()
         return self._cancelled.is_set() or self._assembler.stopped
@@ -222,6 +229,11 @@ class Job:
 
 class ModelWorker:
     """Runs one backend's requests one at a time in a dedicated thread."""
+
+    #: A seam for tests: when set, it is called in the worker thread with the job at each of the job's
+    #: stop checks (once per decode step, and once before its first), before the check itself. Tests use
+    #: it to hold generation at a known step, or to pace it; the service never sets it.
+    step_gate: Callable[[Job], None] | None = None
 
     def __init__(
         self,

@@ -7,10 +7,22 @@ import concurrent.futures
 import threading
 import time
 
-import grpc
 import pytest
 
-from tests.helpers import StepCounter, caption_request, query_request, shape_image, wait_idle
+from tests.helpers import (
+    StepCounter,
+    StepGate,
+    caption_request,
+    query_request,
+    request_id,
+    run_as_one_batch,
+    run_rpc,
+    sample,
+    shape_image,
+    steps_with_more_rows_than,
+    wait_for,
+    wait_idle,
+)
 from vlm.v1 import vlm_service_pb2 as pb
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "red"]
@@ -32,13 +44,9 @@ def mixed_requests(model: str, tokens: list[int], **options) -> list:
 
 
 def run(server, request, delay: float = 0.0) -> tuple[str, pb.CaptionResponse]:
-    """One RPC on its own channel: (its text, its last message)."""
+    """One RPC on its own channel, started after ``delay`` seconds: (its text, its last message)."""
     time.sleep(delay)
-    with server.channel() as channel:
-        stub = server.stub(channel)
-        method = stub.Query if isinstance(request, pb.QueryRequest) else stub.Caption
-        messages = list(method(request))
-    return "".join(m.text for m in messages), messages[-1]
+    return run_rpc(server, request)
 
 
 def run_together(server, requests, stagger: float = 0.0) -> list[tuple[str, pb.CaptionResponse]]:
@@ -82,7 +90,10 @@ def test_the_trained_model_answers_the_same_in_a_batch(smolvlm_server):
         for c, s in zip(COLOURS, SIZES, strict=True)
     ]
     alone = [run(smolvlm_server, r)[0] for r in requests]
-    together = [text for text, _ in run_together(smolvlm_server, requests)]
+    engine = smolvlm_server.engine
+    batched_before = steps_with_more_rows_than(engine, "tiny-smolvlm", 6)
+    together = [text for text, _ in run_as_one_batch(smolvlm_server, "tiny-smolvlm", requests)]
+    assert steps_with_more_rows_than(engine, "tiny-smolvlm", 6) > batched_before, "the eight never ran as one batch"
     assert together == alone
     assert sum(f"is {c}." in text for c, text in zip(COLOURS, together, strict=True)) >= 6
 
@@ -97,54 +108,56 @@ def test_seeded_sampling_in_a_batch_equals_the_same_seed_alone(smolvlm_server):
     requests[2].options.top_k = 5
     requests.append(caption_request(shape_image("blue"), model="noise", max_new_tokens=30))  # greedy
     alone = [run(smolvlm_server, r)[0] for r in requests]
-    together = [text for text, _ in run_together(smolvlm_server, requests)]
+    engine = smolvlm_server.engine
+    batched_before = steps_with_more_rows_than(engine, "noise", 6)
+    together = [text for text, _ in run_as_one_batch(smolvlm_server, "noise", requests)]
+    assert steps_with_more_rows_than(engine, "noise", 6) - batched_before >= 20, "the seven never ran as one batch"
     assert together == alone
     assert len(set(together)) == len(together), "different seeds and images should give different texts"
 
 
 def test_a_cancelled_row_leaves_the_batch_and_the_others_go_on(smolvlm_server):
-    """One of four long streams is cancelled mid-batch: it stops costing compute at once (the batch's
-    steps after it are the other rows'), and the other three still finish with their answers alone."""
+    """One of four long streams in one batch is cancelled: counted in decode steps from the server's
+    side of the cancel, its row leaves the batch within two steps, while the other three go on and
+    finish with their answers alone."""
     requests = mixed_requests("noise", [300, 300, 300, 120])
     alone = [run(smolvlm_server, r)[0] for r in requests[1:]]
-    wait_idle(smolvlm_server.engine)
-    worker = smolvlm_server.engine.models["noise"].worker
-    cancelled_running = threading.Event()
-    results: list = [None] * 3
-
-    def cancelled():
-        with smolvlm_server.channel() as channel:
-            call = smolvlm_server.stub(channel).Query(requests[0])
-            received = 0
-            for message in call:
-                received += bool(message.text)
-                if received == 20:
-                    call.cancel()
-                    break
-            cancelled_running.set()
-            return call
-
-    def other(i):
-        results[i] = run(smolvlm_server, requests[i + 1])
-
-    threads = [threading.Thread(target=other, args=(i,)) for i in range(3)]
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(cancelled)
-        for thread in threads:
-            thread.start()
-        call = future.result(60)
-        assert cancelled_running.wait(5)
-        # The cancelled row leaves within a step or two; the three others are still running then.
-        deadline = time.monotonic() + 5
-        while worker.running > 3:
-            assert time.monotonic() < deadline, "the cancelled row never left the batch"
-            time.sleep(0.001)
-        for thread in threads:
-            thread.join(60)
-    assert call.code() == grpc.StatusCode.CANCELLED
+    engine = smolvlm_server.engine
+    served = engine.models["noise"]
+    cancelled_before = sample(engine, "vlm_requests_total", method="Query", code="CANCELLED")
+    wait_idle(engine)
+    with StepGate(served.worker, served.backend.model) as gate, smolvlm_server.channel() as channel:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            try:
+                others = [pool.submit(run, smolvlm_server, r) for r in requests[1:]]
+                call = smolvlm_server.stub(channel).Query(requests[0])
+                cancelled_id = request_id(call)
+                received = 0
+                for message in call:
+                    received += bool(message.text)
+                    if received >= 20 and len(gate.jobs()) == 4:  # all four rows are in the batch
+                        break
+                gate.close()
+                call.cancel()
+                gate.wait_held()
+                cancelled = next(j for j in gate.jobs() if j.request.request_id == cancelled_id)
+                wait_for(lambda: cancelled.cancelled, message="the server never stopped the cancelled job")
+                at_cancel, mark = gate.forward_passes, len(gate.trace)
+                gate.open()
+                results = [future.result(120) for future in others]
+            finally:
+                gate.open()  # also when an assertion fails: the pool waits for the other rows
+        steps = gate.forward_passes
+        after = gate.trace[mark:]
+    # The first stop check that sees three running rows tells when the cancelled row had left.
+    left_at = next(passes for _, passes, running in after if running <= 3)
+    assert left_at - at_cancel <= 2, f"the cancelled row stayed {left_at - at_cancel} decode steps"
+    assert steps - at_cancel >= 100, "the other rows should go on decoding after the cancel"
     assert [text for text, _ in results] == alone
     assert [last.usage.completion_tokens for _, last in results] == [300, 300, 120]
-    wait_idle(smolvlm_server.engine)
+    # The server, not only the client, ended that RPC as CANCELLED.
+    wait_for(lambda: sample(engine, "vlm_requests_total", method="Query", code="CANCELLED") == cancelled_before + 1)
+    wait_idle(engine)
 
 
 def test_a_request_that_joins_gets_its_first_text_before_the_running_rows_finish(smolvlm_server):

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ServerThread, caption_request, query_request, wait_idle
+from tests.helpers import ServerThread, StepGate, caption_request, query_request, wait_for, wait_idle
 from vlm_service.config import Settings
 
 
@@ -86,3 +86,28 @@ def test_metrics_count_requests_tokens_latencies_and_batches(metered):
     assert steps > 0 and count("vlm_batch_size_bucket", model="noise", le="1.0") < steps
     assert count("vlm_active_streams") == 0 and count("vlm_queue_depth", model="noise") == 0
     assert count("vlm_running_requests", model="noise") == 0
+
+
+def test_gauges_while_one_stream_runs_and_one_waits(metered):
+    """The gauges are read from the engine at each scrape: with one request running (held by the step
+    gate at its admission) and one waiting behind it, they say so; then they drop back to zero."""
+    server, port = metered
+    model = (("model", "noise"),)
+    worker = server.engine.models["noise"].worker
+    with StepGate(worker, closed=True) as gate, server.channel() as channel:
+        stub = server.stub(channel)
+        running = stub.Caption(caption_request(max_new_tokens=5))
+        gate.wait_held()  # the worker holds the first request: the next one waits in the queue
+        waiting = stub.Caption(caption_request(max_new_tokens=5))
+        wait_for(lambda: worker.queue_depth == 1)
+        during = scrape(port)
+        gate.open()
+        assert list(running)[-1].usage.completion_tokens == list(waiting)[-1].usage.completion_tokens == 5
+    assert during[("vlm_running_requests", model)] == 1
+    assert during[("vlm_queue_depth", model)] == 1
+    assert during[("vlm_active_streams", ())] == 2
+    wait_idle(server.engine)
+    wait_for(lambda: server.engine.open_streams == 0)
+    after = scrape(port)
+    assert after[("vlm_running_requests", model)] == after[("vlm_queue_depth", model)] == 0
+    assert after[("vlm_active_streams", ())] == 0

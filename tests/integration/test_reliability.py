@@ -13,11 +13,14 @@ import time
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests import fakes
-from tests.helpers import ServerThread, caption_request, png_bytes, shape_image, wait_idle
+from tests.helpers import ServerThread, StepGate, caption_request, png_bytes, shape_image, wait_for, wait_idle
 from vlm.v1 import vlm_service_pb2 as pb
+from vlm_service import worker as worker_module
 from vlm_service.config import Settings
 
 
@@ -48,6 +51,20 @@ def rpc_error(call) -> grpc.RpcError:
     return info.value
 
 
+def retry_delay_ms(error: grpc.RpcError) -> int:
+    """The RetryInfo delay in an error's rich status details."""
+    details = dict(error.trailing_metadata())["grpc-status-details-bin"]
+    retry = error_details_pb2.RetryInfo()
+    assert any(d.Unpack(retry) for d in status_pb2.Status.FromString(details).details), "no RetryInfo"
+    return retry.retry_delay.ToMilliseconds()
+
+
+def list_services(channel) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    return [service.name for reply in replies for service in reply.list_services_response.service]
+
+
 def health_status(channel, timeout=2.0):
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
 
@@ -59,6 +76,7 @@ def test_out_of_memory_is_resource_exhausted_and_the_next_request_works(fake):
         fakes.FakeBackend.fail_next = MemoryError()
         error = rpc_error(stub.Caption(caption_request()))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "out of memory" in error.details()
+        assert retry_delay_ms(error) >= 1000, "out of memory carries a RetryInfo hint"
         assert list(stub.Caption(caption_request()))[-1].finish_reason == pb.FINISH_REASON_STOP
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
 
@@ -110,34 +128,51 @@ def test_a_deadline_that_the_queue_cannot_meet_is_refused_at_once(fake):
 
 
 def test_cancel_before_the_first_token_never_runs_a_step(fake):
+    """The generation has started and waits at its first stop check (the worker's step gate, closed):
+    the RPC is cancelled there, and once the server has stopped the job, no step runs."""
     server = fake()
-    gate = fakes.FakeBackend.step_gate = threading.Event()
     backend = fakes.FakeBackend.instances[-1]
     steps_before = backend.steps  # the warm-up's
-    with server.channel() as channel:
+    with StepGate(server.engine.models["fake"].worker, closed=True) as gate, server.channel() as channel:
         call = server.stub(channel).Caption(caption_request())
-        call.initial_metadata()
-        deadline = time.monotonic() + 5
-        while not backend.started:  # the generation starts and waits for its first step
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        job = gate.wait_held()  # started, before its first step
         call.cancel()
-        time.sleep(0.1)
-        gate.set()
+        wait_for(lambda: job.cancelled, message="the server never stopped the job")
+        gate.open()
         wait_idle(server.engine)
+    assert backend.started == [job.request.request_id]
     assert backend.steps == steps_before
 
 
-def test_malformed_protobuf_and_unknown_enums_get_clean_statuses(fake):
+# Bytes that are not a valid message of the method's request type: a truncated varint field, a length
+# past the end, a wire type 7 (which does not exist), invalid UTF-8 in a string field (`model`; an
+# unknown field of the empty ListModelsRequest, so valid there).
+MALFORMED = [b"\xff\xff\xff\x0f not protobuf", b"\x0a\xff", b"\x12\x20short", b"\x0f\x01", b"\x0a\x02\xc3\x28"]
+
+
+@pytest.mark.parametrize("method", ["Caption", "Query", "ListModels"])
+def test_malformed_request_bytes_are_invalid_argument(fake, method):
     server = fake()
     with server.channel() as channel:
-        raw = channel.unary_stream("/vlm.v1.VisionLanguageService/Caption")
-        error = rpc_error(raw(b"\xff\xff\xff\x0f not protobuf", timeout=5))
-        assert error.code() != grpc.StatusCode.UNKNOWN and error.code() != grpc.StatusCode.OK
+        path = f"/vlm.v1.VisionLanguageService/{method}"
+        raw = channel.unary_unary(path) if method == "ListModels" else channel.unary_stream(path)
+        for data in MALFORMED[:-1] if method == "ListModels" else MALFORMED:
+            with pytest.raises(grpc.RpcError) as info:
+                reply = raw(data, timeout=5)
+                if method != "ListModels":
+                    list(reply)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (data, info.value.details())
+            assert info.value.details() == "the request is not a valid message"
+        stub = server.stub(channel)
+        assert list(stub.Caption(caption_request()))[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_unknown_enum_values_name_the_field(fake):
+    server = fake()
+    with server.channel() as channel:
         stub = server.stub(channel)
         error = rpc_error(stub.Caption(caption_request(length=99)))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "length" in error.details()
-        assert list(stub.Caption(caption_request()))[-1].finish_reason == pb.FINISH_REASON_STOP
 
 
 def test_image_byte_cap_and_transport_limit(fake):
@@ -152,32 +187,43 @@ def test_image_byte_cap_and_transport_limit(fake):
         assert list(stub.Caption(caption_request()))[-1].finish_reason == pb.FINISH_REASON_STOP
 
 
-def test_health_answers_fast_under_a_flood_of_streams(cache_dir, noise_dir):
-    """64 concurrent streams on a real model: health checks are never queued behind generation."""
+def test_health_list_models_and_reflection_answer_under_a_flood_of_streams(cache_dir, noise_dir):
+    """64 concurrent streams on a real model: health, ListModels and reflection are never queued behind
+    generation. They are probed while the flood runs (health's median latency is the README's figure),
+    then with generation frozen in the middle of a decode step (the worker held at its step gate):
+    anything that waited for generation would not answer then."""
     server = ServerThread(
         Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir, max_queue=64, max_streams=64, grace_period=0)
     )
     server.wait_ready()
     try:
-        with server.channel() as channel:
+        with server.channel() as channel, server.channel() as probe:
             stub = server.stub(channel)
-            calls = [stub.Caption(caption_request(max_new_tokens=100)) for _ in range(64)]
+            calls = [stub.Caption(caption_request(max_new_tokens=2000)) for _ in range(64)]  # outlasts the probes
             calls[0].initial_metadata()
-            latencies = []
-            with server.channel() as probe:
-                for _ in range(20):
+            probes = {
+                "health": lambda: health_status(probe) == health_pb2.HealthCheckResponse.SERVING,
+                "ListModels": lambda: server.stub(probe).ListModels(pb.ListModelsRequest(), timeout=2).models[0].ready,
+                "reflection": lambda: "vlm.v1.VisionLanguageService" in list_services(probe),
+            }
+            latencies: dict[str, list[float]] = {name: [] for name in probes}
+            for _ in range(20):
+                for name, answers in probes.items():
                     started = time.monotonic()
-                    assert health_status(probe) == health_pb2.HealthCheckResponse.SERVING
-                    latencies.append(time.monotonic() - started)
-                    time.sleep(0.02)
-            assert server.engine.open_streams > 32, "the flood should still be running while health is probed"
+                    assert answers(), name
+                    latencies[name].append(time.monotonic() - started)
+                time.sleep(0.02)
+            assert server.engine.open_streams == 64, "the flood should still be running while health is probed"
+            with StepGate(server.engine.models["noise"].worker, closed=True) as gate:
+                gate.wait_held()
+                for name, answers in probes.items():
+                    assert answers(), f"{name} did not answer while generation was held"
             for call in calls:
                 call.cancel()
-        latencies.sort()
-        print(
-            f"health latency under 64 streams: median {latencies[10] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms"
-        )
-        assert latencies[10] < 0.1
+        for name, values in latencies.items():
+            values.sort()
+            print(f"{name} under 64 streams: median {values[10] * 1000:.1f} ms, max {values[-1] * 1000:.1f} ms")
+        assert latencies["health"][10] < 0.1
         wait_idle(server.engine)
     finally:
         server.stop()
@@ -195,10 +241,13 @@ CLIENT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("keepalive", [0.5, 60.0], ids=["short-keepalive", "control-long-keepalive"])
-def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path, keepalive):
+def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path, keepalive, monkeypatch):
     """A frozen client (SIGSTOP: no FIN, no reads, no ping answers) does not hold the model: the
     server's keepalive ping goes unanswered, the connection is dropped, which cancels the RPC and stops
-    the generation. The control run with a long keepalive shows that keepalive is what finds it."""
+    the generation. The control run with a long keepalive shows that keepalive is what finds it. The
+    server's second line of defence (a backlog of unread output stops the generation after keepalive
+    time + timeout) is given a limit no stream reaches here, so it cannot be what stops it."""
+    monkeypatch.setattr(worker_module, "_BACKLOG", 10**9)
     server = fake(keepalive_time=keepalive, keepalive_timeout=keepalive)
     fakes.FakeBackend.pieces = ["x" * 200] * 2000  # large messages fill the transport's buffers fast
     fakes.FakeBackend.step_delay = 0.005  # 10 s of generation if nobody stops it

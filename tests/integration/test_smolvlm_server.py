@@ -13,9 +13,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.helpers import (
     ServerThread,
-    StepCounter,
-    cancel_after_chunks,
+    StepGate,
     caption_request,
+    end_after_chunks,
+    held_until_stopped,
+    keep_up,
     png_bytes,
     query_request,
     shape_image,
@@ -75,13 +77,36 @@ def test_caption_stream_equals_in_process_generate(smolvlm_server, stub, model, 
     # client lags leave together (tests/unit/test_servicer.py pins both cases down), so each message
     # is one or more consecutive deltas, never part of one.
     assert_merges_of(texts, expected_deltas(tokenizer, ids))
-    assert len(texts) >= 10
     final = messages[-1]
     assert final.usage.completion_tokens == len(ids)
     assert final.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
     assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
     if model == "tiny-smolvlm":
         assert colour in expected_text  # the demo model sees
+
+
+def test_a_reader_that_keeps_up_gets_one_message_per_token(smolvlm_server, stub):
+    """Streaming granularity where it is defined: a long answer (random weights) read by a reader that
+    keeps up. The worker is paced to its RPC (each decode step waits until the handler has taken the
+    text sent so far: the ``keep_up`` step gate), so every message but the last is exactly the text of
+    one token, and the last is the final token's text with the decoder's tail."""
+    image = shape_image("red", size=(120, 70))
+    worker = smolvlm_server.engine.models["noise"].worker
+    wait_idle(smolvlm_server.engine)
+    worker.step_gate = keep_up
+    try:
+        request = caption_request(image, model="noise", length=pb.CAPTION_LENGTH_LONG, max_new_tokens=200)
+        texts = [m.text for m in stub.Caption(request) if m.text]
+    finally:
+        worker.step_gate = None
+    _, ids, tokenizer = in_process_answer(
+        smolvlm_server, Task.CAPTION, image, length=CaptionLength.LONG, max_new_tokens=200, model="noise"
+    )
+    deltas = expected_deltas(tokenizer, ids)
+    assert len(ids) == 200 and len(deltas) >= 50
+    assert texts[:-1] == deltas[: len(texts) - 1], "a message carried more (or less) than one token's text"
+    assert_merges_of(texts, deltas)
+    assert len(texts) >= len(deltas) - 2
 
 
 def test_query_stream_equals_in_process_generate(smolvlm_server, stub):
@@ -119,30 +144,31 @@ def test_stop_string_ends_the_stream(stub):
 
 
 def test_client_cancel_stops_generation(smolvlm_server, stub):
-    call, received, at_cancel, steps = cancel_after_chunks(smolvlm_server, stub, "noise", max_new_tokens=2000)
+    call, received, at_cancel, steps = end_after_chunks(smolvlm_server, stub, "noise", max_new_tokens=2000)
     assert received == 3
     assert call.code() == grpc.StatusCode.CANCELLED
-    assert steps - at_cancel <= 2, f"{steps - at_cancel} decode steps ran after the cancel"
-    assert steps < 50
+    # Counted from the server's side of the cancel: the step that was running may finish, no other.
+    assert steps - at_cancel <= 1, f"{steps - at_cancel} decode steps ran after the server had the cancel"
+    assert steps < 2000, "the generation ran to its budget"
     # The worker is free: the next request is answered.
     assert list(stub.Caption(caption_request(model="noise", max_new_tokens=3)))[-1].usage.completion_tokens == 3
 
 
 def test_deadline_ends_generation(smolvlm_server, stub):
-    backend = smolvlm_server.engine.models["noise"].backend
-    wait_idle(smolvlm_server.engine)
-    counter = StepCounter(backend.model)
-    try:
+    """The worker is held at the generation's fifth stop check while the RPC's deadline passes; once the
+    server has ended the RPC, the generation stops at that step."""
+    engine = smolvlm_server.engine
+    served = engine.models["noise"]
+    wait_idle(engine)
+    with StepGate(served.worker, served.backend.model) as gate:
+        gate.hold_when = lambda job: gate.steps_of(job) >= 5
         with pytest.raises(grpc.RpcError) as info:
-            for _ in stub.Caption(caption_request(model="noise", max_new_tokens=2000), timeout=0.3):
+            for _ in stub.Caption(caption_request(model="noise", max_new_tokens=2000), timeout=1.0):
                 pass
-        at_deadline = counter.count
-        wait_idle(smolvlm_server.engine)
-    finally:
-        counter.remove()
+        at_deadline, steps = held_until_stopped(engine, gate)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert counter.count - at_deadline <= 20, "generation went on after the deadline"
-    assert counter.count < 1000
+    assert steps - at_deadline <= 1, f"{steps - at_deadline} decode steps ran after the deadline ended the RPC"
+    assert steps < 2000
 
 
 def test_failing_generation_is_internal_and_the_next_request_succeeds(smolvlm_server, stub, monkeypatch):
@@ -184,7 +210,11 @@ def truncated_png() -> bytes:
         (caption_request(temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "options.temperature"),
         (caption_request(max_new_tokens=100_000), grpc.StatusCode.INVALID_ARGUMENT, "options.max_new_tokens"),
         (caption_request(response_language="ja"), grpc.StatusCode.INVALID_ARGUMENT, "supported: en"),
+        (caption_request(stop=["a"] * 9), grpc.StatusCode.INVALID_ARGUMENT, "options.stop: 9 stop strings"),
+        (caption_request(stop=["a", "b" * 65]), grpc.StatusCode.INVALID_ARGUMENT, "options.stop[1]: 65 characters"),
+        (caption_request(stop=["ok", ""]), grpc.StatusCode.INVALID_ARGUMENT, "options.stop[1]"),
         (query_request(""), grpc.StatusCode.INVALID_ARGUMENT, "question"),
+        (query_request("x" * 5000), grpc.StatusCode.INVALID_ARGUMENT, "question"),
     ],
 )
 def test_bad_inputs_get_precise_codes(stub, request_, code, needle):
@@ -252,21 +282,42 @@ def test_health_answers_while_a_model_generates(smolvlm_server, stub):
 
 
 def test_client_disconnect_stops_generation(smolvlm_server):
-    """Closing the channel mid-stream (the client goes away) stops the generation too."""
-    backend = smolvlm_server.engine.models["noise"].backend
-    wait_idle(smolvlm_server.engine)
-    counter = StepCounter(backend.model)
+    """Closing the channel mid-stream (the client goes away) stops the generation too, counted in decode
+    steps from the server's side of the disconnect."""
+    channel = smolvlm_server.channel()
+    stub = smolvlm_server.stub(channel)
+    _, received, at_close, steps = end_after_chunks(
+        smolvlm_server, stub, "noise", chunks=1, max_new_tokens=2000, end=lambda call: channel.close()
+    )
+    assert received == 1
+    assert steps - at_close <= 1, f"{steps - at_close} decode steps ran after the server saw the disconnect"
+    assert steps < 2000
+
+
+def test_drain_cancels_the_streams_still_running_when_the_grace_period_ends(cache_dir, noise_dir):
+    """SIGTERM's drain, second half: a stream still running when ``--grace-period`` ends is cancelled,
+    and its generation stops (counted in decode steps from the server's cancel); the server stops."""
+    server = ServerThread(Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir))
+    server.wait_ready()
+    served = server.engine.models["noise"]
     try:
-        channel = smolvlm_server.channel()
-        call = smolvlm_server.stub(channel).Caption(caption_request(model="noise", max_new_tokens=2000))
-        next(iter(call))
-        at_close = counter.count
-        channel.close()
-        wait_idle(smolvlm_server.engine)
+        with StepGate(served.worker, served.backend.model) as gate, server.channel() as channel:
+            call = server.stub(channel).Caption(caption_request(max_new_tokens=2000))
+            chunks = iter(call)
+            next(chunks)
+            gate.close()  # the generation cannot finish within the grace period
+            stopping = asyncio.run_coroutine_threadsafe(server.server.stop(0.5), server.loop)
+            at_cancel, steps = held_until_stopped(server.engine, gate)
+            with pytest.raises(grpc.RpcError) as info:
+                list(chunks)
+            stopping.result(30)
     finally:
-        counter.remove()
-    assert counter.count - at_close <= 20, "generation went on after the client went away"
-    assert counter.count < 500
+        server.loop.call_soon_threadsafe(server.loop.stop)
+    # The transport cuts the stream as the server stops: the client may retry on another instance.
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert steps - at_cancel <= 1, f"{steps - at_cancel} decode steps ran after the drain cancelled the stream"
+    assert steps < 2000
+    assert not served.worker._thread.is_alive(), "the worker thread outlived the server"
 
 
 def test_drain_is_not_serving_refuses_new_rpcs_and_finishes_streams(cache_dir, noise_dir):

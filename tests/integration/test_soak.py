@@ -14,7 +14,7 @@ import time
 import grpc
 import pytest
 
-from tests.helpers import ServerThread, caption_request, query_request, shape_image, wait_idle
+from tests.helpers import ServerThread, caption_request, query_request, shape_image, wait_for, wait_idle
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service.config import Settings
 
@@ -38,7 +38,7 @@ def rss_mb() -> float:
 
 
 def one_request(stub, rng: random.Random) -> str:
-    """Send one random request; return 'ok' or the status code's name."""
+    """Send one random request; return 'ok', 'client-cancel' or the status code's name."""
     kind = rng.random()
     model = rng.choice(["tiny-smolvlm", "noise"])
     image = shape_image(rng.choice(["red", "blue", "green"]), size=(rng.randint(32, 300), rng.randint(32, 300)))
@@ -63,9 +63,9 @@ def one_request(stub, rng: random.Random) -> str:
         for received, message in enumerate(call):
             if cancel_after is not None and received >= cancel_after:
                 call.cancel()
-                return "CANCELLED"
+                return "client-cancel"  # what the server made of it is read from its metrics
             if message.finish_reason:
-                assert message.usage.completion_tokens >= 1
+                assert message.usage.completion_tokens >= 1, f"a finished stream reported {message.usage}"
         return "ok"
     except grpc.RpcError as error:
         return error.code().name
@@ -84,6 +84,7 @@ def test_soak(cache_dir, tiny_smolvlm_dir, noise_dir):
     )
     server.wait_ready()
     outcomes: collections.Counter[str] = collections.Counter()
+    failures: list[BaseException] = []  # raised in client threads, re-raised by the test
     lock = threading.Lock()
     try:
         with server.channel() as channel:
@@ -94,10 +95,13 @@ def test_soak(cache_dir, tiny_smolvlm_dir, noise_dir):
 
             def client(seed: int) -> None:
                 rng = random.Random(seed)
-                while time.monotonic() < stop_at:
-                    outcome = one_request(stub, rng)
-                    with lock:
-                        outcomes[outcome] += 1
+                try:
+                    while time.monotonic() < stop_at:
+                        outcome = one_request(stub, rng)
+                        with lock:
+                            outcomes[outcome] += 1
+                except BaseException as exc:  # an assertion in a thread must fail the test, not just warn
+                    failures.append(exc)
 
             clients = [threading.Thread(target=client, args=(i,)) for i in range(10)]
             for thread in clients:
@@ -105,16 +109,31 @@ def test_soak(cache_dir, tiny_smolvlm_dir, noise_dir):
             for thread in clients:
                 thread.join(seconds + 120)
             assert not any(thread.is_alive() for thread in clients), "a client hung"
+            if failures:
+                raise failures[0]
             wait_idle(server.engine, timeout=30)
             rss_after = rss_mb()
             total = sum(outcomes.values())
+            # The statuses the server ended its RPCs with (its own count, by method and code), once every
+            # handler has finished: a client's cancel is CANCELLED there only if the server saw it so.
+            wait_for(lambda: server.engine.open_streams == 0, message="a stream slot leaked")
+            codes: collections.Counter[str] = collections.Counter()
+            for family in server.engine.metrics.registry.collect():
+                for sample in family.samples:
+                    if sample.name == "vlm_requests_total":
+                        codes[sample.labels["code"]] += int(sample.value)
             print(
-                f"soak {seconds:g}s: {total} requests {dict(outcomes)}; "
+                f"soak {seconds:g}s: {total} requests, client side {dict(outcomes)}, server side {dict(codes)}; "
                 f"RSS {rss_before:.0f} -> {rss_after:.0f} MB; threads {threads_before} -> {threading.active_count()}"
             )
-            unexpected = {k: v for k, v in outcomes.items() if k != "ok" and grpc.StatusCode[k] not in EXPECTED}
+            client_side = {k: v for k, v in outcomes.items() if k not in ("ok", "client-cancel")}
+            unexpected = {
+                k: v for k, v in (client_side | codes).items() if k != "OK" and grpc.StatusCode[k] not in EXPECTED
+            }
             assert not unexpected, f"unexpected statuses: {unexpected}"
-            assert outcomes["ok"] > 0 and total >= 20
+            assert codes["OK"] >= outcomes["ok"] > 0 and total >= 20
+            if outcomes["client-cancel"]:
+                assert codes["CANCELLED"] > 0, "the server counted none of the clients' cancels as CANCELLED"
             assert server.engine.open_streams == 0, "a stream slot leaked"
             assert all(m.worker.queue_depth == 0 for m in server.engine.models.values())
             assert threading.active_count() <= threads_before + 2, "threads leaked"

@@ -120,6 +120,7 @@ async def test_max_new_tokens_and_stop_strings(fake_engine, settings):
         (caption_request(max_new_tokens=10**6), InvalidInput, "options.max_new_tokens"),
         (caption_request(stop=["x"] * 9), InvalidInput, "options.stop"),
         (caption_request(stop=["ok", ""]), InvalidInput, "options.stop[1]"),
+        (caption_request(stop=["ok", "x" * 65]), InvalidInput, "options.stop[1]"),
         (caption_request(response_language="tlh"), InvalidInput, "response_language"),
         (query_request("   "), InvalidInput, "question"),
         (query_request("x" * 5000), InvalidInput, "question"),
@@ -159,12 +160,15 @@ async def test_full_queue_is_refused_at_once_and_cancelled_queued_jobs_never_sta
     with pytest.raises(QueueFull):
         await collect(servicer.Caption(caption_request(), FakeContext()))
 
-    queued.cancel()  # the RPC of the queued request ends
-    await asyncio.sleep(0.05)
+    queued.cancel()  # the RPC of the queued request ends: its handler releases the job
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert fake_engine.models["fake"].worker.queue_depth == 0, "the cancelled request left the queue"
     gate.set()
     messages = await running
     assert messages[-1].finish_reason == pb.FINISH_REASON_STOP
-    await asyncio.sleep(0.1)
+    while not fake_engine.idle:  # the worker has taken everything it will take
+        await asyncio.sleep(0.001)
     assert len(backend.started) == 1, "the cancelled queued request must never start"
     assert dict(queued_context.initial_metadata)["x-request-id"] not in backend.started
 
