@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -41,13 +42,28 @@ class StartupError(RuntimeError):
     """The server cannot start (a port cannot be bound); the message is one line for the operator."""
 
 
+def _exit_now(code: int) -> None:
+    """Exit without waiting for threads or running exit handlers: flush the logs and standard streams,
+    stop child processes (a checkpoint build), then ``os._exit``."""
+    import multiprocessing
+    import sys
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def _in_daemon_thread(function: Callable[[], None], name: str) -> asyncio.Future:
     """Run ``function`` in a daemon thread; the future has its result. Unlike ``asyncio.to_thread`` the
     process never waits for it at exit, so a signal can stop the server while a model loads or builds."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
-    def settle(error: BaseException | None) -> None:
+    def settle(error: BaseException | None) -> None:  # on the event loop
         if not future.done():
             future.set_exception(error) if error is not None else future.set_result(None)
 
@@ -60,7 +76,9 @@ def _in_daemon_thread(function: Callable[[], None], name: str) -> asyncio.Future
         if not loop.is_closed():
             loop.call_soon_threadsafe(settle, error)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    future.thread = thread
     return future
 
 
@@ -125,6 +143,7 @@ class VLMServer:
             )
         self.port = 0
         self._loading: asyncio.Task | None = None
+        self._loader: threading.Thread | None = None  # the thread that loads the models
         self._server_loop: asyncio.AbstractEventLoop | None = None
         self.engine.health_listener = self._readiness_dropped
         self.engine.stuck_listener = self._model_stuck
@@ -183,7 +202,9 @@ class VLMServer:
 
     async def _load(self) -> None:
         try:
-            await _in_daemon_thread(self.engine.load_all, "vlm-loader")
+            loading = _in_daemon_thread(self.engine.load_all, "vlm-loader")
+            self._loader = loading.thread
+            await loading
         except UnsupportedModel as exc:
             logger.error("cannot serve: %s", exc)
             raise
@@ -241,6 +262,11 @@ class VLMServer:
         await self._stopped.wait()
 
     @property
+    def still_loading(self) -> bool:
+        """Whether the loading thread still runs (after a stop while models load or build)."""
+        return self._loader is not None and self._loader.is_alive()
+
+    @property
     def load_failed(self) -> bool:
         task = self._loading
         return task is not None and task.done() and not task.cancelled() and task.exception() is not None
@@ -259,8 +285,7 @@ async def serve(settings: Settings) -> None:
     def on_signal(signum: int) -> None:
         if stop.is_set():
             logger.warning("second %s: exiting now", signal.Signals(signum).name)
-            logging.shutdown()
-            os._exit(128 + signum)
+            _exit_now(128 + signum)
         logger.info("%s: shutting down (a second signal exits at once)", signal.Signals(signum).name)
         stop.set()
 
@@ -271,7 +296,11 @@ async def serve(settings: Settings) -> None:
     server._loading.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
     await stop.wait()
     await server.stop()
-    if server.load_failed:
-        raise SystemExit(1)
-    if server.stuck_models:
-        raise SystemExit(EXIT_MODEL_STUCK)
+    code = 1 if server.load_failed else EXIT_MODEL_STUCK if server.stuck_models else 0
+    if server.still_loading:
+        # A model is still loading or building in its thread: Python would wait for it at exit (its
+        # C calls hold on to the interpreter), so leave now.
+        logger.info("a model was still loading; exiting without waiting for it")
+        _exit_now(code)
+    if code:
+        raise SystemExit(code)
