@@ -25,7 +25,7 @@ from grpc_status import rpc_status
 from PIL import Image, ImageDraw
 
 from tests import fakes
-from tests.helpers import ServerThread, caption_request, png_bytes, wait_idle
+from tests.helpers import ServerThread, caption_request, png_bytes
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service import decoding
 from vlm_service import worker as worker_module
@@ -344,10 +344,11 @@ def test_a_second_signal_exits_at_once(tmp_path):
 # --- out of memory in a batch ------------------------------------------------------------------------
 
 
-def test_out_of_memory_in_a_batch_frees_memory_once_after_the_traceback_is_gone(smolvlm_server, monkeypatch):
+def test_out_of_memory_in_a_batch_frees_memory_once_after_the_traceback_is_gone(cache_dir, noise_dir, monkeypatch):
     """Three rows decode together when the step runs out of memory: every row gets RESOURCE_EXHAUSTED
     with RetryInfo, and memory is freed once, after the tensors the failed step held were let go."""
-    wait_idle(smolvlm_server.engine)
+    server = ServerThread(Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir, grace_period=0.0))
+    server.wait_ready()
     held: list[weakref.ref] = []
     freed: list[list[bool]] = []
     step = DecodeBatch.step
@@ -361,18 +362,20 @@ def test_out_of_memory_in_a_batch_frees_memory_once_after_the_traceback_is_gone(
 
     monkeypatch.setattr(DecodeBatch, "step", step_that_runs_out_of_memory)
     monkeypatch.setattr(worker_module, "free_memory", lambda: freed.append([ref() is None for ref in held]))
-    with smolvlm_server.channel() as channel:
-        stub = smolvlm_server.stub(channel)
-        calls = [stub.Caption(caption_request(model="noise", max_new_tokens=400)) for _ in range(3)]
-        errors = [rpc_error(call) for call in calls]
-    for error in errors:
-        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "out of memory" in error.details()
-        assert retry_delay(error) == 5.0
-    assert freed == [[True]], "memory is freed once per failed step, after its frames were let go"
-    monkeypatch.undo()
-    with smolvlm_server.channel() as channel:
-        answer = list(smolvlm_server.stub(channel).Caption(caption_request(max_new_tokens=8)))
-    assert answer[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    try:
+        with server.channel() as channel:
+            stub = server.stub(channel)
+            calls = [stub.Caption(caption_request(max_new_tokens=400)) for _ in range(3)]
+            errors = [rpc_error(call) for call in calls]
+            for error in errors:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "out of memory" in error.details()
+                assert retry_delay(error) == 5.0
+            assert freed == [[True]], "memory is freed once per failed step, after its frames were let go"
+            monkeypatch.undo()
+            answer = list(stub.Caption(caption_request(max_new_tokens=8)))
+            assert answer[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    finally:
+        server.stop()
 
 
 # --- a port in use -------------------------------------------------------------------------------
