@@ -176,6 +176,11 @@ class Engine:
         self._draining = True
 
     @property
+    def threads_alive(self) -> bool:
+        """Whether a worker thread still runs (after ``close``: one inside a model call that did not return)."""
+        return any(m.worker is not None and m.worker.alive for m in self.models.values())
+
+    @property
     def idle(self) -> bool:
         return all(m.worker is None or not m.worker.busy for m in self.models.values())
 

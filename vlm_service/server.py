@@ -253,7 +253,8 @@ class VLMServer:
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         # Every RPC has ended, so running generations are cancelled and stop within a decode step.
-        await _in_daemon_thread(self.engine.close, "vlm-close")
+        # A worker inside a call that cannot be interrupted (a long prefill) gets 2 s more, no longer.
+        await _in_daemon_thread(lambda: self.engine.close(timeout=2.0), "vlm-close")
         self._close_side_services()
         self._stopped.set()
         logger.info("stopped")
@@ -297,10 +298,11 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     await server.stop()
     code = 1 if server.load_failed else EXIT_MODEL_STUCK if server.stuck_models else 0
-    if server.still_loading:
-        # A model is still loading or building in its thread: Python would wait for it at exit (its
-        # C calls hold on to the interpreter), so leave now.
-        logger.info("a model was still loading; exiting without waiting for it")
+    if server.still_loading or server.engine.threads_alive:
+        # A model is still loading or building, or a worker is still inside a model call (a long
+        # prefill, a stuck step): Python would wait for it at exit, or abort when its C++ code meets
+        # the interpreter's end, so leave now.
+        logger.info("a model thread was still busy; exiting without waiting for it")
         _exit_now(code)
     if code:
         raise SystemExit(code)

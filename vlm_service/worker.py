@@ -347,6 +347,11 @@ class ModelWorker:
         if not self.stuck:  # a stuck thread never returns; the process exits without it
             self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker's thread still runs (it may be inside a model call after a stop)."""
+        return self._thread.is_alive()
+
     def silent_for(self, now: float) -> float:
         """Seconds the thread has worked without a sign of life (0 while it waits for work)."""
         return now - self.progress if self.working else 0.0

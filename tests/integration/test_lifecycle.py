@@ -341,6 +341,26 @@ def test_a_second_signal_exits_at_once(tmp_path):
         stop_process(process)
 
 
+def test_sigterm_while_a_model_call_never_returns_exits_after_the_grace_period(tmp_path):
+    """A generation inside a model call that does not return (a long prefill, a hung kernel): SIGTERM
+    drains for the grace period, gives the worker 2 s more, then exits 0 without waiting for it."""
+    process, address = serve_process(tmp_path, "--grace-period", "1", "--stall-timeout", "600", runner_args=["--hang"])
+    try:
+        wait_for_health(address, SERVING)
+        with grpc.insecure_channel(address) as channel:
+            call = pb_stub(channel).Caption(caption_request(), timeout=60)
+            call.initial_metadata()
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=15)
+            elapsed = time.monotonic() - started
+        print(f"SIGTERM with a model call that never returns: exited {code} after {elapsed:.1f} s")
+        assert code == 0 and elapsed < 1 + 2 + 3
+        assert "exiting without waiting" in process.stderr.read()
+    finally:
+        stop_process(process)
+
+
 # --- out of memory in a batch ------------------------------------------------------------------------
 
 
