@@ -27,7 +27,7 @@ def _configure_logging(level: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from .registry import UnsupportedModel
-    from .server import serve
+    from .server import StartupError, serve
 
     try:
         settings = load_settings(args)
@@ -37,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
     _configure_logging(settings.log_level)
     try:
         asyncio.run(serve(settings))
-    except UnsupportedModel as exc:
+    except (UnsupportedModel, StartupError) as exc:
         print(f"vlm-service: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:

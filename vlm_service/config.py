@@ -65,6 +65,16 @@ class Settings:
     image_cache_size: int = _setting(
         32, "Images per model whose preprocessing and vision features are kept for reuse (by content hash); 0 is off."
     )
+    image_cache_bytes: int = _setting(
+        0,
+        "Bytes of tensors (preprocessing and vision features, on the model's device) the image cache of each model "
+        "may keep; least recently used images go first. 0 (auto): 1/32 of the device's memory (RAM on a CPU).",
+    )
+    max_image_decodes: int = _setting(
+        4,
+        "Images decoded at once (in threads, never on the event loop); more requests wait for a slot, counted "
+        "against --max-streams, and beyond that get RESOURCE_EXHAUSTED at once.",
+    )
     metrics_port: int = _setting(0, "Port for the Prometheus metrics endpoint (HTTP /metrics); 0 turns it off.")
     default_max_new_tokens: int = _setting(
         256, "max_new_tokens for a Query that leaves it 0 (Captions use their length's budget)."
@@ -105,7 +115,10 @@ class Settings:
         "", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."
     )
     stall_timeout: float = _setting(
-        60.0, "Seconds a running generation may go without a decode step before it is aborted (ABORTED)."
+        300.0,
+        "Seconds a model's worker may work without progress (a decode step, a prefill) before the model is "
+        "declared stuck: its running requests end with ABORTED, queued and new ones with UNAVAILABLE, its health "
+        "turns NOT_SERVING, and the server drains and exits with code 3 so that its supervisor restarts it.",
     )
     keepalive_time: float = _setting(
         30.0, "Seconds between HTTP/2 keepalive pings to each client, to find clients that vanished."
@@ -136,11 +149,12 @@ class Settings:
             "max_stop_chars",
             "max_streams",
             "stall_timeout",
+            "max_image_decodes",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_describe(name)} must be positive, got {getattr(self, name)}")
-        for name in ("max_stop_sequences", "torch_threads", "image_cache_size", "grace_period"):
+        for name in ("max_stop_sequences", "torch_threads", "image_cache_size", "image_cache_bytes", "grace_period"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_describe(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("port", "metrics_port"):

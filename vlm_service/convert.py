@@ -6,7 +6,6 @@ the request field (``options.top_p``) and what is wrong with it.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import uuid
 
@@ -14,7 +13,6 @@ from vlm.v1 import vlm_service_pb2 as pb
 
 from .config import Settings
 from .errors import InvalidInput
-from .images import decode_image
 from .types import CaptionLength, Finished, FinishReason, GenerationRequest, ModelCard, SamplingParams, Task, TextDelta
 
 _LENGTHS = {
@@ -75,15 +73,11 @@ def sampling_params(options: pb.GenerationOptions, settings: Settings) -> Sampli
     )
 
 
-def _image(message: pb.CaptionRequest | pb.QueryRequest, settings: Settings):
+def image_data(message: pb.CaptionRequest | pb.QueryRequest) -> bytes:
+    """The image's encoded bytes (decoded later, off the event loop: see decoding.py)."""
     if not message.HasField("image"):
         raise InvalidInput("image", "an image is required")
-    return decode_image(message.image.data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-
-
-def image_digest(message: pb.CaptionRequest | pb.QueryRequest) -> str:
-    """The image cache's key: a hash of the bytes (decoding is deterministic, so equal bytes, equal image)."""
-    return hashlib.blake2b(message.image.data, digest_size=16).hexdigest()
+    return message.image.data
 
 
 def _language(code: str) -> str:
@@ -91,14 +85,14 @@ def _language(code: str) -> str:
 
 
 def caption_request(message: pb.CaptionRequest, settings: Settings) -> GenerationRequest:
+    """The request less its image (``image`` None): the servicer decodes it off the event loop."""
     if message.length not in _LENGTHS:
         raise InvalidInput("length", f"unknown caption length {message.length}")
     return GenerationRequest(
         request_id=new_request_id(),
         model=message.model,
         task=Task.CAPTION,
-        image=_image(message, settings),
-        image_digest=image_digest(message),
+        image=None,
         params=sampling_params(message.options, settings),
         length=_LENGTHS[message.length],
         language=_language(message.response_language),
@@ -106,6 +100,7 @@ def caption_request(message: pb.CaptionRequest, settings: Settings) -> Generatio
 
 
 def query_request(message: pb.QueryRequest, settings: Settings) -> GenerationRequest:
+    """The request less its image (``image`` None): the servicer decodes it off the event loop."""
     question = message.question.strip()
     if not question:
         raise InvalidInput("question", "the question is empty")
@@ -115,8 +110,7 @@ def query_request(message: pb.QueryRequest, settings: Settings) -> GenerationReq
         request_id=new_request_id(),
         model=message.model,
         task=Task.QUERY,
-        image=_image(message, settings),
-        image_digest=image_digest(message),
+        image=None,
         params=sampling_params(message.options, settings),
         question=question,
         language=_language(message.response_language),

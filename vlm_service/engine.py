@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,15 @@ from PIL import Image, ImageDraw
 from . import registry
 from .backends.base import Backend, ModelSpec, Runtime
 from .config import Settings
-from .errors import DeadlineUnmeetable, InvalidInput, ModelNotFound, ModelNotReady, QueueFull, ShuttingDown
+from .errors import (
+    DeadlineUnmeetable,
+    GenerationStalled,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    QueueFull,
+    ShuttingDown,
+)
 from .metrics import Metrics, ModelMetrics
 from .types import GenerationRequest, ModelCard, SamplingParams, Task
 from .worker import BatchingWorker, Job, ModelWorker
@@ -57,18 +66,27 @@ class Engine:
         self._draining = False
         self._streams: set[Job] = set()  # submitted and not yet released, over all models
         self.health_listener: Callable[[], None] | None = None  # called (from any thread) when readiness drops
+        self.stuck_listener: Callable[[str], None] | None = None  # called (watchdog thread) when a model is stuck
         self.metrics = Metrics()
         self.metrics.watch(self)
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="vlm-watchdog", daemon=True)
+        self._watchdog.start()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def load_all(self) -> None:
         """Load and warm up every model (blocking; run it off the event loop). Raises on failure."""
         runtime = Runtime(
-            device=self.settings.device, dtype=self.settings.dtype, image_cache_size=self.settings.image_cache_size
+            device=self.settings.device,
+            dtype=self.settings.dtype,
+            image_cache_size=self.settings.image_cache_size,
+            image_cache_bytes=self.settings.image_cache_bytes,
         )
         set_torch_threads(self.settings.torch_threads, runtime)
         for served in self.models.values():
+            if self._closed.is_set():
+                return  # stopped while loading: load nothing more, start no worker
             start = time.monotonic()
             try:
                 served.spec = registry.resolve(served.spec, self.settings.cache_dir)
@@ -82,6 +100,8 @@ class Engine:
                 served.error = str(exc)
                 raise
             served.backend = backend
+            if self._closed.is_set():
+                return
             metrics = ModelMetrics(self.metrics, served.spec.name)
             args = (served.spec.name, backend, self.settings.max_queue, self._fatal, metrics)
             if backend.batches and self.settings.max_batch_size > 1:
@@ -120,6 +140,33 @@ class Engine:
         if self.health_listener is not None:
             self.health_listener()
 
+    def _watch(self) -> None:
+        """The watchdog thread: a worker that works without a sign of life (a decode step, a prefill
+        finished) for the stall timeout holds its model for good, as far as anyone can tell."""
+        timeout = self.settings.stall_timeout
+        while not self._closed.wait(min(1.0, timeout / 4)):
+            now = time.monotonic()
+            for name, served in self.models.items():
+                worker = served.worker
+                if worker is not None and not worker.stuck and worker.silent_for(now) > timeout:
+                    self._stuck(name, worker, timeout)
+
+    def _stuck(self, name: str, worker: ModelWorker, timeout: float) -> None:
+        """Model ``name`` is stuck: it stops serving, its requests end at once, and the server is told
+        (it exits non-zero so that its supervisor starts a fresh process; a thread cannot be killed)."""
+        served = self.models[name]
+        served.state = ModelState.FAILED
+        served.error = "stuck"
+        logger.critical("model %s made no progress for %g s; it no longer serves", name, timeout)
+        worker.declare_stuck(
+            GenerationStalled(f"model {name!r} stalled: no progress for {timeout:g} s; the generation was stopped"),
+            ModelNotReady(f"model {name!r} is stuck and no longer serves; retry on another instance"),
+        )
+        if self.health_listener is not None:
+            self.health_listener()
+        if self.stuck_listener is not None:
+            self.stuck_listener(name)
+
     @property
     def ready(self) -> bool:
         return not self._draining and all(m.state is ModelState.READY for m in self.models.values())
@@ -129,11 +176,18 @@ class Engine:
         self._draining = True
 
     @property
+    def threads_alive(self) -> bool:
+        """Whether a worker thread still runs (after ``close``: one inside a model call that did not return)."""
+        return any(m.worker is not None and m.worker.alive for m in self.models.values())
+
+    @property
     def idle(self) -> bool:
         return all(m.worker is None or not m.worker.busy for m in self.models.values())
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the workers once their queues are empty; wait up to ``timeout`` for running work."""
+        """Stop the workers once their queues are empty; wait up to ``timeout`` for running work.
+        A model still loading stops after the one it is on, and starts no worker."""
+        self._closed.set()
         workers = [m.worker for m in self.models.values() if m.worker is not None]
         for worker in workers:
             worker.close()
@@ -187,7 +241,6 @@ class Engine:
             request,
             asyncio.get_running_loop(),
             backend_cls.role_prefixes,
-            stall_timeout=self.settings.stall_timeout,
             abandon_after=self.settings.keepalive_time + self.settings.keepalive_timeout,
             metrics=served.worker.metrics,
         )

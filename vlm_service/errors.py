@@ -70,6 +70,10 @@ class GenerationStalled(ServiceError):
     """The model made no progress for the stall timeout (ABORTED); the generation was stopped."""
 
 
+class ReaderStalled(ServiceError):
+    """The client read nothing for so long while output waited that the generation was stopped (ABORTED)."""
+
+
 class OutOfMemory(ServiceError):
     """The model ran out of memory on this request (RESOURCE_EXHAUSTED); the memory was freed."""
 

@@ -11,21 +11,46 @@ the prompt's text is still tokenized for every request. Once an image's vision f
 its pixel tensors are dropped (:meth:`ImageCache.drop_inputs`). A test checks that a cached request's
 inputs are identical to a fresh one's (less those pixels) and give the same logits, so a change in
 that hook shows up as a failure, not a wrong answer.
+
+The cache is bounded twice: in images (``capacity``) and in bytes (``max_bytes``), the bytes of every
+tensor an entry keeps wherever it lives (vision features on a GPU count against its memory). An entry
+larger than the whole budget is not kept.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 
+def tensor_bytes(value: Any, _depth: int = 0) -> int:
+    """Bytes of the tensors (torch or numpy) inside ``value``: mappings, sequences and dataclasses are
+    searched, other objects count 0."""
+    if _depth > 8 or value is None or isinstance(value, (str, bytes, int, float, bool)):
+        return 0
+    nbytes = getattr(value, "nbytes", None)  # torch.Tensor (2.1+) and numpy arrays
+    if isinstance(nbytes, int) and hasattr(value, "shape"):
+        return nbytes
+    if isinstance(value, Mapping):
+        return sum(tensor_bytes(v, _depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v, _depth + 1) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(tensor_bytes(getattr(value, f.name), _depth + 1) for f in dataclasses.fields(value))
+    return 0
+
+
 class ImageCache:
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, max_bytes: int = 1 << 62):
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._entries: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._sizes: dict[str, int] = {}  # bytes of each entry's tensors
+        self.bytes = 0  # bytes of every entry's tensors
         self._lock = threading.Lock()
         self._current = threading.local()  # the digest of the image being preprocessed, per thread
         self.hits = collections.Counter()  # by kind: "preprocessing", "features"
@@ -48,10 +73,24 @@ class ImageCache:
         if not self.capacity or not digest:
             return
         with self._lock:
-            self._entries.setdefault(digest, {})[kind] = value
+            entry = self._entries.setdefault(digest, {})
+            entry[kind] = value
             self._entries.move_to_end(digest)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self._resize(digest, sum(tensor_bytes(v) for v in entry.values()))
+            if self._sizes[digest] > self.max_bytes:  # alone over the budget: not kept, nothing else goes
+                del self._entries[digest]
+                self.bytes -= self._sizes.pop(digest)
+            self._evict()
+
+    def _resize(self, digest: str, size: int) -> None:
+        self.bytes += size - self._sizes.get(digest, 0)
+        self._sizes[digest] = size
+
+    def _evict(self) -> None:
+        """Drop least recently used entries beyond either bound."""
+        while self._entries and (len(self._entries) > self.capacity or self.bytes > self.max_bytes):
+            digest, _ = self._entries.popitem(last=False)
+            self.bytes -= self._sizes.pop(digest, 0)
 
     def drop_inputs(self, digest: str, names: tuple[str, ...]) -> None:
         """Drop processor outputs ``names`` (the pixel tensors) from the image's cached preprocessing.
@@ -65,6 +104,7 @@ class ImageCache:
             if entry is not None and "preprocessing" in entry:
                 processed, replacements = entry["preprocessing"]
                 entry["preprocessing"] = ({k: v for k, v in processed.items() if k not in names}, replacements)
+                self._resize(digest, sum(tensor_bytes(v) for v in entry.values()))
 
     def __len__(self) -> int:
         with self._lock:

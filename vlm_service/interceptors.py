@@ -26,6 +26,7 @@ from .errors import (
     ModelNotReady,
     OutOfMemory,
     QueueFull,
+    ReaderStalled,
     ServiceError,
     ShuttingDown,
 )
@@ -41,7 +42,20 @@ STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     GenerationFailed: grpc.StatusCode.INTERNAL,
     DeadlineUnmeetable: grpc.StatusCode.DEADLINE_EXCEEDED,
     GenerationStalled: grpc.StatusCode.ABORTED,
+    ReaderStalled: grpc.StatusCode.ABORTED,
     OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+#: Codes sent from outside the table above (the transport, the auth interceptor, the RPC's own end),
+#: each with where it comes from. With STATUS_CODES this is every code a client can get; the proto's
+#: service comment and the README's status table are tested against both.
+OTHER_STATUS_CODES: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.INVALID_ARGUMENT: "request bytes that are not a valid message (MalformedRequestInterceptor)",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "a message above the transport limit; --max-streams; image decodes busy",
+    grpc.StatusCode.UNAUTHENTICATED: "a missing or wrong bearer token (auth.BearerTokenInterceptor)",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the RPC's deadline passed",
+    grpc.StatusCode.CANCELLED: "the client cancelled",
+    grpc.StatusCode.INTERNAL: "an unexpected exception (ErrorInterceptor, with an error id)",
 }
 
 

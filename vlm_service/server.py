@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import threading
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,6 +20,7 @@ from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 from . import registry
 from .auth import BearerTokenInterceptor
 from .config import Settings
+from .decoding import ImageDecoder
 from .engine import Engine
 from .interceptors import ErrorInterceptor, MalformedRequestInterceptor
 from .registry import UnsupportedModel
@@ -29,6 +34,53 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # Room above the largest accepted image for the rest of the request.
 _MESSAGE_OVERHEAD = 1024 * 1024
+
+#: The exit code of a server that stopped because a model was stuck (its supervisor should restart it).
+EXIT_MODEL_STUCK = 3
+
+
+class StartupError(RuntimeError):
+    """The server cannot start (a port cannot be bound); the message is one line for the operator."""
+
+
+def _exit_now(code: int) -> None:
+    """Exit without waiting for threads or running exit handlers: flush the logs and standard streams,
+    stop child processes (a checkpoint build), then ``os._exit``."""
+    import multiprocessing
+    import sys
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _in_daemon_thread(function: Callable[[], None], name: str) -> asyncio.Future:
+    """Run ``function`` in a daemon thread; the future has its result. Unlike ``asyncio.to_thread`` the
+    process never waits for it at exit, so a signal can stop the server while a model loads or builds."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:  # on the event loop
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(None)
+
+    def run() -> None:
+        error = None
+        try:
+            function()
+        except BaseException as exc:  # handed to the future, which re-raises it where it is awaited
+            error = exc
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(settle, error)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    future.thread = thread
+    return future
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -78,7 +130,14 @@ class VLMServer:
         if token:
             interceptors.insert(1, BearerTokenInterceptor(token, settings.reflection_requires_auth))
         self._server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
-        pb_grpc.add_VisionLanguageServiceServicer_to_server(VisionLanguageServicer(self.engine, settings), self._server)
+        self.decoder = ImageDecoder(
+            workers=settings.max_image_decodes,
+            max_waiting=settings.max_streams,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+        )
+        servicer = VisionLanguageServicer(self.engine, settings, self.decoder)
+        pb_grpc.add_VisionLanguageServiceServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -86,8 +145,12 @@ class VLMServer:
             )
         self.port = 0
         self._loading: asyncio.Task | None = None
+        self._loader: threading.Thread | None = None  # the thread that loads the models
         self._server_loop: asyncio.AbstractEventLoop | None = None
         self.engine.health_listener = self._readiness_dropped
+        self.engine.stuck_listener = self._model_stuck
+        self.stuck_models: list[str] = []
+        self.on_stuck: Callable[[], None] | None = None  # set by serve(): start the shutdown
         self._stopped = asyncio.Event()
         self._metrics_http = None
 
@@ -98,26 +161,52 @@ class VLMServer:
         return server
 
     async def _start(self) -> None:
+        """Bind every port first (metrics, then gRPC), so that a port in use fails the start with
+        nothing left listening; then start serving and load the models in the background."""
         self._server_loop = asyncio.get_running_loop()
         await self._set_health(NOT_SERVING)
-        address = f"{self.settings.host}:{self.settings.port}"
-        credentials = server_credentials(self.settings)
-        if credentials is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, credentials)
-        if not self.port:
-            raise OSError(f"cannot listen on {address}")
-        await self._server.start()
-        logger.info("listening on %s:%d; loading models", self.settings.host, self.port)
-        if self.settings.metrics_port:
-            self._metrics_http, _ = self.engine.metrics.serve(self.settings.metrics_port, self.settings.host)
-            logger.info("metrics on http://%s:%d/metrics", self.settings.host, self.settings.metrics_port)
+        settings = self.settings
+        try:
+            if settings.metrics_port:
+                try:
+                    self._metrics_http, _ = self.engine.metrics.serve(settings.metrics_port, settings.host)
+                except OSError as exc:
+                    raise StartupError(
+                        f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {exc.strerror or exc}"
+                    ) from None
+            address = f"{settings.host}:{settings.port}"
+            credentials = server_credentials(settings)
+            try:
+                if credentials is None:
+                    self.port = self._server.add_insecure_port(address)
+                else:
+                    self.port = self._server.add_secure_port(address, credentials)
+            except RuntimeError:
+                self.port = 0
+            if not self.port:
+                raise StartupError(f"cannot listen on {address}")
+            await self._server.start()
+        except BaseException:
+            self._close_side_services()
+            self.engine.close()
+            raise
+        logger.info("listening on %s:%d; loading models", settings.host, self.port)
+        if self._metrics_http is not None:
+            logger.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
         self._loading = asyncio.create_task(self._load())
+
+    def _close_side_services(self) -> None:
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        self.decoder.close()
 
     async def _load(self) -> None:
         try:
-            await asyncio.to_thread(self.engine.load_all)
+            loading = _in_daemon_thread(self.engine.load_all, "vlm-loader")
+            self._loader = loading.thread
+            await loading
         except UnsupportedModel as exc:
             logger.error("cannot serve: %s", exc)
             raise
@@ -127,6 +216,13 @@ class VLMServer:
         if self.engine.ready:
             await self._set_health(SERVING)
             logger.info("serving %s on port %d", ", ".join(self.engine.models), self.port)
+
+    def _model_stuck(self, name: str) -> None:
+        """Called from the watchdog thread when a model is stuck: the server drains and exits non-zero."""
+        self.stuck_models.append(name)
+        loop = self._server_loop
+        if self.on_stuck is not None and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.on_stuck)
 
     def _readiness_dropped(self) -> None:
         """Called from a worker thread when a model stops serving (fatal device error)."""
@@ -160,15 +256,19 @@ class VLMServer:
             self._loading.cancel()
             registry.stop_builds()  # a first-use build would otherwise hold the exit for minutes
         # Every RPC has ended, so running generations are cancelled and stop within a decode step.
-        await asyncio.to_thread(self.engine.close)
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+        # A worker inside a call that cannot be interrupted (a long prefill) gets 2 s more, no longer.
+        await _in_daemon_thread(lambda: self.engine.close(timeout=2.0), "vlm-close")
+        self._close_side_services()
         self._stopped.set()
         logger.info("stopped")
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    @property
+    def still_loading(self) -> bool:
+        """Whether the loading thread still runs (after a stop while models load or build)."""
+        return self._loader is not None and self._loader.is_alive()
 
     @property
     def load_failed(self) -> bool:
@@ -177,15 +277,34 @@ class VLMServer:
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return. Exits 1 if a model fails to load."""
+    """Run until SIGTERM or SIGINT, then drain and return; a second signal exits at once.
+
+    Exits 1 if a model fails to load, 3 (EXIT_MODEL_STUCK) if a model got stuck, else 0, through
+    ``os._exit`` once everything is closed. A signal while models load (or build) stops at once: loading
+    runs in a daemon thread that the process does not wait for.
+    """
     server = await VLMServer.start(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            logger.warning("second %s: exiting now", signal.Signals(signum).name)
+            _exit_now(128 + signum)
+        logger.info("%s: shutting down (a second signal exits at once)", signal.Signals(signum).name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+    server.on_stuck = stop.set
     print(f"vlm-service listening on {settings.host}:{server.port}", flush=True)
     server._loading.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
     await stop.wait()
     await server.stop()
-    if server.load_failed:
-        raise SystemExit(1)
+    code = 1 if server.load_failed else EXIT_MODEL_STUCK if server.stuck_models else 0
+    # Leave without the interpreter's own teardown: it would wait for a thread still inside a model call
+    # (a load, a build, a long prefill, a stuck step), abort when that C++ code meets the interpreter's
+    # end, or spend seconds collecting the models' garbage (8 s measured), all after "stopped".
+    if server.still_loading or server.engine.threads_alive:
+        logger.info("a model thread was still busy; exiting without waiting for it")
+    _exit_now(code)

@@ -16,6 +16,7 @@ from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 
 from . import convert
 from .config import Settings
+from .decoding import ImageDecoder
 from .engine import Engine
 from .errors import ServiceError
 from .interceptors import status_code
@@ -27,15 +28,22 @@ _NO_DEADLINE = 1e8  # seconds; grpc reports a huge remaining time when the RPC h
 
 
 class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
-    def __init__(self, engine: Engine, settings: Settings):
+    def __init__(self, engine: Engine, settings: Settings, decoder: ImageDecoder | None = None):
         self.engine = engine
         self.settings = settings
+        self.decoder = decoder or ImageDecoder(
+            workers=settings.max_image_decodes,
+            max_waiting=settings.max_streams,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+        )
 
     async def Caption(
         self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CaptionResponse]:
         with self._counted("Caption", context):
             domain = convert.caption_request(request, self.settings)
+            domain = await self._with_image(domain, convert.image_data(request))
             async for response in self._stream(domain, pb.CaptionResponse, context):
                 yield response
 
@@ -44,6 +52,7 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
     ) -> AsyncIterator[pb.QueryResponse]:
         with self._counted("Query", context):
             domain = convert.query_request(request, self.settings)
+            domain = await self._with_image(domain, convert.image_data(request))
             async for response in self._stream(domain, pb.QueryResponse, context):
                 yield response
 
@@ -70,6 +79,10 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
             raise
         finally:
             self.engine.metrics.requests.labels(method, code).inc()
+
+    async def _with_image(self, request: GenerationRequest, data: bytes) -> GenerationRequest:
+        image, digest = await self.decoder.decode(data)
+        return dataclasses.replace(request, image=image, image_digest=digest)
 
     async def _stream(self, request: GenerationRequest, message: Callable, context) -> AsyncIterator:
         remaining = context.time_remaining()

@@ -19,11 +19,19 @@ import contextlib
 import logging
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
 
 from .backends.base import Backend, Outcome
 from .batching import DecodeBatch
-from .errors import GenerationFailed, GenerationStalled, OutOfMemory, QueueFull, ServiceError, ShuttingDown
+from .errors import (
+    GenerationFailed,
+    OutOfMemory,
+    QueueFull,
+    ReaderStalled,
+    ServiceError,
+    ShuttingDown,
+)
 from .metrics import ModelMetrics
 from .streaming import TextAssembler
 from .types import Finished, FinishReason, GenerationRequest, TextDelta, Usage
@@ -32,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 #: Undelivered events beyond which a client that reads nothing counts as gone.
 _BACKLOG = 32
+#: Characters of piled-up text merged into one message at most (UTF-8: at most 4 bytes each), well
+#: under the transport's 4 MiB message limit.
+_MERGE_LIMIT = 256 * 1024
 
 _FATAL_DEVICE_MESSAGES = (
     "CUDA error",
@@ -69,6 +80,18 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def drop_traceback(exc: BaseException) -> None:
+    """Let go of the frames ``exc`` holds (and those of its causes): their locals (activations, a KV
+    cache) are what an out-of-memory error needs freed, and a traceback keeps them alive."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+            exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
 class Job:
     """One request's generation: an async stream of events and a switch to stop it."""
 
@@ -77,7 +100,6 @@ class Job:
         request: GenerationRequest,
         loop: asyncio.AbstractEventLoop,
         role_prefixes=(),
-        stall_timeout: float = 60.0,
         abandon_after: float = 40.0,
         metrics: ModelMetrics | None = None,
     ):
@@ -92,7 +114,6 @@ class Job:
         self.started_at: float | None = None
         self.first_text_at: float | None = None
         self.last_progress: float = 0.0  # monotonic time of the last decode step (worker thread)
-        self._stall_timeout = stall_timeout
         # Back-pressure: the RPC takes events only as fast as the client reads them. A client that
         # reads nothing for ``abandon_after`` seconds while output piles up has gone: stop generating.
         self.abandon_after = abandon_after
@@ -103,6 +124,9 @@ class Job:
         self._worker: ModelWorker | None = None
         self._metrics = metrics
         self._steps = 0  # decode steps so far (worker thread)
+        self._abandoned = False  # the back-pressure guard stopped it (its RPC still listens)
+        self._ended = False  # a last event (Finished or an error) was sent
+        self._end_lock = threading.Lock()  # the worker and the watchdog may both try to end it
 
     # --- the RPC's side (event loop) ---------------------------------------------------------
 
@@ -115,33 +139,38 @@ class Job:
 
     @property
     def cancelled(self) -> bool:
+        """Its RPC ended (or the engine let it go): nobody waits for its events."""
         return self._cancelled.is_set()
+
+    @property
+    def abandoned(self) -> bool:
+        """The back-pressure guard stopped it: its client read nothing for ``abandon_after`` seconds."""
+        return self._abandoned
 
     async def events(self) -> AsyncIterator[TextDelta | Finished]:
         """Text deltas as they are written, then one :class:`Finished`; raises a ServiceError on failure.
 
-        A running generation that makes no decode step for the stall timeout is stopped and ends with
-        :class:`GenerationStalled`.
+        Every job that its RPC did not end gets exactly one last event: :class:`Finished`, or the error
+        that ended it (a failed or stuck model, see :class:`ModelWorker` and the engine's watchdog, or
+        the back-pressure guard), so a reader that resumes after a pause gets the job's true outcome.
         """
-        poll = min(1.0, self._stall_timeout / 2)
         events = self._events
         while True:
             if not events:
                 self._arrived.clear()
                 if not events:  # re-checked: an event sent before the clear has its wake-up pending
-                    try:
-                        await asyncio.wait_for(self._arrived.wait(), poll)
-                    except TimeoutError:
-                        self._check_stalled()
+                    await self._arrived.wait()
                     continue
             event = events.popleft()
             self._taken += 1
             self.last_taken = time.monotonic()
             if isinstance(event, TextDelta):
                 # Text that piled up while the client was slower than the model leaves as one message.
-                pieces = [event.text]
-                while events and isinstance(events[0], TextDelta):
-                    pieces.append(events.popleft().text)
+                pieces, size = [event.text], len(event.text)
+                while events and isinstance(events[0], TextDelta) and size < _MERGE_LIMIT:
+                    piece = events.popleft().text
+                    pieces.append(piece)
+                    size += len(piece)
                     self._taken += 1
                 yield TextDelta("".join(pieces)) if len(pieces) > 1 else event
                 continue
@@ -150,15 +179,6 @@ class Job:
             yield event
             return  # Finished is the last event
 
-    def _check_stalled(self) -> None:
-        if self.started_at is not None and time.monotonic() - self.last_progress > self._stall_timeout:
-            self.cancel()
-            logger.error("request %s stalled; stopped it", self.request.request_id)
-            raise GenerationStalled(
-                f"the generation stalled: no progress for {self._stall_timeout:g} s "
-                f"(request id {self.request.request_id})"
-            )
-
     def _wake(self) -> None:
         self._wake_pending = False
         self._arrived.set()
@@ -166,6 +186,8 @@ class Job:
     # --- the worker's side (worker thread): the TextSink a backend writes to ----------------
 
     def add_text(self, piece: str) -> None:
+        if self._ended:
+            return
         delta = self._assembler.push(piece)
         if delta:
             self._send(TextDelta(delta))
@@ -180,6 +202,8 @@ class Job:
         if worker is not None and worker.step_gate is not None:
             worker.step_gate(self)
         now = time.monotonic()
+        if worker is not None:
+            worker.progress = now  # a sign of life for the watchdog
         if self._metrics is not None:
             if self._steps:
                 self._metrics.inter_token_latency.observe(now - self.last_progress)
@@ -187,10 +211,10 @@ class Job:
                 self._metrics.tokens_after_end.inc()
         self._steps += 1
         self.last_progress = now
-        if self.backlog > _BACKLOG and now - self.last_taken > self.abandon_after and not self._cancelled.is_set():
+        if self.backlog > _BACKLOG and now - self.last_taken > self.abandon_after and not self._abandoned:
             logger.warning("request %s: the client stopped reading; stopping its generation", self.request.request_id)
-            self._cancelled.set()
-        return self._cancelled.is_set() or self._assembler.stopped
+            self._abandoned = True
+        return self._cancelled.is_set() or self._abandoned or self._assembler.stopped or self._ended
 
     def _send(self, event) -> None:
         if isinstance(event, TextDelta) and self.first_text_at is None:
@@ -207,6 +231,17 @@ class Job:
                 self._cancelled.set()
 
     def _finish(self, outcome: Outcome) -> None:
+        """Send the last text and :class:`Finished` (worker thread); nothing if the job already ended."""
+        if self._abandoned:
+            self._fail(
+                ReaderStalled(
+                    f"the generation was stopped because the client read nothing for {self.abandon_after:g} s "
+                    f"while its output waited (request id {self.request.request_id})"
+                )
+            )
+            return
+        if self._ended:
+            return
         tail = self._assembler.finish()
         if tail:
             self._send(TextDelta(tail))
@@ -221,10 +256,18 @@ class Job:
             time_to_first_token_ms=(first - arrival) * 1000,
             total_time_ms=(now - arrival) * 1000,
         )
-        self._send(Finished(reason, usage))
+        self._end(Finished(reason, usage))
 
     def _fail(self, error: ServiceError) -> None:
-        self._send(error)
+        """End the job with ``error`` (any thread); nothing if it already ended."""
+        self._end(error)
+
+    def _end(self, event) -> None:
+        with self._end_lock:
+            if self._ended:
+                return
+            self._ended = True
+        self._send(event)
 
 
 class ModelWorker:
@@ -256,6 +299,11 @@ class ModelWorker:
         self._active: list[Job] = []  # started and not finished
         self.completed = 0  # finished generations (for tests and metrics)
         self.slots = slots  # requests that run at once
+        # The watchdog's view: the time of the last sign of life (work taken, a decode step), and
+        # whether the thread is working (holding the model) rather than waiting for a job.
+        self.progress = time.monotonic()
+        self.working = False
+        self.stuck = False  # declared stuck by the watchdog: it takes no more jobs and is not joined
         self._thread = threading.Thread(target=self._run, name=f"vlm-worker-{name}", daemon=True)
         self._thread.start()
 
@@ -279,8 +327,9 @@ class ModelWorker:
 
     @property
     def busy(self) -> bool:
+        """Whether the worker has work that a drain should wait for (a stuck worker has none it will finish)."""
         with self._lock:
-            return bool(self._active) or bool(self._pending)
+            return not self.stuck and (bool(self._active) or bool(self._pending))
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise QueueFull / ShuttingDown at once. Never blocks on the model."""
@@ -307,15 +356,39 @@ class ModelWorker:
             self._lock.notify_all()
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        if not self.stuck:  # a stuck thread never returns; the process exits without it
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker's thread still runs (it may be inside a model call after a stop)."""
+        return self._thread.is_alive()
+
+    def silent_for(self, now: float) -> float:
+        """Seconds the thread has worked without a sign of life (0 while it waits for work)."""
+        return now - self.progress if self.working else 0.0
+
+    def declare_stuck(self, stalled: ServiceError, unavailable: ServiceError) -> None:
+        """The thread holds the model and makes no progress (called by the watchdog, another thread):
+        its running jobs end with ``stalled``, the queued ones with ``unavailable``, and it takes no more."""
+        with self._lock:
+            self.stuck = self._closed = True
+            running, queued = list(self._active), list(self._pending)
+            self._pending.clear()
+        for job in running:
+            job._fail(stalled)
+        for job in queued:
+            job._fail(unavailable)
 
     def _take(self, room: int) -> list[Job] | None:
         """Up to ``room`` jobs that should start (waits for one if nothing runs); None: closed and done."""
         with self._lock:
+            self.working = False
             while not self._pending and not self._active and not self._closed:
                 self._lock.wait()
-            if not self._pending and not self._active:
+            if self.stuck or (not self._pending and not self._active):
                 return None
+            self.working, self.progress = True, time.monotonic()
             taken = []
             while self._pending and len(taken) < room:
                 job = self._pending.popleft()
@@ -344,10 +417,13 @@ class ModelWorker:
 
     def _execute(self, job: Job) -> None:
         self._start(job)
+        failure = None
         try:
             outcome = self.backend.generate(job.request, job)
         except Exception as exc:
-            self._failed(job, exc)
+            failure = exc
+        if failure is not None:  # handled outside the except block, so its frames can be let go
+            self._failed([job], failure)
             return
         self._finished(job, outcome)
 
@@ -361,17 +437,23 @@ class ModelWorker:
         if not job.cancelled:
             job._finish(outcome)
 
-    def _failed(self, job: Job, exc: Exception) -> None:
-        """End ``job`` after its generation raised ``exc`` (called in the worker thread)."""
-        request = job.request
-        if is_out_of_memory(exc):
-            logger.error("request %s on model %s ran out of memory; freeing it", request.request_id, self.name)
+    def _failed(self, jobs: list[Job], exc: Exception) -> None:
+        """End ``jobs`` after the generation step they shared raised ``exc`` (worker thread).
+
+        Called outside the ``except`` block: the traceback's frames (and the tensors their locals hold)
+        are dropped before memory is freed, once per failed step however many rows it had."""
+        ids = ", ".join(job.request.request_id for job in jobs)
+        oom, fatal = is_out_of_memory(exc), is_fatal_device_error(exc)
+        if oom:
+            logger.error("request(s) %s on model %s ran out of memory; freeing it", ids, self.name)
+        else:
+            logger.error("request(s) %s on model %s failed", ids, self.name, exc_info=exc)
+        drop_traceback(exc)
+        if oom:
             free_memory()
-            job._fail(OutOfMemory(request.request_id))
-            return
-        logger.exception("request %s on model %s failed", request.request_id, self.name, exc_info=exc)
-        job._fail(GenerationFailed(request.request_id))
-        if is_fatal_device_error(exc) and self._on_fatal is not None:
+        for job in jobs:
+            job._fail(OutOfMemory(job.request.request_id) if oom else GenerationFailed(job.request.request_id))
+        if fatal and self._on_fatal is not None:
             self._on_fatal(self.name)
 
 
@@ -388,10 +470,14 @@ class BatchingWorker(ModelWorker):
         while (new := self._take(self.slots - len(batch))) is not None:
             for job in new:
                 self._start(job)
+                self.progress = time.monotonic()
+                failure = None
                 try:
                     row = batch.admit(job.request, job)
                 except Exception as exc:
-                    self._failed(job, exc)
+                    failure = exc
+                if failure is not None:
+                    self._failed([job], failure)
                     self._done(job)
                     continue
                 if row.done:
@@ -401,13 +487,18 @@ class BatchingWorker(ModelWorker):
                 continue
             if self.metrics is not None:
                 self.metrics.batch_size.observe(len(batch))
+            self.progress = time.monotonic()
+            failure = None
             try:
                 finished = batch.step()
             except Exception as exc:
+                failure = exc
+            if failure is not None:
                 # A failed step leaves no row in a known state: each gets the error, the batch starts over.
-                for row in batch.abort():  # each row's sink is its Job
-                    self._failed(row.sink, exc)
-                    self._done(row.sink)
+                jobs = [row.sink for row in batch.abort()]  # each row's sink is its Job
+                self._failed(jobs, failure)
+                for job in jobs:
+                    self._done(job)
                 continue
             for row in finished:
                 self._finished(row.sink, row.outcome)

@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers import caption_request, png_bytes, query_request, shape_image
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service.convert import image_digest
+from vlm_service.decoding import image_digest
 from vlm_service.streaming import clean_answer
 from vlm_service.types import GenerationRequest, SamplingParams, Task
 
@@ -83,9 +83,5 @@ def test_a_query_after_a_caption_on_the_same_image_reuses_it_and_answers_the_sam
 
 def test_the_digest_is_of_the_bytes():
     a, b = png_bytes(shape_image("red")), png_bytes(shape_image("blue"))
-    assert image_digest(pb.CaptionRequest(image=pb.Image(data=a))) == image_digest(
-        pb.QueryRequest(image=pb.Image(data=a))
-    )
-    assert image_digest(pb.CaptionRequest(image=pb.Image(data=a))) != image_digest(
-        pb.CaptionRequest(image=pb.Image(data=b))
-    )
+    assert image_digest(a) == image_digest(bytes(a))
+    assert image_digest(a) != image_digest(b)

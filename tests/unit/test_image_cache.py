@@ -42,3 +42,25 @@ def test_pixels_are_dropped_from_the_preprocessing_but_the_rest_is_kept():
     assert cache.get("a", "preprocessing") == ({"image_grid_thw": "small"}, ["<image>"])
     cache.drop_inputs("b", ("pixel_values",))  # an image not cached: nothing happens
     assert len(cache) == 1
+
+
+def test_the_cache_is_bounded_in_bytes_of_the_tensors_it_keeps():
+    import torch
+
+    from vlm_service.image_cache import tensor_bytes
+
+    kib = torch.zeros(256)  # 1 KiB of float32
+    assert tensor_bytes({"a": kib, "b": [kib, (kib, "text")], "c": None}) == 3 * 1024
+    cache = ImageCache(capacity=100, max_bytes=3 * 1024)
+    cache.put("one", "features", {"x": torch.zeros(256)})
+    cache.put("two", "features", {"x": torch.zeros(256)})
+    cache.put("two", "preprocessing", ({"pixel_values": torch.zeros(256)}, ["<image>"]))
+    assert cache.bytes == 3 * 1024 and len(cache) == 2
+    cache.put("three", "features", {"x": torch.zeros(256)})  # over budget: the least recent goes
+    assert cache.get("one", "features") is None and cache.get("two", "features") is not None
+    assert cache.bytes == 3 * 1024
+    cache.drop_inputs("two", ("pixel_values",))  # dropping pixels gives their bytes back
+    assert cache.bytes == 2 * 1024
+    cache.put("huge", "features", torch.zeros(4 * 256))  # larger than the whole budget: not kept
+    assert cache.get("huge", "features") is None and cache.get("three", "features") is not None
+    assert cache.bytes == 2 * 1024

@@ -49,6 +49,20 @@ class Runtime:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     image_cache_size: int = 0  # images whose preprocessing and vision features are kept (0: off)
+    image_cache_bytes: int = 0  # bytes of tensors the image cache may keep (0: auto, from the device's memory)
+
+    def image_cache_budget(self) -> int:
+        """The image cache's bound in bytes: the setting, or for 0 1/32 of the device's memory."""
+        if self.image_cache_bytes:
+            return self.image_cache_bytes
+        device, _ = self.resolve()
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+        else:
+            import os
+
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total // 32
 
     def resolve(self) -> tuple[torch.device, torch.dtype]:
         """The torch device and dtype: auto is cuda with bfloat16 when available, else cpu with float32."""
@@ -105,7 +119,7 @@ class Backend(abc.ABC):
         self.spec = spec
         self.runtime = runtime
         #: What this model already computed for recent images (by content hash); see image_cache.
-        self.images = ImageCache(runtime.image_cache_size)
+        self.images = ImageCache(runtime.image_cache_size, runtime.image_cache_budget())
 
     @abc.abstractmethod
     def load(self) -> None:

@@ -1,0 +1,506 @@
+"""Reliability, round two, against real servers on loopback: image work off the event loop, a stuck
+model, stopping in every state, out-of-memory in a batch, a port in use, a reader that resumes.
+
+Server processes (signals, exit codes) run the real ``vlm-service`` command line through
+``tests.fake_server``, which registers the fake family first."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from PIL import Image, ImageDraw
+
+from tests import fakes
+from tests.helpers import ServerThread, caption_request, png_bytes
+from vlm.v1 import vlm_service_pb2 as pb
+from vlm_service import decoding
+from vlm_service import worker as worker_module
+from vlm_service.batching import DecodeBatch
+from vlm_service.config import Settings
+from vlm_service.server import EXIT_MODEL_STUCK, StartupError, VLMServer
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+def fake(tmp_path, cache_dir):
+    """Start in-process servers with the fake model: ``fake(**settings)``; all are stopped afterwards."""
+    fakes.FakeBackend.reset()
+    checkpoint = fakes.register(tmp_path)
+    servers = []
+
+    def start(**settings):
+        server = ServerThread(Settings(models=[f"fake={checkpoint}"], cache_dir=cache_dir, **settings))
+        server.wait_ready()
+        servers.append(server)
+        return server
+
+    yield start
+    if fakes.FakeBackend.step_gate is not None:
+        fakes.FakeBackend.step_gate.set()
+    for server in servers:
+        server.stop()
+    fakes.FakeBackend.reset()
+
+
+def rpc_error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    return info.value
+
+
+def health(channel, service: str = "", timeout: float = 2.0):
+    request = health_pb2.HealthCheckRequest(service=service)
+    return health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout).status
+
+
+def retry_delay(error: grpc.RpcError) -> float | None:
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToMilliseconds() / 1000
+    return None
+
+
+def big_picture(megapixels: int = 36) -> bytes:
+    """A PNG of ``megapixels`` million pixels that compresses to well under the byte limit."""
+    side = int((megapixels * 1_000_000) ** 0.5)
+    image = Image.new("RGB", (side, side), "white")
+    draw = ImageDraw.Draw(image)
+    for i in range(0, side, 97):
+        draw.line((0, i, side, side - i), fill=(i % 255, 80, 160), width=3)
+    return png_bytes(image)
+
+
+# --- image work off the event loop ---------------------------------------------------------------
+
+
+def test_a_flood_of_big_images_delays_neither_health_nor_running_streams(fake):
+    """Eight Captions of a 36-megapixel PNG (inside every limit) while a stream runs: decoding happens
+    in threads, so health answers within 100 ms and the stream never waits 150 ms between messages."""
+    server = fake(max_image_decodes=2)
+    fakes.FakeBackend.pieces = ["x"] * 600
+    fakes.FakeBackend.step_delay = 0.01  # a message every 10 ms for 6 s
+    picture = big_picture()
+    assert len(picture) < Settings().max_image_bytes
+    arrivals: list[float] = []
+    flood_window: list[float] = []
+    latencies: list[float] = []
+    with server.channel() as channel, server.channel() as flood_channel, server.channel() as probe:
+        stub, flood_stub = server.stub(channel), server.stub(flood_channel)
+        stream = stub.Caption(caption_request(max_new_tokens=600))
+
+        def read() -> None:
+            for message in stream:
+                if message.text:
+                    arrivals.append(time.monotonic())
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        while len(arrivals) < 5:
+            time.sleep(0.005)
+        flood = [flood_stub.Caption(caption_request(picture, max_new_tokens=1)) for _ in range(8)]
+        flood_window.append(time.monotonic())
+        done = threading.Event()
+        outcomes = []
+
+        def wait_flood() -> None:
+            for call in flood:
+                outcomes.append(list(call)[-1].finish_reason)
+            done.set()
+
+        waiter = threading.Thread(target=wait_flood)
+        waiter.start()
+        while not done.is_set():
+            started = time.monotonic()
+            assert health(probe) == SERVING
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.02)
+        flood_window.append(time.monotonic())
+        waiter.join()
+        stream.cancel()
+        reader.join()
+    assert outcomes == [pb.FINISH_REASON_LENGTH] * 8
+    begin, end = flood_window
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False) if begin <= b <= end]
+    assert len(gaps) > 20, "the stream should have run through the flood"
+    print(
+        f"flood of 8 x 36 MP: {end - begin:.1f} s; health max {max(latencies) * 1000:.0f} ms over "
+        f"{len(latencies)} checks; longest stream gap {max(gaps) * 1000:.0f} ms over {len(gaps)} messages"
+    )
+    assert max(latencies) < 0.1
+    assert max(gaps) < 0.15
+
+
+def test_image_decodes_beyond_the_limit_get_resource_exhausted_at_once(fake, monkeypatch):
+    server = fake(max_image_decodes=1, max_streams=3)  # 1 decoding + 3 waiting
+    gate, entered = threading.Event(), threading.Event()
+    real = decoding.decode_image
+
+    def held(data, **limits):
+        entered.set()
+        gate.wait(20)
+        return real(data, **limits)
+
+    monkeypatch.setattr(decoding, "decode_image", held)
+    decoder = server.server.decoder
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        admitted = [stub.Caption(caption_request()) for _ in range(4)]
+        assert entered.wait(10)
+        deadline = time.monotonic() + 10
+        while decoder.admitted < 4:
+            assert time.monotonic() < deadline, "the four requests never reached the decoder"
+            time.sleep(0.005)
+        started = time.monotonic()
+        error = rpc_error(stub.Caption(caption_request()))
+        assert time.monotonic() - started < 1.0, "refused at once"
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "being decoded" in error.details()
+        assert retry_delay(error) == 0.5
+        gate.set()
+        for call in admitted:
+            assert list(call)[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert decoder.admitted == 0
+
+
+# --- a stuck model -----------------------------------------------------------------------------
+
+
+def test_a_stuck_model_stops_serving_and_its_requests_end_at_once(fake):
+    server = fake(stall_timeout=0.5)
+    fakes.FakeBackend.step_gate = threading.Event()  # from now on the model hangs in its first step
+    backend = fakes.FakeBackend.instances[-1]
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        running = stub.Caption(caption_request(), timeout=30)
+        running.initial_metadata()
+        deadline = time.monotonic() + 5
+        while not backend.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        queued = stub.Caption(caption_request(), timeout=30)
+        queued.initial_metadata()
+        started = time.monotonic()
+        error = rpc_error(running)
+        assert error.code() == grpc.StatusCode.ABORTED and "stalled" in error.details()
+        error = rpc_error(queued)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and "stuck" in error.details()
+        assert time.monotonic() - started < 5, "the watchdog acts within the stall timeout and its period"
+        started = time.monotonic()
+        error = rpc_error(stub.Caption(caption_request(), timeout=30))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 1
+        assert health(channel) == NOT_SERVING
+        assert not stub.ListModels(pb.ListModelsRequest()).models[0].ready
+    assert server.server.stuck_models == ["fake"]
+
+
+def serve_process(tmp_path: Path, *serve_args: str, runner_args=()) -> tuple[subprocess.Popen, str]:
+    """Start ``vlm-service serve`` (fake family) on a free port; return the process and its address."""
+    command = [
+        sys.executable,
+        "-m",
+        "tests.fake_server",
+        "--checkpoint-parent",
+        str(tmp_path),
+        *runner_args,
+        "--",
+        "serve",
+        "--model",
+        f"fake={tmp_path / 'fake-checkpoint'}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *serve_args,
+    ]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    match = re.search(r"listening on ([\d.]+:\d+)", line)
+    assert match, f"no address in {line!r}; stderr: {process.stderr.read() if process.poll() is not None else ''}"
+    return process, match.group(1)
+
+
+def wait_for_health(address: str, status, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        while True:
+            try:
+                if health(channel) == status:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, f"health never became {status}"
+            time.sleep(0.05)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.communicate(timeout=10)
+
+
+def test_a_stuck_model_makes_the_server_exit_non_zero(tmp_path):
+    process, address = serve_process(tmp_path, "--stall-timeout", "1", "--grace-period", "1", runner_args=["--hang"])
+    try:
+        wait_for_health(address, SERVING)
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_stub(channel)
+            error = rpc_error(stub.Caption(caption_request(), timeout=30))
+            assert error.code() == grpc.StatusCode.ABORTED
+        assert process.wait(timeout=15) == EXIT_MODEL_STUCK
+        assert "no longer serves" in process.stderr.read()
+    finally:
+        stop_process(process)
+
+
+def pb_stub(channel):
+    from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
+
+    return pb_grpc.VisionLanguageServiceStub(channel)
+
+
+# --- stopping in every state ---------------------------------------------------------------------
+
+
+def test_sigterm_while_a_model_loads_exits_within_seconds(tmp_path):
+    process, address = serve_process(tmp_path, runner_args=["--load-seconds", "120"])
+    try:
+        wait_for_health(address, NOT_SERVING)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=10)
+        elapsed = time.monotonic() - started
+        print(f"SIGTERM while loading: exited {code} after {elapsed:.2f} s")
+        assert code == 0 and elapsed < 10
+    finally:
+        stop_process(process)
+
+
+def test_sigterm_while_a_checkpoint_builds_exits_within_seconds(tmp_path):
+    """First use of a built-in tiny model in an empty cache trains it (about a minute here): a SIGTERM
+    meanwhile stops the server within seconds, and no half-built checkpoint is left to be served."""
+    cache = tmp_path / "empty-cache"
+    command = [
+        *(sys.executable, "-m", "vlm_service.cli", "serve", "--model", "tiny-moondream"),
+        *("--host", "127.0.0.1", "--port", "0", "--cache-dir", str(cache), "--log-level", "info"),
+    ]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening" in process.stdout.readline()
+        for line in process.stderr:
+            if "building checkpoint" in line:
+                break
+        else:
+            pytest.fail("the server never started building the checkpoint")
+        time.sleep(1)  # well inside the build
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=10)
+        elapsed = time.monotonic() - started
+        print(f"SIGTERM while building: exited {code} after {elapsed:.2f} s")
+        assert code == 0 and elapsed < 10
+        assert not [p for p in cache.iterdir() if (p / "config.json").is_file()], "nothing half-built is served"
+    finally:
+        stop_process(process)
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    process, address = serve_process(tmp_path, "--grace-period", "60", "--stall-timeout", "600", runner_args=["--hang"])
+    try:
+        wait_for_health(address, SERVING)
+        with grpc.insecure_channel(address) as channel:
+            call = pb_stub(channel).Caption(caption_request(), timeout=60)
+            call.initial_metadata()  # a generation runs (and hangs): the drain would wait 60 s for it
+            process.send_signal(signal.SIGTERM)
+            wait_for_health(address, NOT_SERVING, timeout=10)
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=10)
+            assert time.monotonic() - started < 3
+        assert code == 128 + signal.SIGTERM
+    finally:
+        stop_process(process)
+
+
+def test_sigterm_while_a_model_call_never_returns_exits_after_the_grace_period(tmp_path):
+    """A generation inside a model call that does not return (a long prefill, a hung kernel): SIGTERM
+    drains for the grace period, gives the worker 2 s more, then exits 0 without waiting for it."""
+    process, address = serve_process(tmp_path, "--grace-period", "1", "--stall-timeout", "600", runner_args=["--hang"])
+    try:
+        wait_for_health(address, SERVING)
+        with grpc.insecure_channel(address) as channel:
+            call = pb_stub(channel).Caption(caption_request(), timeout=60)
+            call.initial_metadata()
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=15)
+            elapsed = time.monotonic() - started
+        print(f"SIGTERM with a model call that never returns: exited {code} after {elapsed:.1f} s")
+        assert code == 0 and elapsed < 1 + 2 + 3
+        assert "exiting without waiting" in process.stderr.read()
+    finally:
+        stop_process(process)
+
+
+# --- out of memory in a batch ------------------------------------------------------------------------
+
+
+def test_out_of_memory_in_a_batch_frees_memory_once_after_the_traceback_is_gone(cache_dir, noise_dir, monkeypatch):
+    """Three rows decode together when the step runs out of memory: every row gets RESOURCE_EXHAUSTED
+    with RetryInfo, and memory is freed once, after the tensors the failed step held were let go."""
+    server = ServerThread(Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir, grace_period=0.0))
+    server.wait_ready()
+    held: list[weakref.ref] = []
+    freed: list[list[bool]] = []
+    step = DecodeBatch.step
+
+    def step_that_runs_out_of_memory(self):
+        if len(self.rows) < 3:
+            return step(self)
+        activations = torch.empty(4_000_000)  # what the failed step's frames hold
+        held.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    monkeypatch.setattr(DecodeBatch, "step", step_that_runs_out_of_memory)
+    monkeypatch.setattr(worker_module, "free_memory", lambda: freed.append([ref() is None for ref in held]))
+    try:
+        with server.channel() as channel:
+            stub = server.stub(channel)
+            calls = [stub.Caption(caption_request(max_new_tokens=400)) for _ in range(3)]
+            errors = [rpc_error(call) for call in calls]
+            for error in errors:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "out of memory" in error.details()
+                assert retry_delay(error) == 5.0
+            assert freed == [[True]], "memory is freed once per failed step, after its frames were let go"
+            monkeypatch.undo()
+            answer = list(stub.Caption(caption_request(max_new_tokens=8)))
+            assert answer[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    finally:
+        server.stop()
+
+
+# --- a port in use -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_metrics_port_in_use_fails_the_start_with_one_line_and_nothing_listening(tmp_path, cache_dir):
+    grpc_port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics_port = taken.getsockname()[1]
+        fakes.register(tmp_path)
+        command = [
+            *(sys.executable, "-m", "tests.fake_server", "--checkpoint-parent", str(tmp_path), "--", "serve"),
+            *("--model", f"fake={tmp_path / 'fake-checkpoint'}", "--host", "127.0.0.1"),
+            *("--port", str(grpc_port), "--metrics-port", str(metrics_port)),
+        ]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert lines == [f"vlm-service: cannot serve metrics on 127.0.0.1:{metrics_port}: Address already in use"]
+        assert not listening(grpc_port)
+        # In-process too: the start fails and the gRPC port is not left listening.
+        settings = Settings(
+            models=[f"fake={tmp_path / 'fake-checkpoint'}"],
+            cache_dir=cache_dir,
+            host="127.0.0.1",
+            port=grpc_port,
+            metrics_port=metrics_port,
+        )
+        import asyncio
+
+        with pytest.raises(StartupError, match="cannot serve metrics"):
+            asyncio.run(VLMServer.start(settings))
+        assert not listening(grpc_port)
+
+
+# --- a reader that pauses, then resumes ------------------------------------------------------------
+
+
+def test_a_reader_that_resumes_gets_its_true_outcome(fake):
+    """A client that stops reading long enough has its generation stopped (the back-pressure guard);
+    when it reads again it gets the text sent so far and then why it ended, at once, not "stalled"
+    after the stall timeout."""
+    server = fake(keepalive_time=0.25, keepalive_timeout=0.25, stall_timeout=1.0)  # the guard acts after 0.5 s
+    fakes.FakeBackend.pieces = ["x" * 20_000] * 2000  # far more than the transport buffers
+    fakes.FakeBackend.step_delay = 0.001
+    backend = fakes.FakeBackend.instances[-1]
+    with server.channel() as channel:
+        call = server.stub(channel).Caption(caption_request(max_new_tokens=2000), timeout=30)
+        assert next(call).text
+        time.sleep(2.5)  # stop reading
+        steps = backend.steps
+        assert steps < 2000, "the guard should have stopped the generation while nobody read"
+        started = time.monotonic()
+        received = 1
+        with pytest.raises(grpc.RpcError) as info:
+            for message in call:
+                received += bool(message.text)
+        elapsed = time.monotonic() - started
+    error = info.value
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert "read nothing" in error.details() and "stalled" not in error.details()
+    assert elapsed < 1.0, "the outcome is there when the reader comes back"
+    assert received <= steps
+
+
+# --- every status code is documented ------------------------------------------------------------------
+
+
+def test_every_status_code_the_server_sends_is_documented_in_the_proto_and_the_readme():
+    from vlm_service.interceptors import OTHER_STATUS_CODES, STATUS_CODES
+
+    sent = {code.name for code in STATUS_CODES.values()} | {code.name for code in OTHER_STATUS_CODES}
+    proto = (ROOT / "protos/vlm/v1/vlm_service.proto").read_text()
+    service_comment = proto[proto.index("// Errors are reported") : proto.index("service VisionLanguageService")]
+    in_proto = set(re.findall(r"^//\s+([A-Z_]{5,})\s", service_comment, re.MULTILINE))
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Status codes") :]
+    table = table[: table.index("\n\n", table.index("| Code"))]
+    in_readme = set(re.findall(r"^\| `([A-Z_]+)` \|", table, re.MULTILINE))
+    assert in_proto == sent, f"proto comment: missing {sent - in_proto}, extra {in_proto - sent}"
+    assert in_readme == sent, f"README table: missing {sent - in_readme}, extra {in_readme - sent}"
+    # The codes with several causes name each of them, in both places.
+    causes = {
+        "RESOURCE_EXHAUSTED": ("out of memory", "queue", "--max-streams", "decod"),
+        "DEADLINE_EXCEEDED": ("cannot be met",),
+        "ABORTED": ("stalled", "read nothing"),
+        "UNAVAILABLE": ("loading", "draining", "stuck"),
+    }
+    for code, needles in causes.items():
+        row = re.search(rf"^\| `{code}` \|.*$", table, re.MULTILINE).group(0)
+        line = re.search(rf"^//\s+{code}\s.*(\n//\s{{4,}}.*)*", service_comment, re.MULTILINE).group(0)
+        for needle in needles:
+            assert needle in row, f"README's {code} row does not mention {needle!r}"
+            assert needle in line, f"the proto's {code} line does not mention {needle!r}"
