@@ -34,6 +34,7 @@ def model_health_name(model: str) -> str:
     """The health name of one served model: SERVING while that model serves (``vlm.v1.VisionLanguageService/NAME``)."""
     return f"{SERVICE_NAME}/{model}"
 
+
 # Room above the largest accepted image for the rest of the request.
 _MESSAGE_OVERHEAD = 1024 * 1024
 
