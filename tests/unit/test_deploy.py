@@ -154,6 +154,8 @@ def test_one_deployment_per_model_with_probes_on_its_health_names(docs):
         assert container["livenessProbe"]["grpc"] == {"port": settings.port, "service": LIVENESS}
         env_names = {spec.env for spec in settings_table()}
         assert set(pod_env(deployment)) <= env_names | NON_SETTING_ENV
+        # Service links would inject <SERVICE>_PORT variables, and a Service named `vlm` sets VLM_PORT.
+        assert deployment["spec"]["template"]["spec"]["enableServiceLinks"] is False
 
 
 def test_termination_grace_outlasts_the_drain(docs):
