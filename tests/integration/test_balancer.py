@@ -167,6 +167,16 @@ class Balancer:
     def log_lines(self) -> list[str]:
         return self.access_log.read_text().splitlines()
 
+    def wait_for_log(self, start: int, method: str, count: int, timeout: float = 10) -> list[str]:
+        """nginx writes a call's line as it finishes the call, which may be just after the client saw
+        its end: wait (bounded) until ``count`` lines for ``method`` follow line ``start``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.log_lines()[start:] if f"/{method} " in line]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.02)
+
 
 @pytest.fixture(scope="module")
 def balancer(tmp_path_factory, cache_dir, noise_dir):
@@ -235,8 +245,8 @@ def test_one_connection_spreads_its_calls_over_the_replicas(balancer):
     assert served["a"] + served["b"] == 12 and served["c"] == 0
     assert abs(served["a"] - served["b"]) <= 1, f"calls were not balanced per call: {served}"
     # nginx saw one client connection for all of them: the spread is per call, not per connection.
-    lines = balancer.log_lines()[lines_before:]
-    connections = {re.search(r"conn=(\d+)", line).group(1) for line in lines if "/Caption " in line}
+    lines = balancer.wait_for_log(lines_before, "Caption", 12)
+    connections = {re.search(r"conn=(\d+)", line).group(1) for line in lines}
     assert len(lines) == 12 and len(connections) == 1, lines
 
 
