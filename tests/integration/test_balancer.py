@@ -212,9 +212,12 @@ def balancer(tmp_path_factory, cache_dir, noise_dir):
         for replica in replicas.values():
             replica.wait_serving()
         with grpc.insecure_channel(listen) as channel:  # nginx answers (health goes to a smolvlm replica)
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=20, wait_for_ready=True
-            )
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=20, wait_for_ready=True
+                )
+            except grpc.RpcError as exc:
+                pytest.fail(f"nginx did not answer: {exc.code().name}\n{(work / 'nginx-error.log').read_text()}")
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         yield Balancer(listen, work / "access.log", replicas)
     finally:
