@@ -18,8 +18,10 @@ PYTEST_ARGS ?=
 # once before pytest (minutes on a 2-core CPU; cached by a digest of the code that makes them).
 CHECKPOINTS ?= $(or $(VLM_CACHE_DIR),$(HOME)/.cache/vlm-service)
 BENCH_STAMP := $(VENV)/.bench-installed
+# The validators of deploy/kubernetes' custom resources (npm packages, pinned in its package-lock.json).
+DEPLOY_TOOLS := deploy/validate/node_modules/.installed
 
-.PHONY: install proto checkpoints ship serve test lint bench soak clean
+.PHONY: install proto checkpoints ship deploy-tools serve test lint bench soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -60,7 +62,13 @@ checkpoints: install
 ship: install
 	$(BIN)/python -m vlm_service.checkpoints.ship --cache-dir $(CHECKPOINTS)
 
-test: checkpoints
+deploy-tools: $(DEPLOY_TOOLS)
+
+$(DEPLOY_TOOLS): deploy/validate/package.json deploy/validate/package-lock.json
+	cd deploy/validate && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: checkpoints $(DEPLOY_TOOLS)
 	VLM_TEST_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 soak: checkpoints
@@ -80,4 +88,4 @@ lint: install
 	$(BIN)/ruff format --check vlm_service clients tests bench
 
 clean:
-	rm -rf $(VENV) clients/vlm .pytest_cache
+	rm -rf $(VENV) clients/vlm .pytest_cache deploy/validate/node_modules

@@ -25,6 +25,7 @@ class FakeBackend(Backend):
     languages = ("en", "ja")
     pieces: list[str] = ["Hello", ",", " wor", "ld", "."]
     load_gate: threading.Event | None = None  # load() waits for it
+    load_gates: dict[str, threading.Event] = {}  # load() of the model of that name waits for it
     step_gate: threading.Event | None = None  # every step waits for it
     step_permits: threading.Semaphore | None = None  # every step takes one permit
     fail_next: BaseException | bool = False  # True: a RuntimeError; an exception: raise that one
@@ -43,6 +44,9 @@ class FakeBackend(Backend):
     def load(self) -> None:
         if FakeBackend.load_gate is not None:
             FakeBackend.load_gate.wait(30)
+        gate = FakeBackend.load_gates.get(self.spec.name)
+        if gate is not None:
+            gate.wait(30)
 
     def generate(self, request: GenerationRequest, out: TextSink) -> Outcome:
         if request.request_id != "warmup":
@@ -70,6 +74,7 @@ class FakeBackend(Backend):
     def reset(cls) -> None:
         cls.pieces = ["Hello", ",", " wor", "ld", "."]
         cls.load_gate = None
+        cls.load_gates = {}
         cls.step_gate = None
         cls.step_permits = None
         cls.fail_next = False

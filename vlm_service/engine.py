@@ -65,7 +65,8 @@ class Engine:
         self.default_model = specs[0].name
         self._draining = False
         self._streams: set[Job] = set()  # submitted and not yet released, over all models
-        self.health_listener: Callable[[], None] | None = None  # called (from any thread) when readiness drops
+        # Called (from any thread) when a model starts or stops serving.
+        self.health_listener: Callable[[], None] | None = None
         self.stuck_listener: Callable[[str], None] | None = None  # called (watchdog thread) when a model is stuck
         self.metrics = Metrics()
         self.metrics.watch(self)
@@ -98,6 +99,7 @@ class Engine:
             except Exception as exc:
                 served.state = ModelState.FAILED
                 served.error = str(exc)
+                self._state_changed()
                 raise
             served.backend = backend
             if self._closed.is_set():
@@ -110,6 +112,7 @@ class Engine:
                 served.worker = ModelWorker(*args)
             served.load_seconds = time.monotonic() - start
             served.state = ModelState.READY
+            self._state_changed()
             logger.info("model %s ready (%s, %.1fs)", served.spec.name, served.spec.family, served.load_seconds)
 
     def _warm_up(self, spec: ModelSpec, backend: Backend) -> None:
@@ -137,6 +140,9 @@ class Engine:
         served.state = ModelState.FAILED
         served.error = "fatal device error"
         logger.critical("model %s hit a fatal device error; it no longer serves", name)
+        self._state_changed()
+
+    def _state_changed(self) -> None:
         if self.health_listener is not None:
             self.health_listener()
 
@@ -162,14 +168,17 @@ class Engine:
             GenerationStalled(f"model {name!r} stalled: no progress for {timeout:g} s; the generation was stopped"),
             ModelNotReady(f"model {name!r} is stuck and no longer serves; retry on another instance"),
         )
-        if self.health_listener is not None:
-            self.health_listener()
+        self._state_changed()
         if self.stuck_listener is not None:
             self.stuck_listener(name)
 
     @property
     def ready(self) -> bool:
         return not self._draining and all(m.state is ModelState.READY for m in self.models.values())
+
+    def serves(self, name: str) -> bool:
+        """Whether model ``name`` takes requests now: loaded, not failed, and the server not draining."""
+        return not self._draining and self.models[name].state is ModelState.READY
 
     def start_draining(self) -> None:
         """Refuse new requests; running and queued ones go on."""

@@ -95,6 +95,9 @@ class ErrorInterceptor(AsyncExceptionToStatusInterceptor):
     """Maps exceptions raised by handlers (also mid-stream) to statuses."""
 
     async def handle_exception(self, ex, request_or_iterator, context, method_name):
+        if isinstance(ex, grpc.aio.AbortError):
+            # The handler chose its status itself (the health service's NOT_FOUND for an unknown name).
+            raise ex
         if isinstance(ex, ServiceError):
             status = to_status(ex)
             if status.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):

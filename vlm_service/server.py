@@ -31,6 +31,15 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VisionLanguageService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# The health name that is SERVING for as long as the process runs (loading and draining included): for
+# liveness probes, which must not restart a pod that is only busy loading or finishing its streams.
+LIVENESS = "liveness"
+
+
+def model_health_name(model: str) -> str:
+    """The health name of one served model: SERVING while that model serves (``vlm.v1.VisionLanguageService/NAME``)."""
+    return f"{SERVICE_NAME}/{model}"
+
 
 # Room above the largest accepted image for the rest of the request.
 _MESSAGE_OVERHEAD = 1024 * 1024
@@ -119,6 +128,11 @@ class VLMServer:
 
     The port is bound at once and health says NOT_SERVING; models load off the event loop and health
     turns SERVING only when every model is loaded and warmed up (``await server.wait_ready()``).
+
+    Health names: ``""`` and ``vlm.v1.VisionLanguageService`` are SERVING while every model serves;
+    ``vlm.v1.VisionLanguageService/<model>`` while that model serves (SERVING as soon as it is loaded,
+    NOT_SERVING while it loads, after it failed, and from the start of a drain); ``liveness`` is
+    SERVING from start-up until the process stops.
     """
 
     def __init__(self, settings: Settings):
@@ -147,7 +161,7 @@ class VLMServer:
         self._loading: asyncio.Task | None = None
         self._loader: threading.Thread | None = None  # the thread that loads the models
         self._server_loop: asyncio.AbstractEventLoop | None = None
-        self.engine.health_listener = self._readiness_dropped
+        self.engine.health_listener = self._model_state_changed
         self.engine.stuck_listener = self._model_stuck
         self.stuck_models: list[str] = []
         self.on_stuck: Callable[[], None] | None = None  # set by serve(): start the shutdown
@@ -164,7 +178,8 @@ class VLMServer:
         """Bind every port first (metrics, then gRPC), so that a port in use fails the start with
         nothing left listening; then start serving and load the models in the background."""
         self._server_loop = asyncio.get_running_loop()
-        await self._set_health(NOT_SERVING)
+        await self.health.set(LIVENESS, SERVING)
+        await self._publish_health()
         settings = self.settings
         try:
             if settings.metrics_port:
@@ -213,8 +228,8 @@ class VLMServer:
         except Exception:
             logger.exception("loading models failed; health stays NOT_SERVING")
             raise
+        await self._publish_health()
         if self.engine.ready:
-            await self._set_health(SERVING)
             logger.info("serving %s on port %d", ", ".join(self.engine.models), self.port)
 
     def _model_stuck(self, name: str) -> None:
@@ -224,20 +239,25 @@ class VLMServer:
         if self.on_stuck is not None and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self.on_stuck)
 
-    def _readiness_dropped(self) -> None:
-        """Called from a worker thread when a model stops serving (fatal device error)."""
+    def _model_state_changed(self) -> None:
+        """Called from any thread when a model starts or stops serving (loaded, failed, stuck, fatal error)."""
         loop = self._server_loop
         if loop is not None and not loop.is_closed():
-            asyncio.run_coroutine_threadsafe(self._set_health(NOT_SERVING), loop)
+            asyncio.run_coroutine_threadsafe(self._publish_health(), loop)
 
     async def wait_ready(self) -> None:
         """Wait until the models are loaded; raises if loading failed."""
         assert self._loading is not None
         await asyncio.shield(self._loading)
 
-    async def _set_health(self, status) -> None:
+    async def _publish_health(self) -> None:
+        """Set every health name but liveness from the engine's state as it is now. Each call reads
+        the whole state, so calls that arrive out of order still end on the right statuses."""
+        for model in self.engine.models:
+            await self.health.set(model_health_name(model), SERVING if self.engine.serves(model) else NOT_SERVING)
+        overall = SERVING if self.engine.ready else NOT_SERVING
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
+            await self.health.set(name, overall)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING at once and new generations refused with UNAVAILABLE, while health,
@@ -247,7 +267,7 @@ class VLMServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         self.engine.start_draining()
-        await self._set_health(NOT_SERVING)
+        await self._publish_health()
         logger.info("draining (grace period %.1fs)", grace)
         while not self.engine.idle and loop.time() < deadline:
             await asyncio.sleep(0.02)
