@@ -67,7 +67,7 @@ proto-check: $(BUF)
 
 # Both distributions as a release builds them (sdist, then the wheel from the sdist), into dist/.
 dist: install
-	rm -rf dist
+	rm -rf dist clients/build build
 	$(BIN)/python -m build --outdir dist clients
 	$(BIN)/python -m build --outdir dist .
 
@@ -97,4 +97,4 @@ lint: install
 	$(BIN)/ruff format --check vlm_service clients tests bench
 
 clean:
-	rm -rf $(VENV) .tools dist .pytest_cache clients/vlm/v1/*_pb2*.py clients/vlm/v1/*_pb2.pyi
+	rm -rf $(VENV) .tools dist build clients/build .pytest_cache clients/vlm/v1/*_pb2*.py clients/vlm/v1/*_pb2.pyi

@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._messages import ModelInfo, Usage
 from .client import (
-    KEEPALIVE_OPTIONS,
+    CONNECTION_OPTIONS,
     MODEL_HEADER,
     RETRY_POLICY,
     SERVICE_CONFIG,
@@ -34,7 +34,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
     __version__ = "0+unknown"
 
 __all__ = [
-    "KEEPALIVE_OPTIONS",
+    "CONNECTION_OPTIONS",
     "MODEL_HEADER",
     "RETRY_POLICY",
     "SERVICE_CONFIG",

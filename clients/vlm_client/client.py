@@ -15,7 +15,7 @@ subclasses carrying the gRPC status code and the server's rich details (retry hi
 
 The channel is opened with :data:`SERVICE_CONFIG` (client-side ``round_robin`` over every address the
 target resolves to, client-side health checking, and a retry policy for ``UNAVAILABLE``) and
-:data:`KEEPALIVE_OPTIONS`; ``options`` passed to a client override them key by key.
+:data:`CONNECTION_OPTIONS`; ``options`` passed to a client override them key by key.
 """
 
 from __future__ import annotations
@@ -65,22 +65,26 @@ SERVICE_CONFIG = {
 #: HTTP/2 keepalive while calls are open: a ping every 30 s, answered within 10 s, else the connection
 #: (and its calls) fail with UNAVAILABLE, so a stream from a server that vanished without closing
 #: (power loss, network partition) does not hang. vlm-service accepts client pings every 5 s or more.
-KEEPALIVE_OPTIONS = {
+#: Reconnection to a server that went away backs off from 1 s up to 5 s (gRPC's default cap is 120 s),
+#: so a restarted server gets calls again within about 5 s.
+CONNECTION_OPTIONS = {
     "grpc.keepalive_time_ms": 30_000,
     "grpc.keepalive_timeout_ms": 10_000,
     "grpc.keepalive_permit_without_calls": 0,
     "grpc.http2.max_pings_without_data": 0,
+    "grpc.initial_reconnect_backoff_ms": 1_000,
+    "grpc.max_reconnect_backoff_ms": 5_000,
 }
 
 
 def channel_options(options: Sequence[tuple[str, object]] = ()) -> list[tuple[str, object]]:
-    """The client's default channel options (service config, retries, keepalive) with ``options``
+    """The client's default channel options (service config, retries, keepalive, reconnection) with ``options``
     overriding them key by key. ``("grpc.service_config", json)`` replaces the whole service config;
     ``("grpc.enable_retries", 0)`` turns retries off."""
     merged: dict[str, object] = {
         "grpc.service_config": json.dumps(SERVICE_CONFIG),
         "grpc.enable_retries": 1,
-        **KEEPALIVE_OPTIONS,
+        **CONNECTION_OPTIONS,
     }
     merged.update(dict(options))
     return list(merged.items())

@@ -6,9 +6,13 @@ what each attempt gets; the real server (with the fake model) where the details 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -33,6 +37,7 @@ from vlm_client import (
 from vlm_service.config import Settings
 
 IMAGE = png_bytes(shape_image())
+BIN = Path(sys.executable).parent
 
 
 def _status(code: grpc.StatusCode, message: str, *details, pushback_ms: int | None = None):
@@ -296,3 +301,39 @@ async def _wait_for_open_streams(server, count: int, timeout: float = 10) -> Non
     while server.engine.open_streams < count:
         assert time.monotonic() < deadline, "the stream never opened"
         await asyncio.sleep(0.005)
+
+
+TOKEN = "cli-s3cret-token"
+
+
+def _cli(*args, env=None):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VLM_")}
+    return subprocess.run(
+        [str(BIN / "vlm-client"), *args], capture_output=True, text=True, timeout=120, env={**environ, **(env or {})}
+    )
+
+
+def test_cli_token_file_and_environment_against_a_server_with_a_token(fake_server, tmp_path):
+    server = fake_server(auth_token=TOKEN)
+    image = tmp_path / "red.png"
+    image.write_bytes(IMAGE)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    wrong_file = tmp_path / "wrong"
+    wrong_file.write_text("not-the-token")
+    target = ["--server", server.target]
+    token = ["--token-file", str(token_file)]
+    # Connection options after the subcommand (as people type them) and before it.
+    for argv in (["caption", str(image), *target, *token], [*target, *token, "caption", str(image)]):
+        result = _cli(*argv)
+        assert (result.returncode, result.stdout) == (0, "Hello, world.\n"), result.stderr
+    result = _cli("models", *target, env={"VLM_TOKEN": TOKEN})
+    assert result.returncode == 0 and result.stdout.startswith("fake\tfake\tdefault ready"), result.stderr
+    result = _cli("models", *target, env={"VLM_TOKEN_FILE": str(token_file)})
+    assert result.returncode == 0, result.stderr
+    for argv, env in (([], {}), (["--token-file", str(wrong_file)], {"VLM_TOKEN": TOKEN})):
+        result = _cli("caption", str(image), *target, *argv, env=env)
+        assert result.returncode == 1 and result.stderr.startswith("vlm-client: UNAUTHENTICATED")
+        assert TOKEN not in result.stderr and "Traceback" not in result.stderr
+    result = _cli("caption", str(image), *target, "--token-file", str(tmp_path / "missing"))
+    assert result.returncode == 2 and "cannot read the token file" in result.stderr
