@@ -41,12 +41,14 @@ MODEL_HEADER = "x-vlm-model"
 #: gRPC retries an attempt that failed with UNAVAILABLE (server unreachable, restarting, draining or
 #: still loading) while the call has not yet received anything from a server; once a message (or the
 #: response headers) arrived, the failure is the caller's to see. At most 5 attempts, with exponential,
-#: jittered backoff; a server's ``grpc-retry-pushback-ms`` trailer (vlm-service sends it beside every
+#: jittered backoff of at most 1.5 s in all, so an unreachable or misconfigured server (a failed TLS
+#: handshake) still surfaces as UNAVAILABLE, with its reason, inside a few seconds' deadline; waiting
+#: out a restart is wait_for_ready's job. A server's ``grpc-retry-pushback-ms`` trailer (vlm-service sends it beside every
 #: ``google.rpc.RetryInfo``) replaces the backoff with the server's delay.
 RETRY_POLICY = {
     "maxAttempts": 5,
-    "initialBackoff": "0.25s",
-    "maxBackoff": "5s",
+    "initialBackoff": "0.1s",
+    "maxBackoff": "1s",
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }

@@ -172,7 +172,7 @@ def test_unavailable_after_a_message_is_not_retried(scripted):
 
 def test_the_server_pushback_sets_the_delay_before_the_next_attempt(scripted):
     """With a pushback of 700 ms the second attempt comes no sooner; the policy's own first backoff is
-    at most 250 ms, so an ignored pushback shows."""
+    at most 100 ms, so an ignored pushback shows."""
     refusal = ("fail", _status(grpc.StatusCode.UNAVAILABLE, "loading", _retry_info(0.7), pushback_ms=700))
     target, service, _ = scripted([refusal])
     with VLMClient(target, timeout=30) as client:
