@@ -43,8 +43,8 @@ MODEL_HEADER = "x-vlm-model"
 #: response headers) arrived, the failure is the caller's to see. At most 5 attempts, with exponential,
 #: jittered backoff of at most 1.5 s in all, so an unreachable or misconfigured server (a failed TLS
 #: handshake) still surfaces as UNAVAILABLE, with its reason, inside a few seconds' deadline; waiting
-#: out a restart is wait_for_ready's job. A server's ``grpc-retry-pushback-ms`` trailer (vlm-service sends it beside every
-#: ``google.rpc.RetryInfo``) replaces the backoff with the server's delay.
+#: out a restart is wait_for_ready's job. A server's ``grpc-retry-pushback-ms`` trailer (vlm-service
+#: sends it beside every ``google.rpc.RetryInfo``) replaces the backoff with the server's delay.
 RETRY_POLICY = {
     "maxAttempts": 5,
     "initialBackoff": "0.1s",
