@@ -6,6 +6,7 @@ what each attempt gets; the real server (with the fake model) where the details 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 from vlm_client import (
     MODEL_HEADER,
+    SERVICE_CONFIG,
     AsyncVLMClient,
     InvalidArgument,
     Overloaded,
@@ -337,3 +339,38 @@ def test_cli_token_file_and_environment_against_a_server_with_a_token(fake_serve
         assert TOKEN not in result.stderr and "Traceback" not in result.stderr
     result = _cli("caption", str(image), *target, "--token-file", str(tmp_path / "missing"))
     assert result.returncode == 2 and "cannot read the token file" in result.stderr
+
+
+def test_the_real_servers_loading_refusal_is_retried_after_its_pushback(tmp_path, cache_dir):
+    """The real server refuses a call while its model loads with UNAVAILABLE before any response
+    header (so the call is not committed) and a 1 s RetryInfo + pushback; the client's policy retries
+    it after that delay and the call succeeds once the model is ready. Health checking is left out of
+    this client's service config, so the call reaches the loading server at all."""
+    fakes.FakeBackend.reset()
+    fakes.FakeBackend.load_gate = threading.Event()
+    server = ServerThread(Settings(models=[f"fake={fakes.register(tmp_path)}"], cache_dir=cache_dir))
+    submissions: list[tuple[float, str]] = []
+    submit = server.engine.submit
+
+    def recording_submit(request):
+        try:
+            job = submit(request)
+        except Exception as error:
+            submissions.append((time.monotonic(), type(error).__name__))
+            fakes.FakeBackend.load_gate.set()  # the model finishes loading after the first refusal
+            raise
+        submissions.append((time.monotonic(), "accepted"))
+        return job
+
+    server.engine.submit = recording_submit
+    retry_only = json.dumps({"methodConfig": SERVICE_CONFIG["methodConfig"]})
+    try:
+        with VLMClient(server.target, timeout=60, options=[("grpc.service_config", retry_only)]) as client:
+            assert client.caption(IMAGE).result() == "Hello, world."
+    finally:
+        fakes.FakeBackend.load_gate.set()
+        server.stop()
+        fakes.FakeBackend.reset()
+    (refused_at, refusal), *_, (accepted_at, outcome) = submissions
+    assert (refusal, outcome) == ("ModelNotReady", "accepted")
+    assert accepted_at - refused_at >= 1.0  # the server's pushback, not the policy's 0.1 s backoff
