@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ._messages import ModelInfo, Usage
 from .client import (
     CONNECTION_OPTIONS,
+    HEALTH_CHECK_CONFIG,
     MODEL_HEADER,
     RETRY_POLICY,
     SERVICE_CONFIG,
@@ -35,6 +36,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 
 __all__ = [
     "CONNECTION_OPTIONS",
+    "HEALTH_CHECK_CONFIG",
     "MODEL_HEADER",
     "RETRY_POLICY",
     "SERVICE_CONFIG",

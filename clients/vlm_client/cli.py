@@ -55,7 +55,7 @@ def _add_connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> No
         "--wait-for-ready",
         action="store_true",
         default=default(False),
-        help="wait (up to --timeout) for a server that reports SERVING instead of failing at once",
+        help="wait (up to --timeout) for a server whose health says SERVING instead of failing at once",
     )
 
 
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             token=token,
             credentials=credentials,
             wait_for_ready=args.wait_for_ready or None,
+            health_check=args.wait_for_ready,
         ) as client:
             if args.command == "caption":
                 _print_stream(client.caption(args.image, length=args.length, **_options(args)), args.usage)

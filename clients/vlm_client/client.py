@@ -14,7 +14,7 @@ the client stops the generation on the server. Failures raise :class:`~vlm_clien
 subclasses carrying the gRPC status code and the server's rich details (retry hint, field violations).
 
 The channel is opened with :data:`SERVICE_CONFIG` (client-side ``round_robin`` over every address the
-target resolves to, client-side health checking, and a retry policy for ``UNAVAILABLE``) and
+target resolves to and a retry policy for ``UNAVAILABLE``; client-side health checking on request) and
 :data:`CONNECTION_OPTIONS`; ``options`` passed to a client override them key by key.
 """
 
@@ -55,14 +55,19 @@ RETRY_POLICY = {
 
 #: round_robin spreads calls over every address the target resolves to (``dns:///vlm.ns.svc:50051``
 #: with a headless Kubernetes Service: one subchannel per pod); for one address it behaves like
-#: pick_first. healthCheckConfig makes the channel watch each server's grpc.health.v1 status (the overall
-#: service, "") and send calls only to servers that report SERVING, so loading and draining replicas
-#: get no new calls.
+#: pick_first.
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
-    "healthCheckConfig": {"serviceName": ""},
     "methodConfig": [{"name": [{"service": "vlm.v1.VisionLanguageService"}], "retryPolicy": RETRY_POLICY}],
 }
+
+#: Client-side health checking (``health_check=True``): the channel watches each server's grpc.health.v1
+#: status (the overall service, "") and sends calls only to servers that report SERVING, so a loading or
+#: draining server gets no new calls, and a wait-for-ready call waits for SERVING rather than for a
+#: connection. Off by default: behind a proxy (nginx, Envoy) the watched health is that of whichever
+#: backend the proxy picked for the watch, and a proxy's idle timeout breaks the watch stream; both
+#: would stop calls that the proxy could have served. Turn it on for direct connections.
+HEALTH_CHECK_CONFIG = {"serviceName": ""}
 
 #: HTTP/2 keepalive while calls are open: a ping every 30 s, answered within 10 s, else the connection
 #: (and its calls) fail with UNAVAILABLE, so a stream from a server that vanished without closing
@@ -79,12 +84,14 @@ CONNECTION_OPTIONS = {
 }
 
 
-def channel_options(options: Sequence[tuple[str, object]] = ()) -> list[tuple[str, object]]:
-    """The client's default channel options (service config, retries, keepalive, reconnection) with ``options``
-    overriding them key by key. ``("grpc.service_config", json)`` replaces the whole service config;
-    ``("grpc.enable_retries", 0)`` turns retries off."""
+def channel_options(options: Sequence[tuple[str, object]] = (), health_check: bool = False) -> list[tuple[str, object]]:
+    """The client's default channel options (service config, retries, keepalive, reconnection; client-side
+    health checking with ``health_check``) with ``options`` overriding them key by key.
+    ``("grpc.service_config", json)`` replaces the whole service config; ``("grpc.enable_retries", 0)``
+    turns retries off."""
+    config = {**SERVICE_CONFIG, "healthCheckConfig": HEALTH_CHECK_CONFIG} if health_check else SERVICE_CONFIG
     merged: dict[str, object] = {
-        "grpc.service_config": json.dumps(SERVICE_CONFIG),
+        "grpc.service_config": json.dumps(config),
         "grpc.enable_retries": 1,
         **CONNECTION_OPTIONS,
     }
@@ -195,12 +202,13 @@ def channel_credentials(
     )
 
 
-def _open(api, target: str, credentials, options):
+def _open(api, target: str, credentials, options, health_check: bool):
     """A channel from ``api`` (``grpc`` or ``grpc.aio``) with :func:`channel_options`: TLS with
     credentials, else plaintext."""
+    options = channel_options(options, health_check)
     if credentials is not None:
-        return api.secure_channel(target, credentials, options=channel_options(options))
-    return api.insecure_channel(target, options=channel_options(options))
+        return api.secure_channel(target, credentials, options=options)
+    return api.insecure_channel(target, options=options)
 
 
 class _ClientBase:
@@ -233,9 +241,11 @@ class VLMClient(_ClientBase):
     """Blocking client. ``target`` is ``host:port`` or any gRPC target (``dns:///name:port`` to balance
     over every address of a name); ``timeout`` (seconds) is the default deadline; ``token`` is sent as
     ``authorization: Bearer`` metadata; ``credentials`` (see :func:`channel_credentials`) turns on TLS;
-    ``wait_for_ready=True`` makes calls wait (up to their deadline) for a server that reports SERVING
-    instead of failing with UNAVAILABLE when none is reachable; ``options`` are channel options that
-    override the defaults (:func:`channel_options`)."""
+    ``wait_for_ready=True`` makes calls wait (up to their deadline) for a reachable server instead of
+    failing with UNAVAILABLE when none is; ``health_check=True`` turns on client-side health checking
+    (:data:`HEALTH_CHECK_CONFIG`: only servers whose health says SERVING get calls, and wait-for-ready
+    calls wait for SERVING); ``options`` are channel options that override the defaults
+    (:func:`channel_options`)."""
 
     def __init__(
         self,
@@ -248,8 +258,9 @@ class VLMClient(_ClientBase):
         channel: grpc.Channel | None = None,
         options: Sequence[tuple[str, object]] = (),
         wait_for_ready: bool | None = None,
+        health_check: bool = False,
     ):
-        channel = channel or _open(grpc, target, credentials, options)
+        channel = channel or _open(grpc, target, credentials, options, health_check)
         super().__init__(target, timeout, metadata, channel, token, wait_for_ready)
 
     def caption(
@@ -314,8 +325,9 @@ class AsyncVLMClient(_ClientBase):
         channel: grpc.aio.Channel | None = None,
         options: Sequence[tuple[str, object]] = (),
         wait_for_ready: bool | None = None,
+        health_check: bool = False,
     ):
-        channel = channel or _open(grpc.aio, target, credentials, options)
+        channel = channel or _open(grpc.aio, target, credentials, options, health_check)
         super().__init__(target, timeout, metadata, channel, token, wait_for_ready)
 
     def caption(

@@ -1,8 +1,8 @@
 """A crash: `kill -9` of a real `vlm-service serve` process mid-stream, then a new one on the same port.
 The stream that was running fails with UNAVAILABLE at once (it had received messages, so it is not
-retried); a call made while no server runs waits (wait_for_ready) and is answered by the restarted server
-once its health says SERVING; and the client whose stream broke gets its next calls through on the same
-channel."""
+retried); a call made while no server runs waits (wait_for_ready, with client-side health checking: for a
+server whose health says SERVING) and is answered by the restarted server; and the client whose stream
+broke gets its next calls through on the same channel."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_a_call_survives_a_server_killed_and_restarted_on_the_same_port(cache_di
     servers = [_serve(env)]
     try:
         wait_serving(target)
-        with VLMClient(target, timeout=300, wait_for_ready=True) as client:
+        with VLMClient(target, timeout=300, wait_for_ready=True, health_check=True) as client:
             chunks = iter(client.caption(image, max_new_tokens=1500))
             assert next(chunks)
             servers[0].send_signal(signal.SIGKILL)

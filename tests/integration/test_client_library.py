@@ -6,7 +6,6 @@ what each attempt gets; the real server (with the fake model) where the details 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -28,7 +27,6 @@ from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 from vlm_client import (
     MODEL_HEADER,
-    SERVICE_CONFIG,
     AsyncVLMClient,
     InvalidArgument,
     Overloaded,
@@ -240,13 +238,13 @@ def _two_errors(target: str, api: str) -> list[VLMError]:
 
 
 def test_wait_for_ready_calls_go_only_to_a_server_whose_health_says_serving(scripted):
-    """Client-side health checking: the channel watches grpc.health.v1 and picks no server that reports
-    NOT_SERVING (loading, draining); a wait-for-ready call waits for SERVING instead of being refused."""
+    """Client-side health checking (health_check=True): the channel watches grpc.health.v1 and picks no
+    server that reports NOT_SERVING (loading, draining); a wait-for-ready call waits for SERVING."""
     target, service, health_servicer = scripted([], serving=False)
     result = {}
 
     def call():
-        with VLMClient(target, timeout=30, wait_for_ready=True) as client:
+        with VLMClient(target, timeout=30, wait_for_ready=True, health_check=True) as client:
             result["text"] = client.caption(IMAGE).result()
 
     caller = threading.Thread(target=call)
@@ -344,8 +342,8 @@ def test_cli_token_file_and_environment_against_a_server_with_a_token(fake_serve
 def test_the_real_servers_loading_refusal_is_retried_after_its_pushback(tmp_path, cache_dir):
     """The real server refuses a call while its model loads with UNAVAILABLE before any response
     header (so the call is not committed) and a 1 s RetryInfo + pushback; the client's policy retries
-    it after that delay and the call succeeds once the model is ready. Health checking is left out of
-    this client's service config, so the call reaches the loading server at all."""
+    it after that delay and the call succeeds once the model is ready (the default client: no
+    health checking, so the call reaches the loading server)."""
     fakes.FakeBackend.reset()
     fakes.FakeBackend.load_gate = threading.Event()
     server = ServerThread(Settings(models=[f"fake={fakes.register(tmp_path)}"], cache_dir=cache_dir))
@@ -363,9 +361,8 @@ def test_the_real_servers_loading_refusal_is_retried_after_its_pushback(tmp_path
         return job
 
     server.engine.submit = recording_submit
-    retry_only = json.dumps({"methodConfig": SERVICE_CONFIG["methodConfig"]})
     try:
-        with VLMClient(server.target, timeout=60, options=[("grpc.service_config", retry_only)]) as client:
+        with VLMClient(server.target, timeout=60) as client:
             assert client.caption(IMAGE).result() == "Hello, world."
     finally:
         fakes.FakeBackend.load_gate.set()

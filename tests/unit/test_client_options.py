@@ -7,7 +7,7 @@ import json
 import grpc
 from grpc_status import rpc_status
 
-from vlm_client import CONNECTION_OPTIONS, SERVICE_CONFIG, Overloaded, VLMError, channel_options
+from vlm_client import CONNECTION_OPTIONS, HEALTH_CHECK_CONFIG, SERVICE_CONFIG, Overloaded, VLMError, channel_options
 from vlm_client.errors import from_rpc_error
 from vlm_service.errors import QueueFull
 from vlm_service.interceptors import to_status
@@ -21,6 +21,9 @@ def test_defaults_carry_the_service_config_and_options_override_them_key_by_key(
     overridden = dict(channel_options([("grpc.enable_retries", 0), ("grpc.max_receive_message_length", 1)]))
     assert overridden["grpc.enable_retries"] == 0 and overridden["grpc.max_receive_message_length"] == 1
     assert overridden["grpc.service_config"] == defaults["grpc.service_config"]
+    assert "healthCheckConfig" not in json.loads(defaults["grpc.service_config"])
+    checked = json.loads(dict(channel_options(health_check=True))["grpc.service_config"])
+    assert checked == {**SERVICE_CONFIG, "healthCheckConfig": HEALTH_CHECK_CONFIG}
     (method,) = SERVICE_CONFIG["methodConfig"]
     policy = method["retryPolicy"]
     assert policy["retryableStatusCodes"] == ["UNAVAILABLE"] and policy["maxAttempts"] == 5
