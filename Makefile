@@ -20,8 +20,13 @@ CHECKPOINTS ?= $(or $(VLM_CACHE_DIR),$(HOME)/.cache/vlm-service)
 BENCH_STAMP := $(VENV)/.bench-installed
 # The validators of deploy/kubernetes' custom resources (npm packages, pinned in its package-lock.json).
 DEPLOY_TOOLS := deploy/validate/node_modules/.installed
+# buf (proto lint and breaking-change checks), from the @bufbuild/buf npm package into .tools/.
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+# What `buf breaking` compares the working tree's protos with: the previous commit's.
+BUF_AGAINST ?= .git\#ref=HEAD~1,subdir=protos
 
-.PHONY: install proto checkpoints ship deploy-tools serve test lint bench soak clean
+.PHONY: install proto proto-check dist checkpoints ship deploy-tools serve test lint bench soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -32,21 +37,41 @@ $(TOOLS):
 	$(PIP) install --quiet $(TORCH) grpcio-tools==1.85.1
 	touch $@
 
-# The project itself (editable) with its dependencies; it packages the generated stubs.
-$(STAMP): pyproject.toml | $(TOOLS) $(STUBS)
-	$(PIP) install --quiet -e '.$(EXTRAS)'
+# The two distributions, editable: vlm-client (clients/: the client, its CLI and the stubs, which its
+# build generates) and vlm-service (the server, which depends on vlm-client) with its dependencies.
+$(STAMP): pyproject.toml clients/pyproject.toml clients/setup.py | $(TOOLS) $(STUBS)
+	$(PIP) install --quiet -e ./clients -e '.$(EXTRAS)'
+	@# In a venv from before the split, replacing the old vlm-service removes the vlm-client script it owned.
+	test -x $(BIN)/vlm-client || $(PIP) install --quiet --no-deps --force-reinstall -e ./clients
 	touch $@
 
-# Python stubs (+ .pyi type stubs) from the .proto files, into clients/vlm/v1 (not committed).
+# Python stubs (+ .pyi type stubs) from the .proto files, into clients/vlm/v1 (not committed; the
+# vlm-client build generates the same files into its wheel).
 proto: | $(TOOLS)
-	rm -rf clients/vlm
+	rm -f clients/vlm/v1/*_pb2*.py clients/vlm/v1/*_pb2.pyi
 	$(MAKE) --no-print-directory $(STUBS)
 
 $(STUBS): $(PROTOS) | $(TOOLS)
 	mkdir -p clients/vlm/v1
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=clients --pyi_out=clients \
 		--grpc_python_out=clients $(PROTOS)
-	touch clients/vlm/__init__.py clients/vlm/v1/__init__.py
+
+# The contract's checks: buf lint (style) and buf breaking (wire and source compatibility with the
+# previous commit's protos; BUF_AGAINST=... to compare with something else). Config: protos/buf.yaml.
+$(BUF):
+	npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+
+proto-check: $(BUF)
+	$(BUF) lint protos
+	@git rev-parse --quiet --verify HEAD~1 >/dev/null || \
+		{ echo "proto-check: buf breaking needs the previous commit (HEAD~1); use a full clone" >&2; exit 1; }
+	$(BUF) breaking protos --against '$(BUF_AGAINST)'
+
+# Both distributions as a release builds them (sdist, then the wheel from the sdist), into dist/.
+dist: install
+	rm -rf dist clients/build build
+	$(BIN)/python -m build --outdir dist clients
+	$(BIN)/python -m build --outdir dist .
 
 serve: install
 	$(BIN)/vlm-service serve $(ARGS)
@@ -88,4 +113,4 @@ lint: install
 	$(BIN)/ruff format --check vlm_service clients tests bench
 
 clean:
-	rm -rf $(VENV) clients/vlm .pytest_cache deploy/validate/node_modules
+	rm -rf $(VENV) .tools dist build clients/build .pytest_cache deploy/validate/node_modules clients/vlm/v1/*_pb2*.py clients/vlm/v1/*_pb2.pyi

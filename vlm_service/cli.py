@@ -107,8 +107,28 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_line() -> str:
+    """This distribution's version and those it serves with (read from the installed metadata: nothing
+    heavy is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    parts = ", ".join(f"{name} {of(name)}" for name in ("vlm-client", "grpcio", "torch", "transformers"))
+    return f"vlm-service {of('vlm-service')} ({parts})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlm-service", description="Serve vision-language models over gRPC.")
+    parser = argparse.ArgumentParser(
+        prog="vlm-service",
+        description="Serve vision-language models over gRPC.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the version line unwrapped
+    )
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the server until SIGTERM/SIGINT")
     add_arguments(serve)

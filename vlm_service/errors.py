@@ -39,7 +39,9 @@ class ModelNotFound(ServiceError):
 
 
 class ModelNotReady(ServiceError):
-    """The model is loading or has failed (UNAVAILABLE)."""
+    """The model is loading or has failed (UNAVAILABLE); ``retry_after`` is a hint in seconds."""
+
+    retry_after = 1.0
 
 
 class QueueFull(ServiceError):

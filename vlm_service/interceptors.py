@@ -33,6 +33,9 @@ from .errors import (
 
 logger = logging.getLogger(__name__)
 
+#: The trailer gRPC clients' retry policies read as the server's retry delay (gRFC A6).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
 STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
@@ -78,9 +81,10 @@ def to_status(error: ServiceError) -> grpc.Status:
             ]
         )
         details.append(bad_request)
-    if isinstance(error, (QueueFull, OutOfMemory)):
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
         delay = duration_pb2.Duration()
-        delay.FromMilliseconds(int(error.retry_after * 1000))
+        delay.FromMilliseconds(int(retry_after * 1000))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     packed = []
     for detail in details:
@@ -88,7 +92,13 @@ def to_status(error: ServiceError) -> grpc.Status:
         any_detail.Pack(detail)
         packed.append(any_detail)
     proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=packed)
-    return rpc_status.to_status(proto)
+    status = rpc_status.to_status(proto)
+    if retry_after is not None:
+        # The same hint for gRPC's own retries: a client's retry policy waits exactly this long before
+        # its next attempt (for the codes it retries) instead of its jittered backoff.
+        pushback = (RETRY_PUSHBACK_KEY, str(int(retry_after * 1000)))
+        status = status._replace(trailing_metadata=(*status.trailing_metadata, pushback))
+    return status
 
 
 class ErrorInterceptor(AsyncExceptionToStatusInterceptor):

@@ -1,10 +1,26 @@
 """Python client for vlm-service: stream captions and answers from a VisionLanguageService."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from ._messages import ModelInfo, Usage
-from .client import AsyncTextStream, AsyncVLMClient, TextStream, VLMClient, channel_credentials
+from .client import (
+    CONNECTION_OPTIONS,
+    HEALTH_CHECK_CONFIG,
+    MODEL_HEADER,
+    RETRY_POLICY,
+    SERVICE_CONFIG,
+    AsyncTextStream,
+    AsyncVLMClient,
+    TextStream,
+    VLMClient,
+    channel_credentials,
+    channel_options,
+)
 from .errors import (
+    Aborted,
     Cancelled,
     DeadlineExceeded,
+    FieldViolation,
     InvalidArgument,
     ModelNotFound,
     Overloaded,
@@ -13,11 +29,23 @@ from .errors import (
     VLMError,
 )
 
+try:
+    __version__ = version("vlm-client")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "CONNECTION_OPTIONS",
+    "HEALTH_CHECK_CONFIG",
+    "MODEL_HEADER",
+    "RETRY_POLICY",
+    "SERVICE_CONFIG",
+    "Aborted",
     "AsyncTextStream",
     "AsyncVLMClient",
     "Cancelled",
     "DeadlineExceeded",
+    "FieldViolation",
     "InvalidArgument",
     "ModelInfo",
     "ModelNotFound",
@@ -28,5 +56,7 @@ __all__ = [
     "Usage",
     "VLMClient",
     "VLMError",
+    "__version__",
     "channel_credentials",
+    "channel_options",
 ]

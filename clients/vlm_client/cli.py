@@ -1,8 +1,10 @@
 """``vlm-client``: stream captions and answers in a terminal.
 
 vlm-client caption photo.jpg --length short
-vlm-client query photo.jpg "What colour is the car?"
+vlm-client query photo.jpg "What colour is the car?" --server vlm.example:50051 --tls
 vlm-client models
+
+Connection options (--server, --tls, --token-file, ...) go before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -11,10 +13,50 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict
 
+from . import __version__
 from .client import VLMClient, channel_credentials
 from .errors import VLMError
+
+
+class UsageError(Exception):
+    """Options that cannot be used together or a token that cannot be read (exit 2)."""
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The connection options. The top-level parser holds the defaults; each subcommand accepts the same
+    options with no default of its own (SUPPRESS), so a value given after the subcommand wins and an
+    absent one leaves the top-level value in place."""
+
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--server", default=default(None), help="host:port or a gRPC target [env VLM_SERVER]")
+    parser.add_argument("--timeout", type=float, default=default(None), help="deadline in seconds")
+    parser.add_argument(
+        "--token-file",
+        default=default(None),
+        help="file whose content is the bearer token (preferred: not visible in `ps`) [env VLM_TOKEN_FILE]",
+    )
+    parser.add_argument(
+        "--token",
+        default=default(None),
+        help="bearer token; visible to every user in `ps`, prefer --token-file or VLM_TOKEN [env VLM_TOKEN]",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", default=default(False), help="use TLS (system roots unless --ca-cert)"
+    )
+    parser.add_argument("--ca-cert", default=default(None), help="PEM CA bundle that signed the server's certificate")
+    parser.add_argument("--client-cert", default=default(None), help="PEM client certificate, for mutual TLS")
+    parser.add_argument("--client-key", default=default(None), help="PEM client private key, for mutual TLS")
+    parser.add_argument(
+        "--wait-for-ready",
+        action="store_true",
+        default=default(False),
+        help="wait (up to --timeout) for a server whose health says SERVING instead of failing at once",
+    )
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +70,53 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--usage", action="store_true", help="print finish reason and usage to stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm-client", description="Talk to a vlm-service server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_connection_flags(parser, defaults=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+    caption = commands.add_parser("caption", help="stream a caption of an image")
+    caption.add_argument("image", help="image file")
+    caption.add_argument("--length", choices=("short", "normal", "long"), default=None)
+    _add_generation_flags(caption)
+    query = commands.add_parser("query", help="stream the answer to a question about an image")
+    query.add_argument("image", help="image file")
+    query.add_argument("question")
+    _add_generation_flags(query)
+    models = commands.add_parser("models", help="list the server's models")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    for command in (caption, query, models):
+        _add_connection_flags(command, defaults=False)
+    return parser
+
+
+def resolve_token(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """The bearer token: --token, else --token-file, else $VLM_TOKEN, else $VLM_TOKEN_FILE (flags win over
+    the environment). A token file holds the token alone; surrounding whitespace is ignored."""
+    if args.token and args.token_file:
+        raise UsageError("give --token or --token-file, not both")
+    if args.token:
+        return args.token
+    if args.token_file:
+        return _read_token(args.token_file)
+    if environ.get("VLM_TOKEN"):
+        return environ["VLM_TOKEN"]
+    if environ.get("VLM_TOKEN_FILE"):
+        return _read_token(environ["VLM_TOKEN_FILE"])
+    return None
+
+
+def _read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read the token file {path}: {getattr(error, 'strerror', None) or error}") from None
+    if not token:
+        raise UsageError(f"the token file {path} is empty")
+    return token
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -53,33 +142,21 @@ def _print_stream(stream, show_usage: bool) -> None:
         print(f"finish_reason={stream.finish_reason} usage={json.dumps(asdict(stream.usage))}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm-client", description="Talk to a vlm-service server.")
-    parser.add_argument(
-        "--server", default=os.environ.get("VLM_SERVER", "localhost:50051"), help="host:port [env VLM_SERVER]"
-    )
-    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    parser.add_argument("--token", default=os.environ.get("VLM_TOKEN"), help="bearer token [env VLM_TOKEN]")
-    parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca-cert)")
-    parser.add_argument("--ca-cert", help="PEM CA bundle that signed the server's certificate (implies --tls)")
-    parser.add_argument("--client-cert", help="PEM client certificate, for mutual TLS")
-    parser.add_argument("--client-key", help="PEM client private key, for mutual TLS")
-    commands = parser.add_subparsers(dest="command", required=True)
-    caption = commands.add_parser("caption", help="stream a caption of an image")
-    caption.add_argument("image", help="image file")
-    caption.add_argument("--length", choices=("short", "normal", "long"), default=None)
-    _add_generation_flags(caption)
-    query = commands.add_parser("query", help="stream the answer to a question about an image")
-    query.add_argument("image", help="image file")
-    query.add_argument("question")
-    _add_generation_flags(query)
-    models = commands.add_parser("models", help="list the server's models")
-    models.add_argument("--json", action="store_true", help="print JSON")
-    args = parser.parse_args(argv)
-
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    server = args.server or environ.get("VLM_SERVER") or "localhost:50051"
     try:
+        token = resolve_token(args, environ)
         credentials = channel_credentials(args.tls, args.ca_cert, args.client_cert, args.client_key)
-        with VLMClient(args.server, timeout=args.timeout, token=args.token, credentials=credentials) as client:
+        with VLMClient(
+            server,
+            timeout=args.timeout,
+            token=token,
+            credentials=credentials,
+            wait_for_ready=args.wait_for_ready or None,
+            health_check=args.wait_for_ready,
+        ) as client:
             if args.command == "caption":
                 _print_stream(client.caption(args.image, length=args.length, **_options(args)), args.usage)
             elif args.command == "query":
@@ -91,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                 for info in [] if args.json else infos:
                     flags = ("default " if info.is_default else "") + ("ready" if info.ready else "not ready")
                     print(f"{info.name}\t{info.family}\t{flags}\t{info.source}")
+    except UsageError as error:
+        print(f"vlm-client: {error}", file=sys.stderr)
+        return 2
     except VLMError as error:
         print(f"vlm-client: {error}", file=sys.stderr)
         return 1

@@ -11,11 +11,16 @@
 A stream yields text chunks as the model writes them. After the last chunk, ``finish_reason``,
 ``usage`` and ``text`` (everything received) are set. Leaving the loop early, ``cancel()`` or closing
 the client stops the generation on the server. Failures raise :class:`~vlm_client.errors.VLMError`
-subclasses carrying the gRPC status code.
+subclasses carrying the gRPC status code and the server's rich details (retry hint, field violations).
+
+The channel is opened with :data:`SERVICE_CONFIG` (client-side ``round_robin`` over every address the
+target resolves to and a retry policy for ``UNAVAILABLE``; client-side health checking on request) and
+:data:`CONNECTION_OPTIONS`; ``options`` passed to a client override them key by key.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -28,6 +33,70 @@ from .errors import from_rpc_error
 from .images import ImageLike
 
 Metadata = Sequence[tuple[str, str]]
+
+#: The metadata key that carries the request's model, so a proxy (an Envoy/Gateway API GRPCRoute, nginx)
+#: can route by model without parsing the message. Sent when the request names a model.
+MODEL_HEADER = "x-vlm-model"
+
+#: gRPC retries an attempt that failed with UNAVAILABLE (server unreachable, restarting, draining or
+#: still loading) while the call has not yet received anything from a server; once a message (or the
+#: response headers) arrived, the failure is the caller's to see. At most 5 attempts, with exponential,
+#: jittered backoff of at most 1.5 s in all, so an unreachable or misconfigured server (a failed TLS
+#: handshake) still surfaces as UNAVAILABLE, with its reason, inside a few seconds' deadline; waiting
+#: out a restart is wait_for_ready's job. A server's ``grpc-retry-pushback-ms`` trailer (vlm-service
+#: sends it beside every ``google.rpc.RetryInfo``) replaces the backoff with the server's delay.
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+#: round_robin spreads calls over every address the target resolves to (``dns:///vlm.ns.svc:50051``
+#: with a headless Kubernetes Service: one subchannel per pod); for one address it behaves like
+#: pick_first.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{"name": [{"service": "vlm.v1.VisionLanguageService"}], "retryPolicy": RETRY_POLICY}],
+}
+
+#: Client-side health checking (``health_check=True``): the channel watches each server's grpc.health.v1
+#: status (the overall service, "") and sends calls only to servers that report SERVING, so a loading or
+#: draining server gets no new calls, and a wait-for-ready call waits for SERVING rather than for a
+#: connection. Off by default: behind a proxy (nginx, Envoy) the watched health is that of whichever
+#: backend the proxy picked for the watch, and a proxy's idle timeout breaks the watch stream; both
+#: would stop calls that the proxy could have served. Turn it on for direct connections.
+HEALTH_CHECK_CONFIG = {"serviceName": ""}
+
+#: HTTP/2 keepalive while calls are open: a ping every 30 s, answered within 10 s, else the connection
+#: (and its calls) fail with UNAVAILABLE, so a stream from a server that vanished without closing
+#: (power loss, network partition) does not hang. vlm-service accepts client pings every 5 s or more.
+#: Reconnection to a server that went away backs off from 1 s up to 5 s (gRPC's default cap is 120 s),
+#: so a restarted server gets calls again within about 5 s.
+CONNECTION_OPTIONS = {
+    "grpc.keepalive_time_ms": 30_000,
+    "grpc.keepalive_timeout_ms": 10_000,
+    "grpc.keepalive_permit_without_calls": 0,
+    "grpc.http2.max_pings_without_data": 0,
+    "grpc.initial_reconnect_backoff_ms": 1_000,
+    "grpc.max_reconnect_backoff_ms": 5_000,
+}
+
+
+def channel_options(options: Sequence[tuple[str, object]] = (), health_check: bool = False) -> list[tuple[str, object]]:
+    """The client's default channel options (service config, retries, keepalive, reconnection; client-side
+    health checking with ``health_check``) with ``options`` overriding them key by key.
+    ``("grpc.service_config", json)`` replaces the whole service config; ``("grpc.enable_retries", 0)``
+    turns retries off."""
+    config = {**SERVICE_CONFIG, "healthCheckConfig": HEALTH_CHECK_CONFIG} if health_check else SERVICE_CONFIG
+    merged: dict[str, object] = {
+        "grpc.service_config": json.dumps(config),
+        "grpc.enable_retries": 1,
+        **CONNECTION_OPTIONS,
+    }
+    merged.update(dict(options))
+    return list(merged.items())
 
 
 class _StreamState:
@@ -133,32 +202,50 @@ def channel_credentials(
     )
 
 
-def _open(api, target: str, credentials, options):
-    """A channel from ``api`` (``grpc`` or ``grpc.aio``): TLS with credentials, else plaintext."""
+def _open(api, target: str, credentials, options, health_check: bool):
+    """A channel from ``api`` (``grpc`` or ``grpc.aio``) with :func:`channel_options`: TLS with
+    credentials, else plaintext."""
+    options = channel_options(options, health_check)
     if credentials is not None:
-        return api.secure_channel(target, credentials, options=list(options))
-    return api.insecure_channel(target, options=list(options))
+        return api.secure_channel(target, credentials, options=options)
+    return api.insecure_channel(target, options=options)
 
 
 class _ClientBase:
-    def __init__(self, target: str, timeout: float | None, metadata: Metadata | None, channel, token: str | None):
+    def __init__(
+        self,
+        target: str,
+        timeout: float | None,
+        metadata: Metadata | None,
+        channel,
+        token: str | None,
+        wait_for_ready: bool | None,
+    ):
         self.target = target
         self.timeout = timeout
         self.metadata = tuple(metadata or ()) + ((("authorization", f"Bearer {token}"),) if token else ())
+        self.wait_for_ready = wait_for_ready
         self._channel = channel
         self._stub = pb_grpc.VisionLanguageServiceStub(channel)
 
-    def _call_args(self, timeout: float | None, metadata: Metadata | None) -> dict:
+    def _call_args(self, timeout: float | None, metadata: Metadata | None, model: str = "") -> dict:
+        routing = ((MODEL_HEADER, model),) if model else ()
         return {
             "timeout": self.timeout if timeout is None else timeout,
-            "metadata": self.metadata + tuple(metadata or ()),
+            "metadata": self.metadata + routing + tuple(metadata or ()),
+            "wait_for_ready": self.wait_for_ready,
         }
 
 
 class VLMClient(_ClientBase):
-    """Blocking client. ``target`` is ``host:port``; ``timeout`` (seconds) is the default deadline;
-    ``token`` is sent as ``authorization: Bearer`` metadata; ``credentials`` (see
-    :func:`channel_credentials`) turns on TLS."""
+    """Blocking client. ``target`` is ``host:port`` or any gRPC target (``dns:///name:port`` to balance
+    over every address of a name); ``timeout`` (seconds) is the default deadline; ``token`` is sent as
+    ``authorization: Bearer`` metadata; ``credentials`` (see :func:`channel_credentials`) turns on TLS;
+    ``wait_for_ready=True`` makes calls wait (up to their deadline) for a reachable server instead of
+    failing with UNAVAILABLE when none is; ``health_check=True`` turns on client-side health checking
+    (:data:`HEALTH_CHECK_CONFIG`: only servers whose health says SERVING get calls, and wait-for-ready
+    calls wait for SERVING); ``options`` are channel options that override the defaults
+    (:func:`channel_options`)."""
 
     def __init__(
         self,
@@ -170,8 +257,11 @@ class VLMClient(_ClientBase):
         credentials: grpc.ChannelCredentials | None = None,
         channel: grpc.Channel | None = None,
         options: Sequence[tuple[str, object]] = (),
+        wait_for_ready: bool | None = None,
+        health_check: bool = False,
     ):
-        super().__init__(target, timeout, metadata, channel or _open(grpc, target, credentials, options), token)
+        channel = channel or _open(grpc, target, credentials, options, health_check)
+        super().__init__(target, timeout, metadata, channel, token, wait_for_ready)
 
     def caption(
         self,
@@ -187,7 +277,7 @@ class VLMClient(_ClientBase):
         """Stream a caption of ``image``. ``options``: max_new_tokens, temperature, top_p, top_k,
         repetition_penalty, stop, seed."""
         request = m.caption_request(image, model, length, language, **options)
-        return TextStream(self._stub.Caption(request, **self._call_args(timeout, metadata)))
+        return TextStream(self._stub.Caption(request, **self._call_args(timeout, metadata, model)))
 
     def query(
         self,
@@ -202,7 +292,7 @@ class VLMClient(_ClientBase):
     ) -> TextStream:
         """Stream the answer to ``question`` about ``image``."""
         request = m.query_request(image, question, model, language, **options)
-        return TextStream(self._stub.Query(request, **self._call_args(timeout, metadata)))
+        return TextStream(self._stub.Query(request, **self._call_args(timeout, metadata, model)))
 
     def models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> list[m.ModelInfo]:
         try:
@@ -234,8 +324,11 @@ class AsyncVLMClient(_ClientBase):
         credentials: grpc.ChannelCredentials | None = None,
         channel: grpc.aio.Channel | None = None,
         options: Sequence[tuple[str, object]] = (),
+        wait_for_ready: bool | None = None,
+        health_check: bool = False,
     ):
-        super().__init__(target, timeout, metadata, channel or _open(grpc.aio, target, credentials, options), token)
+        channel = channel or _open(grpc.aio, target, credentials, options, health_check)
+        super().__init__(target, timeout, metadata, channel, token, wait_for_ready)
 
     def caption(
         self,
@@ -249,7 +342,7 @@ class AsyncVLMClient(_ClientBase):
         **options,
     ) -> AsyncTextStream:
         request = m.caption_request(image, model, length, language, **options)
-        return AsyncTextStream(self._stub.Caption(request, **self._call_args(timeout, metadata)))
+        return AsyncTextStream(self._stub.Caption(request, **self._call_args(timeout, metadata, model)))
 
     def query(
         self,
@@ -263,7 +356,7 @@ class AsyncVLMClient(_ClientBase):
         **options,
     ) -> AsyncTextStream:
         request = m.query_request(image, question, model, language, **options)
-        return AsyncTextStream(self._stub.Query(request, **self._call_args(timeout, metadata)))
+        return AsyncTextStream(self._stub.Query(request, **self._call_args(timeout, metadata, model)))
 
     async def models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> list[m.ModelInfo]:
         try:

@@ -236,6 +236,17 @@ def test_rich_details():
     assert retry.retry_delay.ToMilliseconds() == 2500
 
 
+def test_retry_hints_also_go_out_as_grpc_retry_pushback():
+    """gRPC's retry policies read the server's delay from `grpc-retry-pushback-ms`, not from RetryInfo."""
+    for error, pushback in ((QueueFull("full", retry_after=2.5), "2500"), (ModelNotReady("loading"), "1000")):
+        metadata = dict(to_status(error).trailing_metadata)
+        proto = rpc_status.status_pb2.Status.FromString(metadata["grpc-status-details-bin"])
+        retry = error_details_pb2.RetryInfo()
+        assert proto.details[0].Unpack(retry)
+        assert metadata["grpc-retry-pushback-ms"] == pushback == str(retry.retry_delay.ToMilliseconds())
+    assert "grpc-retry-pushback-ms" not in dict(to_status(ShuttingDown("draining")).trailing_metadata)
+
+
 async def test_unexpected_exceptions_become_opaque_internal():
     context = FakeContext()
     with pytest.raises(grpc.aio.AbortError):
