@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 CHECKPOINTS ?= $(or $(VLM_CACHE_DIR),$(HOME)/.cache/vlm-service)
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install proto checkpoints serve test lint bench soak clean
+.PHONY: install proto checkpoints serve test lint bench bench-tracing soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -66,6 +66,10 @@ $(BENCH_STAMP): pyproject.toml | $(STAMP)
 
 bench: install checkpoints $(BENCH_STAMP)
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/stream_bench.py $(ARGS)
+
+# What tracing costs per token: tracing off against on (spans exported over OTLP to a local receiver).
+bench-tracing: install checkpoints
+	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/tracing_bench.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check vlm_service clients tests bench

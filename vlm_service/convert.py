@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import uuid
 
 from vlm.v1 import vlm_service_pb2 as pb
 
+from .access import new_request_id
 from .config import Settings
 from .errors import InvalidInput
 from .images import decode_image
@@ -33,10 +33,6 @@ _FINISH_TO_PB = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
 }
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 def sampling_params(options: pb.GenerationOptions, settings: Settings) -> SamplingParams:
@@ -90,11 +86,11 @@ def _language(code: str) -> str:
     return code.strip().lower() or "en"
 
 
-def caption_request(message: pb.CaptionRequest, settings: Settings) -> GenerationRequest:
+def caption_request(message: pb.CaptionRequest, settings: Settings, request_id: str = "") -> GenerationRequest:
     if message.length not in _LENGTHS:
         raise InvalidInput("length", f"unknown caption length {message.length}")
     return GenerationRequest(
-        request_id=new_request_id(),
+        request_id=request_id or new_request_id(),
         model=message.model,
         task=Task.CAPTION,
         image=_image(message, settings),
@@ -105,14 +101,14 @@ def caption_request(message: pb.CaptionRequest, settings: Settings) -> Generatio
     )
 
 
-def query_request(message: pb.QueryRequest, settings: Settings) -> GenerationRequest:
+def query_request(message: pb.QueryRequest, settings: Settings, request_id: str = "") -> GenerationRequest:
     question = message.question.strip()
     if not question:
         raise InvalidInput("question", "the question is empty")
     if len(question) > settings.max_question_chars:
         raise InvalidInput("question", f"{len(question)} characters; the limit is {settings.max_question_chars}")
     return GenerationRequest(
-        request_id=new_request_id(),
+        request_id=request_id or new_request_id(),
         model=message.model,
         task=Task.QUERY,
         image=_image(message, settings),

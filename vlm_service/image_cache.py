@@ -66,6 +66,11 @@ class ImageCache:
                 processed, replacements = entry["preprocessing"]
                 entry["preprocessing"] = ({k: v for k, v in processed.items() if k not in names}, replacements)
 
+    def stats(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Hits and misses so far, by kind (copies, for the metrics)."""
+        with self._lock:
+            return dict(self.hits), dict(self.misses)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)

@@ -9,16 +9,19 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
 
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 
+from .access import AccessLogInterceptor
 from .auth import BearerTokenInterceptor
 from .config import Settings
 from .engine import Engine
 from .interceptors import ErrorInterceptor, MalformedRequestInterceptor
 from .registry import UnsupportedModel
 from .servicer import VisionLanguageServicer
+from .tracing import Tracing, exporter_endpoint, otlp_tracer_provider
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +71,28 @@ class VLMServer:
     turns SERVING only when every model is loaded and warmed up (``await server.wait_ready()``).
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, tracer_provider: TracerProvider | None = None):
         self.settings = settings
         self.engine = Engine(settings)
         self.health = health.aio.HealthServicer()
-        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor(), ErrorInterceptor()]
+        # Tracing: the given provider (tests), else an OTLP exporter when one is configured, else off.
+        self._owns_tracer_provider = tracer_provider is None
+        provider = tracer_provider or otlp_tracer_provider(settings)
+        self.tracing = Tracing(provider) if provider is not None else None
+        # Outermost first: the RPC span, the request id and access line, then the checks, then the
+        # mapping of errors to statuses (so the span and the access line see the final status).
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            AccessLogInterceptor(settings.access_log),
+            MalformedRequestInterceptor(),
+            ErrorInterceptor(),
+        ]
         if settings.auth_token:
-            interceptors.insert(1, BearerTokenInterceptor(settings.auth_token, settings.reflection_requires_auth))
+            interceptors.insert(2, BearerTokenInterceptor(settings.auth_token, settings.reflection_requires_auth))
+        if self.tracing is not None:
+            interceptors.insert(0, self.tracing.interceptor())
         self._server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
-        pb_grpc.add_VisionLanguageServiceServicer_to_server(VisionLanguageServicer(self.engine, settings), self._server)
+        servicer = VisionLanguageServicer(self.engine, settings, self.tracing)
+        pb_grpc.add_VisionLanguageServiceServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -90,8 +106,8 @@ class VLMServer:
         self._metrics_http = None
 
     @classmethod
-    async def start(cls, settings: Settings) -> VLMServer:
-        server = cls(settings)
+    async def start(cls, settings: Settings, tracer_provider: TracerProvider | None = None) -> VLMServer:
+        server = cls(settings, tracer_provider)
         await server._start()
         return server
 
@@ -108,6 +124,8 @@ class VLMServer:
             raise OSError(f"cannot listen on {address}")
         await self._server.start()
         logger.info("listening on %s:%d; loading models", self.settings.host, self.port)
+        if self.tracing is not None and self._owns_tracer_provider:
+            logger.info("tracing: spans go over OTLP to %s", exporter_endpoint(self.settings))
         if self.settings.metrics_port:
             self._metrics_http, _ = self.engine.metrics.serve(self.settings.metrics_port, self.settings.host)
             logger.info("metrics on http://%s:%d/metrics", self.settings.host, self.settings.metrics_port)
@@ -161,6 +179,8 @@ class VLMServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        if self.tracing is not None and self._owns_tracer_provider:
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes the spans still buffered
         self._stopped.set()
         logger.info("stopped")
 

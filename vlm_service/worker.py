@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from .backends.base import Backend, Outcome
 from .batching import DecodeBatch
@@ -27,6 +28,9 @@ from .errors import GenerationFailed, GenerationStalled, OutOfMemory, QueueFull,
 from .metrics import ModelMetrics
 from .streaming import TextAssembler
 from .types import Finished, FinishReason, GenerationRequest, TextDelta, Usage
+
+if TYPE_CHECKING:
+    from .tracing import GenerationTrace
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +84,10 @@ class Job:
         stall_timeout: float = 60.0,
         abandon_after: float = 40.0,
         metrics: ModelMetrics | None = None,
+        trace: GenerationTrace | None = None,
     ):
         self.request = request
+        self.trace = trace  # None unless tracing is on
         self._loop = loop
         # Events cross from the worker thread in a deque; the loop is woken at most once per batch of
         # them (``_wake_pending``), so a busy batch does not flood the loop with one wake-up per token.
@@ -181,7 +187,12 @@ class Job:
         self.last_progress = now
         backlog = self._sent - self._taken
         if backlog > _BACKLOG and now - self.last_taken > self.abandon_after and not self._cancelled.is_set():
-            logger.warning("request %s: the client stopped reading; stopping its generation", self.request.request_id)
+            request_id = self.request.request_id
+            logger.warning(
+                "request %s: the client stopped reading; stopping its generation",
+                request_id,
+                extra={"request_id": request_id},
+            )
             self._cancelled.set()
         return self._cancelled.is_set() or self._assembler.stopped
 
@@ -199,11 +210,14 @@ class Job:
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 self._cancelled.set()
 
-    def _finish(self, outcome: Outcome) -> None:
+    def final_reason(self, outcome: Outcome) -> FinishReason:
+        """Why the generation ended, stop strings (the engine's) included."""
+        return FinishReason.STOP_SEQUENCE if self._assembler.stopped else outcome.reason
+
+    def _finish(self, outcome: Outcome, reason: FinishReason) -> None:
         tail = self._assembler.finish()
         if tail:
             self._send(TextDelta(tail))
-        reason = FinishReason.STOP_SEQUENCE if self._assembler.stopped else outcome.reason
         now = time.monotonic()
         arrival = self.request.arrival
         first = self.first_text_at or now
@@ -329,11 +343,13 @@ class ModelWorker:
         job.started_at = job.last_progress = time.monotonic()
         if self.metrics is not None:
             self.metrics.queue_time.observe(job.started_at - job.request.arrival)
+        if job.trace is not None:
+            job.trace.started(job.started_at)
 
     def _execute(self, job: Job) -> None:
         self._start(job)
         try:
-            outcome = self.backend.generate(job.request, job)
+            outcome = self.backend.generate(job.request, job if job.trace is None else _TracedSink(job))
         except Exception as exc:
             self._failed(job, exc)
             return
@@ -344,20 +360,31 @@ class ModelWorker:
         previous = self.seconds_per_request
         self.seconds_per_request = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
         self.completed += 1
+        reason = None if job.cancelled else job.final_reason(outcome)
         if self.metrics is not None:
             self.metrics.tokens.inc(outcome.completion_tokens)
-        if not job.cancelled:
-            job._finish(outcome)
+            self.metrics.prompt_tokens.inc(outcome.prompt_tokens)
+            if reason is not None:
+                self.metrics.finish_reasons[reason].inc()
+        if job.trace is not None:
+            job.trace.ended(time.monotonic(), reason, outcome.prompt_tokens, outcome.completion_tokens)
+        if reason is not None:
+            job._finish(outcome, reason)
 
     def _failed(self, job: Job, exc: Exception) -> None:
         """End ``job`` after its generation raised ``exc`` (called in the worker thread)."""
         request = job.request
+        if job.trace is not None:
+            job.trace.ended(time.monotonic(), error=exc)
+        ids = {"request_id": request.request_id}
         if is_out_of_memory(exc):
-            logger.error("request %s on model %s ran out of memory; freeing it", request.request_id, self.name)
+            logger.error(
+                "request %s on model %s ran out of memory; freeing it", request.request_id, self.name, extra=ids
+            )
             free_memory()
             job._fail(OutOfMemory(request.request_id))
             return
-        logger.exception("request %s on model %s failed", request.request_id, self.name, exc_info=exc)
+        logger.exception("request %s on model %s failed", request.request_id, self.name, exc_info=exc, extra=ids)
         job._fail(GenerationFailed(request.request_id))
         if is_fatal_device_error(exc) and self._on_fatal is not None:
             self._on_fatal(self.name)
@@ -382,6 +409,8 @@ class BatchingWorker(ModelWorker):
                     self._failed(job, exc)
                     self._done(job)
                     continue
+                if job.trace is not None:  # the prompt is processed and the first token out
+                    job.trace.first_token(time.monotonic())
                 if row.done:
                     self._finished(job, row.outcome)
                     self._done(job)
@@ -400,3 +429,21 @@ class BatchingWorker(ModelWorker):
             for row in finished:
                 self._finished(row.sink, row.outcome)
                 self._done(row.sink)
+
+
+class _TracedSink:
+    """A traced job's sink for a one-at-a-time backend: the first text the model writes ends the
+    prefill phase. Only traced jobs pay for this indirection."""
+
+    __slots__ = ("_job", "_first", "should_stop")
+
+    def __init__(self, job: Job):
+        self._job = job
+        self._first = True
+        self.should_stop = job.should_stop
+
+    def add_text(self, piece: str) -> None:
+        if self._first:
+            self._first = False
+            self._job.trace.first_token(time.monotonic())
+        self._job.add_text(piece)
