@@ -96,7 +96,7 @@ def test_a_caption_is_an_rpc_span_with_queue_prefill_and_decode_children(traced)
     found = spans.wait_for(lambda all_spans: rpc_span(all_spans, trace_id) is not None)
     rpc = rpc_span(found, trace_id)
     # The caller's trace-context is honoured: same trace, the caller's span as (remote) parent.
-    assert rpc.name == CAPTION.lstrip("/") or rpc.name == CAPTION
+    assert rpc.name == CAPTION
     assert rpc.parent is not None and rpc.parent.span_id == parent_id and rpc.parent.is_remote
     assert rpc.attributes["rpc.grpc.status_code"] == 0
     assert rpc.attributes["vlm.request_id"] == "trace-me-1"
@@ -120,7 +120,7 @@ def test_a_caption_is_an_rpc_span_with_queue_prefill_and_decode_children(traced)
     assert abs(queue_ms - usage.queue_time_ms) < 1.0
 
 
-def test_without_traceparent_each_call_starts_its_own_trace_and_errors_end_the_span_in_error(traced):
+def test_without_traceparent_each_call_starts_its_own_trace_and_refusals_have_no_phases(traced):
     server, spans = traced
     with server.channel() as channel:
         stub = server.stub(channel)
@@ -142,8 +142,9 @@ def test_without_traceparent_each_call_starts_its_own_trace_and_errors_end_the_s
     assert ok.parent is None, "with no traceparent the RPC span is a root"
     assert ok.context.trace_id != bad_span.context.trace_id
     assert len(in_trace(found, ok.context.trace_id)) == 4  # the RPC and its three phases
-    assert bad_span.status.status_code is StatusCode.ERROR
+    # A client's mistake is not the server's error (OpenTelemetry's gRPC conventions): status unset.
     assert bad_span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert bad_span.status.status_code is StatusCode.UNSET
     assert in_trace(found, bad_span.context.trace_id) == [bad_span], "a refused request has no phases"
     assert not [s for s in found if "Health" in s.name], "health checks are not traced"
 
@@ -202,6 +203,10 @@ def test_request_ids_are_honoured_when_sane_and_named_in_internal_errors(fake_se
     )
     failed = [x for x in found if x.attributes.get("vlm.request_id") == "will-fail-7" and x.name == "prefill"][0]
     assert failed.status.status_code is StatusCode.ERROR and failed.events[0].name == "exception"
+    rpc = spans.wait_for(lambda s: rpc_span(s, failed.context.trace_id) is not None)
+    internal = rpc_span(rpc, failed.context.trace_id)
+    assert internal.status.status_code is StatusCode.ERROR
+    assert internal.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]
 
 
 # --- the JSON access log of a `vlm-service serve` process ---------------------------------------
