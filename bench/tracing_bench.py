@@ -33,6 +33,8 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vlm.v1 import vlm_service_pb2 as pb  # noqa: E402
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -132,6 +134,9 @@ def main() -> None:
         "--cache-dir", type=Path, default=Path(os.environ.get("VLM_CACHE_DIR", "~/.cache/vlm-service")).expanduser()
     )
     args = parser.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     args.checkpoint = ensure_tiny_smolvlm(args.cache_dir, trained=False)
 
     receiver = Receiver()
