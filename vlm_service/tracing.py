@@ -95,9 +95,16 @@ class Tracing:
         self.provider.shutdown()
 
 
-def _epoch_ns(monotonic: float) -> int:
-    """A ``time.monotonic()`` instant as the wall-clock nanoseconds spans carry."""
-    return time.time_ns() - int((time.monotonic() - monotonic) * 1e9)
+def _clock_offset_ns() -> int:
+    """Wall-clock minus monotonic time, in nanoseconds: of three readings, the one whose monotonic
+    bracket is the shortest (a thread preempted mid-reading would skew it)."""
+    best = (1 << 62, 0)
+    for _ in range(3):
+        before = time.monotonic_ns()
+        wall = time.time_ns()
+        after = time.monotonic_ns()
+        best = min(best, (after - before, wall - (before + after) // 2))
+    return best[1]
 
 
 class GenerationTrace:
@@ -107,7 +114,7 @@ class GenerationTrace:
     (a generation that fails or is cancelled may skip a phase; :meth:`ended` closes whatever is open).
     """
 
-    __slots__ = ("_tracer", "_parent", "_attributes", "_arrival", "_open")
+    __slots__ = ("_tracer", "_parent", "_attributes", "_arrival", "_open", "_offset")
 
     def __init__(self, tracer: trace.Tracer, parent: otel_context.Context, model: str, request_id: str, arrival):
         self._tracer = tracer
@@ -115,22 +122,27 @@ class GenerationTrace:
         self._attributes = {"vlm.model": model, "vlm.request_id": request_id}
         self._arrival = arrival
         self._open: Span | None = None
+        # One clock offset for the whole trace: its phases keep their monotonic order exactly.
+        self._offset = _clock_offset_ns()
+
+    def _ns(self, monotonic: float) -> int:
+        """A ``time.monotonic()`` instant as the wall-clock nanoseconds spans carry."""
+        return int(monotonic * 1e9) + self._offset
 
     def _span(self, name: str, start: float) -> Span:
         return self._tracer.start_span(
-            name, context=self._parent, kind=SpanKind.INTERNAL, attributes=self._attributes, start_time=_epoch_ns(start)
+            name, context=self._parent, kind=SpanKind.INTERNAL, attributes=self._attributes, start_time=self._ns(start)
         )
 
     def started(self, at: float) -> None:
         """The generation starts at ``at`` (monotonic): the queue span closes and the prefill opens."""
-        self._span("queue", self._arrival).end(_epoch_ns(at))
+        self._span("queue", self._arrival).end(self._ns(at))
         self._open = self._span("prefill", at)
 
     def first_token(self, at: float) -> None:
         """The prompt is processed and the first token chosen: the decode phase opens."""
         if self._open is not None:
-            end = _epoch_ns(at)
-            self._open.end(end)
+            self._open.end(self._ns(at))
         self._open = self._span("decode", at)
 
     def ended(
@@ -155,4 +167,4 @@ class GenerationTrace:
             span.set_attribute("gen_ai.response.finish_reasons", [reason.value])
         else:
             span.set_attribute("vlm.cancelled", True)
-        span.end(_epoch_ns(at))
+        span.end(self._ns(at))
