@@ -123,7 +123,11 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             if self._log:
                 code = final_code(context, error).name
                 fields = call.fields(code, time.monotonic())
-                text = " ".join(f"{key}={value}" for key, value in fields.items() if key not in ("method", "code"))
+                text = " ".join(
+                    f"{key}={value}"
+                    for key, value in fields.items()
+                    if key not in ("method", "code") and value is not None
+                )
                 logger.info("%s %s %s", method, code, text, extra=fields)
 
         def wrap(behaviour, response_streaming: bool):
