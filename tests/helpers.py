@@ -22,14 +22,14 @@ from vlm_service.worker import Job
 class ServerThread:
     """A VLMServer on 127.0.0.1:0 with its own event loop in a background thread."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, tracer_provider=None):
         settings.host = "127.0.0.1"
         settings.port = 0
         self.settings = settings
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
         self._thread.start()
-        self.server: VLMServer = self.call(VLMServer.start(settings))
+        self.server: VLMServer = self.call(VLMServer.start(settings, tracer_provider))
         self.target = f"127.0.0.1:{self.server.port}"
 
     def call(self, coro, timeout: float = 120):

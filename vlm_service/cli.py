@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
+from . import logs
 from .config import ConfigError, add_arguments, load_settings
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Loading bars and hub chatter are noise in a server log.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -34,7 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"vlm-service: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except (UnsupportedModel, StartupError) as exc:
@@ -82,7 +68,7 @@ def _build(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"vlm-service build: {exc}", file=sys.stderr)
         return 2
-    _configure_logging("warning")
+    logs.configure("warning")
     buildable = {name: builtin for name, builtin in BUILTINS.items() if builtin.build is not None}
     for name in args.names or [name for name, builtin in buildable.items() if not builtin.twin]:
         if name not in buildable:

@@ -18,6 +18,7 @@ from pathlib import Path
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -135,6 +136,15 @@ class Settings:
     )
     warmup: bool = _setting(True, "Run one short generation per model before reporting SERVING.")
     log_level: str = _setting("info", "Log level.", choices=LOG_LEVELS)
+    log_format: str = _setting(
+        "text", "Log format: text, or json (one JSON object a line) for log collectors.", choices=LOG_FORMATS
+    )
+    access_log: bool = _setting(True, "Log one line per RPC (method, model, status, request id, tokens, times, peer).")
+    otlp_endpoint: str = _setting(
+        "",
+        "OTLP/gRPC endpoint that receives the traces (e.g. http://otel-collector:4317); empty: tracing off, "
+        "unless OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT is set.",
+    )
 
     def validate(self) -> Settings:
         """Check every value; raise ConfigError naming the setting."""

@@ -7,10 +7,10 @@ the request field (``options.top_p``) and what is wrong with it.
 from __future__ import annotations
 
 import math
-import uuid
 
 from vlm.v1 import vlm_service_pb2 as pb
 
+from .access import new_request_id
 from .config import Settings
 from .errors import InvalidInput
 from .types import CaptionLength, Finished, FinishReason, GenerationRequest, ModelCard, SamplingParams, Task, TextDelta
@@ -31,10 +31,6 @@ _FINISH_TO_PB = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
 }
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 def sampling_params(options: pb.GenerationOptions, settings: Settings) -> SamplingParams:
@@ -84,12 +80,12 @@ def _language(code: str) -> str:
     return code.strip().lower() or "en"
 
 
-def caption_request(message: pb.CaptionRequest, settings: Settings) -> GenerationRequest:
+def caption_request(message: pb.CaptionRequest, settings: Settings, request_id: str = "") -> GenerationRequest:
     """The request less its image (``image`` None): the servicer decodes it off the event loop."""
     if message.length not in _LENGTHS:
         raise InvalidInput("length", f"unknown caption length {message.length}")
     return GenerationRequest(
-        request_id=new_request_id(),
+        request_id=request_id or new_request_id(),
         model=message.model,
         task=Task.CAPTION,
         image=None,
@@ -99,7 +95,7 @@ def caption_request(message: pb.CaptionRequest, settings: Settings) -> Generatio
     )
 
 
-def query_request(message: pb.QueryRequest, settings: Settings) -> GenerationRequest:
+def query_request(message: pb.QueryRequest, settings: Settings, request_id: str = "") -> GenerationRequest:
     """The request less its image (``image`` None): the servicer decodes it off the event loop."""
     question = message.question.strip()
     if not question:
@@ -107,7 +103,7 @@ def query_request(message: pb.QueryRequest, settings: Settings) -> GenerationReq
     if len(question) > settings.max_question_chars:
         raise InvalidInput("question", f"{len(question)} characters; the limit is {settings.max_question_chars}")
     return GenerationRequest(
-        request_id=new_request_id(),
+        request_id=request_id or new_request_id(),
         model=message.model,
         task=Task.QUERY,
         image=None,

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
@@ -31,6 +32,9 @@ from .errors import (
 from .metrics import Metrics, ModelMetrics
 from .types import GenerationRequest, ModelCard, SamplingParams, Task
 from .worker import BatchingWorker, Job, ModelWorker
+
+if TYPE_CHECKING:
+    from .tracing import GenerationTrace
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +215,9 @@ class Engine:
             raise ModelNotFound(name, list(self.models))
         return served
 
-    def submit(self, request: GenerationRequest) -> Job:
-        """Queue a request on its model; raises a ServiceError at once if it cannot be queued."""
+    def submit(self, request: GenerationRequest, trace: GenerationTrace | None = None) -> Job:
+        """Queue a request on its model; raises a ServiceError at once if it cannot be queued.
+        ``trace`` (tracing on) receives the queue, prefill and decode phases from the worker."""
         if self._draining:
             raise ShuttingDown("the server is shutting down; retry on another instance")
         if len(self._streams) >= self.settings.max_streams:
@@ -252,6 +257,7 @@ class Engine:
             backend_cls.role_prefixes,
             abandon_after=self.settings.keepalive_time + self.settings.keepalive_timeout,
             metrics=served.worker.metrics,
+            trace=trace,
         )
         served.worker.submit(job)
         self._streams.add(job)

@@ -106,6 +106,11 @@ class ImageCache:
                 entry["preprocessing"] = ({k: v for k, v in processed.items() if k not in names}, replacements)
                 self._resize(digest, sum(tensor_bytes(v) for v in entry.values()))
 
+    def stats(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Hits and misses so far, by kind (copies, for the metrics)."""
+        with self._lock:
+            return dict(self.hits), dict(self.misses)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)

@@ -1,14 +1,14 @@
 """The one place where errors become gRPC status codes.
 
 Domain errors map to their codes with rich details (``google.rpc.BadRequest`` field violations,
-``google.rpc.RetryInfo``) through grpcio-status. Anything else is a bug: it is logged with a request id
-and the client gets INTERNAL with an opaque message, never a traceback.
+``google.rpc.RetryInfo``) through grpcio-status. Anything else is a bug: it is logged with the call's
+request id and the client gets INTERNAL with an opaque message naming that id, never a traceback.
+Every error status carries the request id in its trailing metadata (``x-request-id``).
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -17,6 +17,7 @@ from grpc_interceptor.exception_to_status import AsyncExceptionToStatusIntercept
 from grpc_interceptor.exceptions import GrpcException
 from grpc_status import rpc_status
 
+from . import access
 from .errors import (
     DeadlineUnmeetable,
     GenerationFailed,
@@ -108,16 +109,19 @@ class ErrorInterceptor(AsyncExceptionToStatusInterceptor):
         if isinstance(ex, grpc.aio.AbortError):
             # The handler chose its status itself (the health service's NOT_FOUND for an unknown name).
             raise ex
+        request_id = access.request_id()
+        trailers = ((access.REQUEST_ID_KEY, request_id),)
         if isinstance(ex, ServiceError):
             status = to_status(ex)
             if status.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
                 logger.warning("%s: %s", method_name, ex.message)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await context.abort(status.code, status.details, tuple(status.trailing_metadata) + trailers)
         if isinstance(ex, GrpcException):
-            await context.abort(ex.status_code, ex.details)
-        error_id = uuid.uuid4().hex[:16]
-        logger.error("%s failed (error id %s)", method_name, error_id, exc_info=ex)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error; see the server log for error id {error_id}")
+            await context.abort(ex.status_code, ex.details, trailers)
+        logger.error("%s failed (request id %s)", method_name, request_id, exc_info=ex)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error; see the server log for request id {request_id}", trailers
+        )
 
 
 class _Malformed:

@@ -2,7 +2,8 @@
 
 Each server has its own registry. Latencies, tokens and statuses are recorded as they happen (the
 worker thread and the RPC handlers share thread-safe instruments); queue depth, running requests and
-open streams are read from the engine when Prometheus scrapes, so the hot path pays nothing for them.
+open streams (and the image caches' hit and miss counts) are read from the engine when Prometheus
+scrapes, so the hot path pays nothing for them.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from .types import FinishReason
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
@@ -63,6 +67,22 @@ class Metrics:
         self.requests = Counter(
             "vlm_requests", "Caption and Query RPCs by final status code.", ["method", "code"], registry=r
         )
+        self.request_duration = Histogram(
+            "vlm_request_duration_seconds",
+            "Caption and Query RPCs end to end, from the call's arrival to its end, by final status code.",
+            ["method", "code"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "vlm_prompt_tokens", "Prompt tokens (image tokens included) of the generations run.", ["model"], registry=r
+        )
+        self.finish_reasons = Counter(
+            "vlm_finish_reasons",
+            "Generations that ran to their end, by why they ended (stop, length, stop_sequence).",
+            ["model", "reason"],
+            registry=r,
+        )
 
     def watch(self, engine: Engine) -> None:
         """Report the engine's queue depth, running requests and open streams at each scrape."""
@@ -86,6 +106,23 @@ class _EngineCollector(Collector):
                 running.add_metric([name], served.worker.running)
         yield queued
         yield running
+        hits = CounterMetricFamily(
+            "vlm_image_cache_hits",
+            "Image-cache lookups that found the image's work done (preprocessing, features), by kind.",
+            labels=["model", "kind"],
+        )
+        misses = CounterMetricFamily(
+            "vlm_image_cache_misses", "Image-cache lookups that had to compute, by kind.", labels=["model", "kind"]
+        )
+        for name, served in self._engine.models.items():
+            if served.backend is not None:
+                found, computed = served.backend.images.stats()
+                for kind, count in sorted(found.items()):
+                    hits.add_metric([name, kind], count)
+                for kind, count in sorted(computed.items()):
+                    misses.add_metric([name, kind], count)
+        yield hits
+        yield misses
         yield GaugeMetricFamily(
             "vlm_active_streams", "Open Caption and Query streams.", value=self._engine.open_streams
         )
@@ -100,4 +137,6 @@ class ModelMetrics:
         self.queue_time = metrics.queue_time.labels(model)
         self.batch_size = metrics.batch_size.labels(model)
         self.tokens = metrics.tokens.labels(model)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model)
+        self.finish_reasons = {reason: metrics.finish_reasons.labels(model, reason.value) for reason in FinishReason}
         self.tokens_after_end = metrics.tokens_after_end.labels(model)

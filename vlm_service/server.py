@@ -13,11 +13,13 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
 
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 
 from . import registry
+from .access import AccessLogInterceptor
 from .auth import BearerTokenInterceptor
 from .config import Settings
 from .decoding import ImageDecoder
@@ -25,6 +27,7 @@ from .engine import Engine
 from .interceptors import ErrorInterceptor, MalformedRequestInterceptor
 from .registry import UnsupportedModel
 from .servicer import VisionLanguageServicer
+from .tracing import Tracing, exporter_endpoint, otlp_tracer_provider
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +138,26 @@ class VLMServer:
     SERVING from start-up until the process stops.
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, tracer_provider: TracerProvider | None = None):
         self.settings = settings
         self.engine = Engine(settings)
         self.health = health.aio.HealthServicer()
-        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor(), ErrorInterceptor()]
+        # Tracing: the given provider (tests), else an OTLP exporter when one is configured, else off.
+        self._owns_tracer_provider = tracer_provider is None
+        provider = tracer_provider or otlp_tracer_provider(settings)
+        self.tracing = Tracing(provider) if provider is not None else None
+        # Outermost first: the RPC span, the request id and access line, then the checks, then the
+        # mapping of errors to statuses (so the span and the access line see the final status).
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            AccessLogInterceptor(settings.access_log),
+            MalformedRequestInterceptor(),
+            ErrorInterceptor(),
+        ]
         token = settings.bearer_token
         if token:
-            interceptors.insert(1, BearerTokenInterceptor(token, settings.reflection_requires_auth))
+            interceptors.insert(2, BearerTokenInterceptor(token, settings.reflection_requires_auth))
+        if self.tracing is not None:
+            interceptors.insert(0, self.tracing.interceptor())
         self._server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
         self.decoder = ImageDecoder(
             workers=settings.max_image_decodes,
@@ -150,7 +165,7 @@ class VLMServer:
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
         )
-        servicer = VisionLanguageServicer(self.engine, settings, self.decoder)
+        servicer = VisionLanguageServicer(self.engine, settings, self.tracing, self.decoder)
         pb_grpc.add_VisionLanguageServiceServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
@@ -169,8 +184,8 @@ class VLMServer:
         self._metrics_http = None
 
     @classmethod
-    async def start(cls, settings: Settings) -> VLMServer:
-        server = cls(settings)
+    async def start(cls, settings: Settings, tracer_provider: TracerProvider | None = None) -> VLMServer:
+        server = cls(settings, tracer_provider)
         await server._start()
         return server
 
@@ -206,6 +221,8 @@ class VLMServer:
             self.engine.close()
             raise
         logger.info("listening on %s:%d; loading models", settings.host, self.port)
+        if self.tracing is not None and self._owns_tracer_provider:
+            logger.info("tracing: spans go over OTLP to %s", exporter_endpoint(settings))
         if self._metrics_http is not None:
             logger.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
         self._loading = asyncio.create_task(self._load())
@@ -279,6 +296,8 @@ class VLMServer:
         # A worker inside a call that cannot be interrupted (a long prefill) gets 2 s more, no longer.
         await _in_daemon_thread(lambda: self.engine.close(timeout=2.0), "vlm-close")
         self._close_side_services()
+        if self.tracing is not None and self._owns_tracer_provider:
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes the spans still buffered
         self._stopped.set()
         logger.info("stopped")
 

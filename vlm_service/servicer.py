@@ -10,17 +10,20 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
+from opentelemetry import trace
 
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 
-from . import convert
+from . import access, convert
+from .access import REQUEST_ID_KEY
 from .config import Settings
 from .decoding import ImageDecoder
 from .engine import Engine
 from .errors import ServiceError
 from .interceptors import status_code
-from .types import GenerationRequest
+from .tracing import Tracing
+from .types import Finished, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +31,16 @@ _NO_DEADLINE = 1e8  # seconds; grpc reports a huge remaining time when the RPC h
 
 
 class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
-    def __init__(self, engine: Engine, settings: Settings, decoder: ImageDecoder | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        tracing: Tracing | None = None,
+        decoder: ImageDecoder | None = None,
+    ):
         self.engine = engine
         self.settings = settings
+        self.tracing = tracing
         self.decoder = decoder or ImageDecoder(
             workers=settings.max_image_decodes,
             max_waiting=settings.max_streams,
@@ -41,32 +51,40 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
     async def Caption(
         self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CaptionResponse]:
-        with self._counted("Caption", context):
-            domain = convert.caption_request(request, self.settings)
+        with self._observed("Caption", request.model, context) as call:
+            domain = convert.caption_request(request, self.settings, call.request_id)
             domain = await self._with_image(domain, convert.image_data(request))
-            async for response in self._stream(domain, pb.CaptionResponse, context):
+            async for response in self._stream(domain, pb.CaptionResponse, context, call):
                 yield response
 
     async def Query(
         self, request: pb.QueryRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.QueryResponse]:
-        with self._counted("Query", context):
-            domain = convert.query_request(request, self.settings)
+        with self._observed("Query", request.model, context) as call:
+            domain = convert.query_request(request, self.settings, call.request_id)
             domain = await self._with_image(domain, convert.image_data(request))
-            async for response in self._stream(domain, pb.QueryResponse, context):
+            async for response in self._stream(domain, pb.QueryResponse, context, call):
                 yield response
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        await context.send_initial_metadata(((REQUEST_ID_KEY, access.request_id()),))
         return pb.ListModelsResponse(models=[convert.model_info(card) for card in self.engine.cards()])
 
     @contextlib.contextmanager
-    def _counted(self, method: str, context) -> Iterator[None]:
-        """Count the RPC by the status it ends with (the metrics' requests by final status)."""
+    def _observed(self, method: str, model: str, context) -> Iterator[access.Call]:
+        """The RPC's record (request id, model, tokens), and its count and end-to-end latency by the
+        status it ends with (the metrics' requests by final status)."""
+        call = access.current_call()
+        if call is None:  # called without the access interceptor (unit tests)
+            call = access.Call(method, access.new_request_id(), "", time.monotonic())
+        call.model = model or self.engine.default_model
+        if self.tracing is not None:
+            trace.get_current_span().set_attribute("vlm.request_id", call.request_id)
         code = "OK"
         try:
-            yield
+            yield call
         except ServiceError as exc:
             code = status_code(exc).name
             raise
@@ -78,22 +96,33 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
             code = "INTERNAL"
             raise
         finally:
-            self.engine.metrics.requests.labels(method, code).inc()
+            metrics = self.engine.metrics
+            metrics.requests.labels(method, code).inc()
+            metrics.request_duration.labels(method, code).observe(time.monotonic() - call.started)
 
     async def _with_image(self, request: GenerationRequest, data: bytes) -> GenerationRequest:
         image, digest = await self.decoder.decode(data)
         return dataclasses.replace(request, image=image, image_digest=digest)
 
-    async def _stream(self, request: GenerationRequest, message: Callable, context) -> AsyncIterator:
+    async def _stream(self, request: GenerationRequest, message: Callable, context, call: access.Call) -> AsyncIterator:
         remaining = context.time_remaining()
         if remaining is not None and remaining < _NO_DEADLINE:
             request = dataclasses.replace(request, deadline=time.monotonic() + remaining)
-        job = self.engine.submit(request)
-        logger.debug("request %s queued on %s", request.request_id, request.model or self.engine.default_model)
+        model = request.model or self.engine.default_model
+        generation = None
+        if self.tracing is not None:
+            generation = self.tracing.generation(model, request.request_id, request.arrival)
+        job = self.engine.submit(request, trace=generation)
+        logger.debug("request %s queued on %s", request.request_id, model)
+        event = None
         try:
-            await context.send_initial_metadata((("x-request-id", request.request_id),))
+            await context.send_initial_metadata(((REQUEST_ID_KEY, request.request_id),))
             async for event in job.events():
                 yield message(**convert.response_fields(event))
+            if isinstance(event, Finished):
+                call.prompt_tokens = event.usage.prompt_tokens
+                call.completion_tokens = event.usage.completion_tokens
         finally:
             # The RPC ended (finished, cancelled, deadline, disconnect): stop the generation.
+            call.first_text_at = job.first_text_at
             self.engine.release(job)

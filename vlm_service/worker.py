@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from .backends.base import Backend, Outcome
 from .batching import DecodeBatch
@@ -35,6 +36,9 @@ from .errors import (
 from .metrics import ModelMetrics
 from .streaming import TextAssembler
 from .types import Finished, FinishReason, GenerationRequest, TextDelta, Usage
+
+if TYPE_CHECKING:
+    from .tracing import GenerationTrace
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +106,10 @@ class Job:
         role_prefixes=(),
         abandon_after: float = 40.0,
         metrics: ModelMetrics | None = None,
+        trace: GenerationTrace | None = None,
     ):
         self.request = request
+        self.trace = trace  # None unless tracing is on
         self._loop = loop
         # Events cross from the worker thread in a deque; the loop is woken at most once per batch of
         # them (``_wake_pending``), so a busy batch does not flood the loop with one wake-up per token.
@@ -212,7 +218,12 @@ class Job:
         self._steps += 1
         self.last_progress = now
         if self.backlog > _BACKLOG and now - self.last_taken > self.abandon_after and not self._abandoned:
-            logger.warning("request %s: the client stopped reading; stopping its generation", self.request.request_id)
+            request_id = self.request.request_id
+            logger.warning(
+                "request %s: the client stopped reading; stopping its generation",
+                request_id,
+                extra={"request_id": request_id},
+            )
             self._abandoned = True
         return self._cancelled.is_set() or self._abandoned or self._assembler.stopped or self._ended
 
@@ -230,22 +241,27 @@ class Job:
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 self._cancelled.set()
 
-    def _finish(self, outcome: Outcome) -> None:
-        """Send the last text and :class:`Finished` (worker thread); nothing if the job already ended."""
-        if self._abandoned:
-            self._fail(
-                ReaderStalled(
-                    f"the generation was stopped because the client read nothing for {self.abandon_after:g} s "
-                    f"while its output waited (request id {self.request.request_id})"
-                )
+    def final_reason(self, outcome: Outcome) -> FinishReason:
+        """Why the generation ended, stop strings (the engine's) included."""
+        return FinishReason.STOP_SEQUENCE if self._assembler.stopped else outcome.reason
+
+    def _abandon(self) -> None:
+        """End a job the back-pressure guard stopped (worker thread): its client, if it reads again,
+        learns why at once."""
+        self._fail(
+            ReaderStalled(
+                f"the generation was stopped because the client read nothing for {self.abandon_after:g} s "
+                f"while its output waited (request id {self.request.request_id})"
             )
-            return
+        )
+
+    def _finish(self, outcome: Outcome, reason: FinishReason) -> None:
+        """Send the last text and :class:`Finished` (worker thread); nothing if the job already ended."""
         if self._ended:
             return
         tail = self._assembler.finish()
         if tail:
             self._send(TextDelta(tail))
-        reason = FinishReason.STOP_SEQUENCE if self._assembler.stopped else outcome.reason
         now = time.monotonic()
         arrival = self.request.arrival
         first = self.first_text_at or now
@@ -414,12 +430,14 @@ class ModelWorker:
         job.started_at = job.last_progress = time.monotonic()
         if self.metrics is not None:
             self.metrics.queue_time.observe(job.started_at - job.request.arrival)
+        if job.trace is not None:
+            job.trace.started(job.started_at)
 
     def _execute(self, job: Job) -> None:
         self._start(job)
         failure = None
         try:
-            outcome = self.backend.generate(job.request, job)
+            outcome = self.backend.generate(job.request, job if job.trace is None else _TracedSink(job))
         except Exception as exc:
             failure = exc
         if failure is not None:  # handled outside the except block, so its frames can be let go
@@ -432,10 +450,18 @@ class ModelWorker:
         previous = self.seconds_per_request
         self.seconds_per_request = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
         self.completed += 1
+        reason = None if job.cancelled or job.abandoned else job.final_reason(outcome)
         if self.metrics is not None:
             self.metrics.tokens.inc(outcome.completion_tokens)
-        if not job.cancelled:
-            job._finish(outcome)
+            self.metrics.prompt_tokens.inc(outcome.prompt_tokens)
+            if reason is not None:
+                self.metrics.finish_reasons[reason].inc()
+        if job.trace is not None:
+            job.trace.ended(time.monotonic(), reason, outcome.prompt_tokens, outcome.completion_tokens)
+        if job.abandoned and not job.cancelled:
+            job._abandon()
+        elif reason is not None:
+            job._finish(outcome, reason)
 
     def _failed(self, jobs: list[Job], exc: Exception) -> None:
         """End ``jobs`` after the generation step they shared raised ``exc`` (worker thread).
@@ -444,10 +470,15 @@ class ModelWorker:
         are dropped before memory is freed, once per failed step however many rows it had."""
         ids = ", ".join(job.request.request_id for job in jobs)
         oom, fatal = is_out_of_memory(exc), is_fatal_device_error(exc)
+        extra = {"request_id": ids}
         if oom:
-            logger.error("request(s) %s on model %s ran out of memory; freeing it", ids, self.name)
+            logger.error("request(s) %s on model %s ran out of memory; freeing it", ids, self.name, extra=extra)
         else:
-            logger.error("request(s) %s on model %s failed", ids, self.name, exc_info=exc)
+            logger.error("request(s) %s on model %s failed", ids, self.name, exc_info=exc, extra=extra)
+        now = time.monotonic()
+        for job in jobs:
+            if job.trace is not None:
+                job.trace.ended(now, error=exc)
         drop_traceback(exc)
         if oom:
             free_memory()
@@ -480,6 +511,8 @@ class BatchingWorker(ModelWorker):
                     self._failed([job], failure)
                     self._done(job)
                     continue
+                if job.trace is not None:  # the prompt is processed and the first token out
+                    job.trace.first_token(time.monotonic())
                 if row.done:
                     self._finished(job, row.outcome)
                     self._done(job)
@@ -503,3 +536,21 @@ class BatchingWorker(ModelWorker):
             for row in finished:
                 self._finished(row.sink, row.outcome)
                 self._done(row.sink)
+
+
+class _TracedSink:
+    """A traced job's sink for a one-at-a-time backend: the first text the model writes ends the
+    prefill phase. Only traced jobs pay for this indirection."""
+
+    __slots__ = ("_job", "_first", "should_stop")
+
+    def __init__(self, job: Job):
+        self._job = job
+        self._first = True
+        self.should_stop = job.should_stop
+
+    def add_text(self, piece: str) -> None:
+        if self._first:
+            self._first = False
+            self._job.trace.first_token(time.monotonic())
+        self._job.add_text(piece)

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import ServerThread, StepGate, caption_request, query_request, wait_for, wait_idle
+from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service.config import Settings
 
 
@@ -86,6 +87,27 @@ def test_metrics_count_requests_tokens_latencies_and_batches(metered):
     assert steps > 0 and count("vlm_batch_size_bucket", model="noise", le="1.0") < steps
     assert count("vlm_active_streams") == 0 and count("vlm_queue_depth", model="noise") == 0
     assert count("vlm_running_requests", model="noise") == 0
+
+    # End to end, by final status: every call observed once, the refused one too.
+    assert count("vlm_request_duration_seconds_count", method="Caption", code="OK") == 4
+    assert count("vlm_request_duration_seconds_count", method="Query", code="OK") == 1
+    assert count("vlm_request_duration_seconds_count", method="Caption", code="INVALID_ARGUMENT") == 1
+    assert count("vlm_request_duration_seconds_count", method="Caption", code="CANCELLED") == 1
+    slowest = max(a[-1].usage.total_time_ms for a in answers) / 1000
+    assert slowest <= count("vlm_request_duration_seconds_sum", method="Caption", code="OK")
+    # Prompt tokens of the six generations: the five captions share one prompt (same image, length).
+    caption_prompt = answers[0][-1].usage.prompt_tokens
+    assert all(a[-1].usage.prompt_tokens == caption_prompt for a in answers)
+    assert count("vlm_prompt_tokens_total", model="noise") == 5 * caption_prompt + query[-1].usage.prompt_tokens
+    # Finish reasons of the generations that ran to their end (not the cancelled one).
+    reasons = [pb.FinishReason.Name(a[-1].finish_reason).removeprefix("FINISH_REASON_").lower() for a in answers]
+    reasons.append(pb.FinishReason.Name(query[-1].finish_reason).removeprefix("FINISH_REASON_").lower())
+    for reason in ("stop", "length", "stop_sequence"):
+        assert count("vlm_finish_reasons_total", model="noise", reason=reason) == reasons.count(reason)
+    # One image in every request: the first generation computes it, the five after it reuse it.
+    for kind in ("preprocessing", "features"):
+        assert count("vlm_image_cache_misses_total", model="noise", kind=kind) == 1
+        assert count("vlm_image_cache_hits_total", model="noise", kind=kind) == 5
 
 
 def test_gauges_while_one_stream_runs_and_one_waits(metered):

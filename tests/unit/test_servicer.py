@@ -251,9 +251,10 @@ async def test_unexpected_exceptions_become_opaque_internal():
     context = FakeContext()
     with pytest.raises(grpc.aio.AbortError):
         await ErrorInterceptor().handle_exception(KeyError("/etc/secret"), None, context, "/vlm.v1.X/Caption")
-    code, details, _ = context.aborted
+    code, details, trailers = context.aborted
     assert code == grpc.StatusCode.INTERNAL
-    assert "secret" not in details and "error id" in details
+    request_id = dict(trailers)["x-request-id"]
+    assert "secret" not in details and details.endswith(f"request id {request_id}")
 
 
 async def test_a_job_whose_output_is_not_taken_stops_itself():

@@ -1,0 +1,177 @@
+"""Each RPC's identity and its access-log line.
+
+:class:`AccessLogInterceptor` wraps every RPC but health checks. It gives the call a request id (the
+caller's ``x-request-id`` when it is a sane one, else a new one), makes it the current :class:`Call`
+(a context variable, so the handler, the error interceptor and every log record of the call see the
+same id), echoes the id in trailing metadata (the servicer sends it in the initial metadata too), and
+when the call ends writes one access line: method, model, final status, request id, prompt and
+completion tokens, time to first text, total time and peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health
+
+REQUEST_ID_KEY = "x-request-id"
+#: An incoming request id is used only if it is short and plain (it goes into logs and messages).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
+
+logger = logging.getLogger("vlm_service.access")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def valid_request_id(value: str | bytes | None) -> str | None:
+    """``value`` if it can serve as a request id (1-128 of ``A-Za-z0-9._:-``), else None."""
+    if isinstance(value, bytes):
+        return None  # a binary (-bin) header is never an id
+    return value if value and _REQUEST_ID.fullmatch(value) else None
+
+
+@dataclass
+class Call:
+    """What the access line reports about one RPC; the handler fills in what only it knows."""
+
+    method: str  # the full method name, /package.Service/Method
+    request_id: str
+    peer: str
+    started: float  # time.monotonic()
+    model: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    first_text_at: float | None = None  # time.monotonic() of the first text sent
+
+    def fields(self, code: str, ended: float) -> dict:
+        def ms(at: float | None) -> float | None:
+            return None if at is None else round((at - self.started) * 1000, 3)
+
+        return {
+            "method": self.method,
+            "model": self.model or None,
+            "code": code,
+            "request_id": self.request_id,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "time_to_first_text_ms": ms(self.first_text_at),
+            "total_ms": ms(ended),
+            "peer": self.peer,
+        }
+
+
+_current: contextvars.ContextVar[Call | None] = contextvars.ContextVar("vlm_call", default=None)
+
+
+def current_call() -> Call | None:
+    """The RPC being handled in this task, if any."""
+    return _current.get()
+
+
+def request_id() -> str:
+    """The current RPC's request id, or a new one outside an RPC."""
+    call = _current.get()
+    return call.request_id if call is not None else new_request_id()
+
+
+def final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The status an RPC ended with, from how its handler ended."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        return (
+            grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+        )
+    code = context.code()
+    if code is None:
+        return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code)
+
+
+class AccessLogInterceptor(grpc.aio.ServerInterceptor):
+    """Request ids for every RPC but health checks, and (``log``) one access line per RPC at INFO."""
+
+    def __init__(self, log: bool = True):
+        self._log = log
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(_HEALTH_PREFIX):
+            return handler
+        sent = dict(handler_call_details.invocation_metadata or ()).get(REQUEST_ID_KEY)
+        incoming = valid_request_id(sent)
+
+        def begin(context) -> tuple[Call, contextvars.Token]:
+            call = Call(method, incoming or new_request_id(), context.peer(), time.monotonic())
+            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+            return call, _current.set(call)
+
+        def end(call: Call, token: contextvars.Token, context, error: BaseException | None) -> None:
+            with contextlib.suppress(ValueError):  # a generator closed from another context
+                _current.reset(token)
+            if self._log:
+                code = final_code(context, error).name
+                fields = call.fields(code, time.monotonic())
+                text = " ".join(
+                    f"{key}={value}"
+                    for key, value in fields.items()
+                    if key not in ("method", "code") and value is not None
+                )
+                logger.info("%s %s %s", method, code, text, extra=fields)
+
+        def wrap(behaviour, response_streaming: bool):
+            if response_streaming:
+
+                async def stream(request_or_iterator, context):
+                    call, token = begin(context)
+                    error = None
+                    try:
+                        result = behaviour(request_or_iterator, context)
+                        if hasattr(result, "__aiter__"):
+                            async for response in result:
+                                yield response
+                        else:  # a handler written with context.write
+                            await result
+                    except BaseException as exc:
+                        error = exc
+                        raise
+                    finally:
+                        end(call, token, context, error)
+
+                return stream
+
+            async def unary(request_or_iterator, context):
+                call, token = begin(context)
+                error = None
+                try:
+                    return await behaviour(request_or_iterator, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    end(call, token, context, error)
+
+            return unary
+
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, True), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, False), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True), **kwargs)
