@@ -32,7 +32,9 @@ BLUE_SQUARE = (ROOT / "examples" / "blue-square.png").read_bytes()
 
 
 def assert_shipped_copy_is_current() -> None:
-    record = json.loads((SHIPPED / builder.INPUTS_FILE).read_text())
+    record_file = SHIPPED / builder.INPUTS_FILE
+    assert record_file.is_file(), "no shipped tiny-smolvlm: run `make ship` and commit vlm_service/checkpoints/shipped/"
+    record = json.loads(record_file.read_text())
     current = tiny_smolvlm.build_inputs(True)
     changed = sorted(part for part in current.parts if record["parts"].get(part) != current.parts[part])
     assert record["key"] == current.key, (

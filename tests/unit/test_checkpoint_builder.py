@@ -218,7 +218,9 @@ def test_the_shipped_checkpoint_is_package_data_and_goes_into_the_docker_image()
     import fnmatch
     import tomllib
 
-    files = [path for path in (builder.SHIPPED_DIR / "tiny-smolvlm").iterdir()]
+    shipped = builder.SHIPPED_DIR / "tiny-smolvlm"
+    assert shipped.is_dir(), "no shipped tiny-smolvlm: run `make ship` and commit vlm_service/checkpoints/shipped/"
+    files = list(shipped.iterdir())
     assert {"config.json", "model.safetensors", builder.INPUTS_FILE} <= {path.name for path in files}
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["vlm_service.checkpoints"]
