@@ -189,7 +189,10 @@ def test_pods_run_as_non_root_on_a_read_only_root_filesystem(docs):
 def test_each_model_has_a_headless_service_a_budget_and_an_autoscaler(docs):
     metrics = Metrics()
     metrics.watch(
-        SimpleNamespace(models={"m": SimpleNamespace(worker=SimpleNamespace(queue_depth=3, running=1))}, open_streams=0)
+        SimpleNamespace(
+            models={"m": SimpleNamespace(worker=SimpleNamespace(queue_depth=3, running=1), backend=None)},
+            open_streams=0,
+        )
     )
     exported = {sample.name: sample.labels for family in metrics.registry.collect() for sample in family.samples}
     assert exported["vlm_queue_depth"] == {"model": "m"}
