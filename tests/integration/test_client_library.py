@@ -350,9 +350,9 @@ def test_the_real_servers_loading_refusal_is_retried_after_its_pushback(tmp_path
     submissions: list[tuple[float, str]] = []
     submit = server.engine.submit
 
-    def recording_submit(request):
+    def recording_submit(request, **kwargs):
         try:
-            job = submit(request)
+            job = submit(request, **kwargs)
         except Exception as error:
             submissions.append((time.monotonic(), type(error).__name__))
             fakes.FakeBackend.load_gate.set()  # the model finishes loading after the first refusal
