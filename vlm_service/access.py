@@ -3,7 +3,7 @@
 :class:`AccessLogInterceptor` wraps every RPC but health checks. It gives the call a request id (the
 caller's ``x-request-id`` when it is a sane one, else a new one), makes it the current :class:`Call`
 (a context variable, so the handler, the error interceptor and every log record of the call see the
-same id), echoes the id in trailing metadata (the servicer sends it in the initial metadata too), and
+same id; the servicer echoes it in the initial metadata, error statuses in their trailers), and
 when the call ends writes one access line: method, model, final status, request id, prompt and
 completion tokens, time to first text, total time and peer.
 """
@@ -113,8 +113,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         incoming = valid_request_id(sent)
 
         def begin(context) -> tuple[Call, contextvars.Token]:
+            # No trailing metadata is set here: a stream with trailers set in advance is not cancelled at
+            # its deadline by grpc.aio (its generation ran on). Errors carry the id (ErrorInterceptor).
             call = Call(method, incoming or new_request_id(), context.peer(), time.monotonic())
-            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
             return call, _current.set(call)
 
         def end(call: Call, token: contextvars.Token, context, error: BaseException | None) -> None:
