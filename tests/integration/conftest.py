@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests import fakes
 from tests.helpers import ServerThread
 from vlm_service.config import Settings
 
@@ -41,3 +42,26 @@ def families_server(cache_dir, noise_dir):
     server.wait_ready(timeout=900)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fake(tmp_path, cache_dir):
+    """Start servers with the fake model: ``fake(**settings)``; all are stopped afterwards (a step
+    gate a test left closed is opened first, so no generation waits on it)."""
+    fakes.FakeBackend.reset()
+    checkpoint = fakes.register(tmp_path)
+    servers = []
+
+    def start(**settings):
+        server = ServerThread(Settings(models=[f"fake={checkpoint}"], cache_dir=cache_dir, **settings))
+        server.wait_ready()
+        servers.append(server)
+        return server
+
+    yield start
+    if fakes.FakeBackend.step_gate is not None:
+        fakes.FakeBackend.step_gate.set()
+    fakes.FakeBackend.step_delay = 0.0
+    for server in servers:
+        server.stop()
+    fakes.FakeBackend.reset()

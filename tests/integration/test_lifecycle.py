@@ -38,27 +38,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@pytest.fixture
-def fake(tmp_path, cache_dir):
-    """Start in-process servers with the fake model: ``fake(**settings)``; all are stopped afterwards."""
-    fakes.FakeBackend.reset()
-    checkpoint = fakes.register(tmp_path)
-    servers = []
-
-    def start(**settings):
-        server = ServerThread(Settings(models=[f"fake={checkpoint}"], cache_dir=cache_dir, **settings))
-        server.wait_ready()
-        servers.append(server)
-        return server
-
-    yield start
-    if fakes.FakeBackend.step_gate is not None:
-        fakes.FakeBackend.step_gate.set()
-    for server in servers:
-        server.stop()
-    fakes.FakeBackend.reset()
-
-
 def rpc_error(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         list(call)

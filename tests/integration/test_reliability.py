@@ -24,27 +24,6 @@ from vlm_service import worker as worker_module
 from vlm_service.config import Settings
 
 
-@pytest.fixture
-def fake(tmp_path, cache_dir):
-    """Start servers with the fake model: ``fake(**settings)``; all are stopped afterwards."""
-    fakes.FakeBackend.reset()
-    checkpoint = fakes.register(tmp_path)
-    servers = []
-
-    def start(**settings):
-        server = ServerThread(Settings(models=[f"fake={checkpoint}"], cache_dir=cache_dir, **settings))
-        server.wait_ready()
-        servers.append(server)
-        return server
-
-    yield start
-    fakes.FakeBackend.step_gate = None
-    fakes.FakeBackend.step_delay = 0.0
-    for server in servers:
-        server.stop()
-    fakes.FakeBackend.reset()
-
-
 def rpc_error(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         list(call)
