@@ -100,9 +100,9 @@ class Engine:
                 backend.load()
                 if self.settings.warmup:
                     self._warm_up(served.spec, backend)
-            except Exception as exc:
+            except Exception:
                 served.state = ModelState.FAILED
-                served.error = str(exc)
+                served.error = "loading failed"  # what a client may read; the log has the exception
                 self._state_changed()
                 raise
             served.backend = backend
@@ -224,7 +224,9 @@ class Engine:
             raise QueueFull(f"the server has {len(self._streams)} streams open (the limit); retry later")
         served = self.lookup(request.model)
         if served.state is ModelState.FAILED:
-            raise ModelNotReady(f"model {served.spec.name!r} has failed and no longer serves; use another instance")
+            raise ModelNotReady(
+                f"model {served.spec.name!r} has failed ({served.error}) and no longer serves; use another instance"
+            )
         if served.state is not ModelState.READY or served.worker is None:
             raise ModelNotReady(f"model {served.spec.name!r} is still loading; retry shortly")
         backend_cls = type(served.backend)
