@@ -113,6 +113,10 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
         if self.tracing is not None:
             generation = self.tracing.generation(model, request.request_id, request.arrival)
         job = self.engine.submit(request, trace=generation)
+        # The RPC's end (client cancel, disconnect, deadline) stops the generation at once, wherever this
+        # handler is suspended: when grpc is cancelled while it writes a message, the generator waits at
+        # its ``yield`` and its ``finally`` runs only when the generator is collected, which can be late.
+        context.add_done_callback(lambda _: self.engine.release(job))
         logger.debug("request %s queued on %s", request.request_id, model)
         event = None
         try:

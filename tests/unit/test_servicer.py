@@ -23,6 +23,10 @@ class FakeContext:
     def __init__(self):
         self.initial_metadata = None
         self.aborted = None
+        self.done_callbacks = []
+
+    def add_done_callback(self, callback):
+        self.done_callbacks.append(callback)
 
     async def send_initial_metadata(self, metadata):
         self.initial_metadata = metadata
