@@ -1,7 +1,7 @@
 """A fake model family for servicer and engine tests: scripted text, observable, controllable.
 
 It is registered like a real family (a registry line and a checkpoint directory whose config.json
-names its architecture), so tests exercise the real registry, engine, worker and servicer.
+names its architecture), so tests exercise the real registry, engine, scheduler and servicer.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 from vlm_service.config import Settings
+from vlm_service.job import Job
 from vlm_service.server import VLMServer
-from vlm_service.worker import Job
 
 
 class ServerThread:
@@ -87,28 +87,28 @@ def wait_for(condition, timeout: float = 30.0, message: str = "the condition nev
 
 def wait_idle(engine, timeout: float = 30.0) -> None:
     """Wait until no model has a running or queued generation."""
-    wait_for(lambda: engine.idle, timeout, "the worker never became idle")
+    wait_for(lambda: engine.idle, timeout, "the scheduler never became idle")
 
 
 class StepGate:
-    """Holds or observes a model's generation at its stop checks (the worker's ``step_gate`` seam).
+    """Holds or observes a model's generation at its stop checks (the scheduler's ``step_gate`` seam).
 
-    Installed on a worker, it is called in the worker thread at each stop check of each job (once before
-    the job's prefill, then once per decode step), before the check. While closed, the worker waits there,
+    Installed on a scheduler, it is called in the scheduler thread at each stop check of each job (once before
+    the job's prefill, then once per decode step), before the check. While closed, the scheduler waits there,
     so nothing on that model moves: a test can cancel, fill the queue or scrape metrics against a frozen,
     known state, then ``open()`` it. ``trace`` records each call as (job, forward passes so far, running
     jobs). ``hold_when(job)``, if given, closes the gate at the first call for which it is true.
     """
 
-    def __init__(self, worker, model=None, closed: bool = False, hold_when=None):
-        self._worker = worker
+    def __init__(self, scheduler, model=None, closed: bool = False, hold_when=None):
+        self._worker = scheduler
         self._cond = threading.Condition()
         self._closed = closed
         self.hold_when = hold_when
-        self.held = None  # the job the worker waits on while the gate is closed
+        self.held = None  # the job the scheduler waits on while the gate is closed
         self.trace: list[tuple[Job, int, int]] = []
         self._counter = StepCounter(model) if model is not None else None
-        worker.step_gate = self
+        scheduler.step_gate = self
 
     @property
     def forward_passes(self) -> int:
@@ -143,14 +143,14 @@ class StepGate:
             self._cond.notify_all()
 
     def wait_held(self, timeout: float = 30.0, unless=None):
-        """Wait until the worker waits at the closed gate; returns the job it waits on, or None if
+        """Wait until the scheduler waits at the closed gate; returns the job it waits on, or None if
         ``unless()`` became true first."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self.held is None:
                 if unless is not None and unless():
                     return None
-                assert time.monotonic() < deadline, "the worker never reached the closed gate"
+                assert time.monotonic() < deadline, "the scheduler never reached the closed gate"
                 self._cond.wait(0.01)
             return self.held
 
@@ -200,16 +200,18 @@ def run_rpc(server: ServerThread, request) -> tuple[str, pb.CaptionResponse]:
 
 
 def run_as_one_batch(server: ServerThread, model: str, requests: list) -> list[tuple[str, pb.CaptionResponse]]:
-    """Run ``requests`` on ``model`` so that they are decoded together: the worker is held before the
+    """Run ``requests`` on ``model`` so that they are decoded together: the scheduler is held before the
     first one's prefill until all the others are submitted; then they join the batch at once."""
     served = server.engine.models[model]
     wait_idle(server.engine)
     # The gate is opened (left) before the pool waits for the requests, also when an assertion fails.
-    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool, StepGate(served.worker, closed=True) as gate:
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool, StepGate(served.scheduler, closed=True) as gate:
         futures = [pool.submit(run_rpc, server, request) for request in requests]
         gate.wait_held()  # some may have been taken with the first: they are admitted one after another
-        worker = served.worker
-        wait_for(lambda: worker.running + worker.queue_depth == len(requests), message="the requests never all queued")
+        scheduler = served.scheduler
+        wait_for(
+            lambda: scheduler.running + scheduler.queue_depth == len(requests), message="the requests never all queued"
+        )
         gate.open()
         return [future.result(timeout=300) for future in futures]
 
@@ -219,14 +221,14 @@ def end_after_chunks(server: ServerThread, stub, model: str, chunks: int = 3, ma
     (default: the client cancels). Returns (call, text messages received, forward passes when the server
     had stopped the job, forward passes in all).
 
-    As the RPC ends, the worker is held at its next stop check (a StepGate) until the server's handler
+    As the RPC ends, the scheduler is held at its next stop check (a StepGate) until the server's handler
     has stopped the job, so the steps after the end are counted from the server's side of it: the trip
     of a cancel across a loaded machine does not count as generation going on after a stop."""
     engine = server.engine
     wait_idle(engine)
     served = engine.models[model]
     received = 0
-    with StepGate(served.worker, served.backend.model) as gate:
+    with StepGate(served.scheduler, served.backend.model) as gate:
         call = stub.Caption(caption_request(model=model, max_new_tokens=max_new_tokens))
         for message in call:
             received += bool(message.text)
@@ -239,7 +241,7 @@ def end_after_chunks(server: ServerThread, stub, model: str, chunks: int = 3, ma
 
 
 def held_until_stopped(engine, gate: StepGate) -> tuple[int, int]:
-    """With ``gate`` closed (or about to close) on a job whose RPC is ending: wait until the worker is
+    """With ``gate`` closed (or about to close) on a job whose RPC is ending: wait until the scheduler is
     held and the server has stopped the job, then let it go on. Returns (forward passes at that moment,
     forward passes once the model is idle). A job that stopped before reaching the gate counts from
     where it stopped."""

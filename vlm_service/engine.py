@@ -1,59 +1,38 @@
-"""The engine: the served models, their loading and warm-up, and where requests are sent.
+"""The engine: the served models, their loading and warm-up, the watchdog of stuck ones, and the
+entry of requests.
 
-It knows nothing of gRPC. The servicer hands it validated domain requests and gets back a
-:class:`~vlm_service.worker.Job` to stream from.
+It knows nothing of gRPC. The servicer hands it a domain request (its values checked at the edge) and
+gets back a :class:`~vlm_service.job.Job` to stream from: :meth:`Engine.submit` admits the request
+(admission.py: every check that depends on the server's or the model's state) and queues it on its
+model's scheduler (scheduler.py), whose thread drives the batch the model's backend made.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
 from . import registry
+from .admission import admit, find_model
 from .backends.base import Backend, ModelSpec, Runtime
 from .config import Settings
-from .errors import (
-    DeadlineUnmeetable,
-    GenerationStalled,
-    InvalidInput,
-    ModelNotFound,
-    ModelNotReady,
-    QueueFull,
-    ShuttingDown,
-)
-from .metrics import Metrics, ModelMetrics
+from .errors import GenerationStalled, ModelNotReady
+from .job import Job
+from .metrics import Metrics, ModelMetrics, ModelSnapshot, Snapshot
+from .scheduler import Scheduler
+from .served import ModelState, ServedModel
 from .types import GenerationRequest, ModelCard, SamplingParams, Task
-from .worker import BatchingWorker, Job, ModelWorker
 
 if TYPE_CHECKING:
     from .tracing import GenerationTrace
 
 logger = logging.getLogger(__name__)
-
-
-class ModelState(enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-
-
-@dataclass
-class ServedModel:
-    spec: ModelSpec
-    state: ModelState = ModelState.LOADING
-    backend: Backend | None = None
-    worker: ModelWorker | None = None
-    load_seconds: float = 0.0
-    error: str = ""
-    cls: type[Backend] | None = field(default=None, repr=False)
 
 
 class Engine:
@@ -73,7 +52,7 @@ class Engine:
         self.health_listener: Callable[[], None] | None = None
         self.stuck_listener: Callable[[str], None] | None = None  # called (watchdog thread) when a model is stuck
         self.metrics = Metrics()
-        self.metrics.watch(self)
+        self.metrics.watch(self.snapshot)
         self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="vlm-watchdog", daemon=True)
         self._watchdog.start()
@@ -91,7 +70,7 @@ class Engine:
         set_torch_threads(self.settings.torch_threads, runtime)
         for served in self.models.values():
             if self._closed.is_set():
-                return  # stopped while loading: load nothing more, start no worker
+                return  # stopped while loading: load nothing more, start no scheduler
             start = time.monotonic()
             try:
                 served.spec = registry.resolve(served.spec, self.settings.cache_dir)
@@ -108,12 +87,13 @@ class Engine:
             served.backend = backend
             if self._closed.is_set():
                 return
-            metrics = ModelMetrics(self.metrics, served.spec.name)
-            args = (served.spec.name, backend, self.settings.max_queue, self._fatal, metrics)
-            if backend.batches and self.settings.max_batch_size > 1:
-                served.worker = BatchingWorker(*args, slots=self.settings.max_batch_size)
-            else:
-                served.worker = ModelWorker(*args)
+            served.scheduler = Scheduler(
+                served.spec.name,
+                backend.new_batch(self.settings.max_batch_size),
+                self.settings.max_queue,
+                self._fatal,
+                ModelMetrics(self.metrics, served.spec.name),
+            )
             served.load_seconds = time.monotonic() - start
             served.state = ModelState.READY
             self._state_changed()
@@ -139,7 +119,7 @@ class Engine:
         backend.generate(request, _Discard())
 
     def _fatal(self, name: str) -> None:
-        """A fatal device error on model ``name`` (worker thread): it stops serving, and so does health."""
+        """A fatal device error on model ``name`` (scheduler thread): it stops serving, and so does health."""
         served = self.models[name]
         served.state = ModelState.FAILED
         served.error = "fatal device error"
@@ -151,24 +131,24 @@ class Engine:
             self.health_listener()
 
     def _watch(self) -> None:
-        """The watchdog thread: a worker that works without a sign of life (a decode step, a prefill
+        """The watchdog thread: a scheduler that works without a sign of life (a decode step, a prefill
         finished) for the stall timeout holds its model for good, as far as anyone can tell."""
         timeout = self.settings.stall_timeout
         while not self._closed.wait(min(1.0, timeout / 4)):
             now = time.monotonic()
             for name, served in self.models.items():
-                worker = served.worker
-                if worker is not None and not worker.stuck and worker.silent_for(now) > timeout:
-                    self._stuck(name, worker, timeout)
+                scheduler = served.scheduler
+                if scheduler is not None and not scheduler.stuck and scheduler.silent_for(now) > timeout:
+                    self._stuck(name, scheduler, timeout)
 
-    def _stuck(self, name: str, worker: ModelWorker, timeout: float) -> None:
+    def _stuck(self, name: str, scheduler: Scheduler, timeout: float) -> None:
         """Model ``name`` is stuck: it stops serving, its requests end at once, and the server is told
         (it exits non-zero so that its supervisor starts a fresh process; a thread cannot be killed)."""
         served = self.models[name]
         served.state = ModelState.FAILED
         served.error = "stuck"
         logger.critical("model %s made no progress for %g s; it no longer serves", name, timeout)
-        worker.declare_stuck(
+        scheduler.declare_stuck(
             GenerationStalled(f"model {name!r} stalled: no progress for {timeout:g} s; the generation was stopped"),
             ModelNotReady(f"model {name!r} is stuck and no longer serves; retry on another instance"),
         )
@@ -190,93 +170,51 @@ class Engine:
 
     @property
     def threads_alive(self) -> bool:
-        """Whether a worker thread still runs (after ``close``: one inside a model call that did not return)."""
-        return any(m.worker is not None and m.worker.alive for m in self.models.values())
+        """Whether a scheduler thread still runs (after ``close``: one inside a model call that did not return)."""
+        return any(m.scheduler is not None and m.scheduler.alive for m in self.models.values())
 
     @property
     def idle(self) -> bool:
-        return all(m.worker is None or not m.worker.busy for m in self.models.values())
+        return all(m.scheduler is None or not m.scheduler.busy for m in self.models.values())
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the workers once their queues are empty; wait up to ``timeout`` for running work.
-        A model still loading stops after the one it is on, and starts no worker."""
+        """Stop the schedulers once their queues are empty; wait up to ``timeout`` for running work.
+        A model still loading stops after the one it is on, and starts no scheduler."""
         self._closed.set()
-        workers = [m.worker for m in self.models.values() if m.worker is not None]
-        for worker in workers:
-            worker.close()
-        for worker in workers:
-            worker.join(timeout)
+        schedulers = [m.scheduler for m in self.models.values() if m.scheduler is not None]
+        for scheduler in schedulers:
+            scheduler.close()
+        for scheduler in schedulers:
+            scheduler.join(timeout)
 
     # --- requests -----------------------------------------------------------------------------
 
     def lookup(self, name: str) -> ServedModel:
-        served = self.models.get(name or self.default_model)
-        if served is None:
-            raise ModelNotFound(name, list(self.models))
-        return served
+        """The served model named ``name`` (empty: the default one); NOT_FOUND if there is none."""
+        return find_model(self.models, name, self.default_model)
 
     def submit(self, request: GenerationRequest, trace: GenerationTrace | None = None) -> Job:
-        """Queue a request on its model; raises a ServiceError at once if it cannot be queued.
-        ``trace`` (tracing on) receives the queue, prefill and decode phases from the worker."""
-        if self._draining:
-            raise ShuttingDown("the server is shutting down; retry on another instance")
-        if len(self._streams) >= self.settings.max_streams:
-            raise QueueFull(f"the server has {len(self._streams)} streams open (the limit); retry later")
-        served = self.lookup(request.model)
-        if served.state is ModelState.FAILED:
-            raise ModelNotReady(
-                f"model {served.spec.name!r} has failed ({served.error}) and no longer serves; use another instance"
-            )
-        if served.state is not ModelState.READY or served.worker is None:
-            raise ModelNotReady(f"model {served.spec.name!r} is still loading; retry shortly")
-        backend_cls = type(served.backend)
-        if request.language not in backend_cls.languages:
-            raise InvalidInput(
-                "response_language",
-                f"{request.language!r} is not supported by model {served.spec.name!r}; "
-                f"supported: {', '.join(backend_cls.languages)}",
-            )
-        if request.task is Task.CAPTION and request.length not in backend_cls.caption_lengths:
-            raise InvalidInput("length", f"model {served.spec.name!r} does not support {request.length.value} captions")
-        unsupported = sorted(request.params.options_set() - backend_cls.supported_options)
-        if unsupported:
-            raise InvalidInput(
-                f"options.{unsupported[0]}",
-                f"not supported by model {served.spec.name!r} ({backend_cls.family}); "
-                f"supported: {', '.join(sorted(backend_cls.supported_options))}",
-            )
-        if request.params.max_new_tokens == 0:
-            default = (
-                backend_cls.caption_budgets[request.length]
-                if request.task is Task.CAPTION
-                else self.settings.default_max_new_tokens
-            )
-            request = replace(request, params=replace(request.params, max_new_tokens=default))
-        self._check_deadline(served, request)
+        """Admit a request and queue it on its model; raises a ServiceError at once if it is refused.
+        ``trace`` (tracing on) receives the queue, prefill and decode phases from the scheduler."""
+        served, request = admit(
+            request,
+            self.models,
+            default_model=self.default_model,
+            settings=self.settings,
+            draining=self._draining,
+            open_streams=len(self._streams),
+        )
         job = Job(
             request,
             asyncio.get_running_loop(),
-            backend_cls.role_prefixes,
+            type(served.backend).role_prefixes,
             abandon_after=self.settings.keepalive_time + self.settings.keepalive_timeout,
-            metrics=served.worker.metrics,
+            metrics=served.scheduler.metrics,
             trace=trace,
         )
-        served.worker.submit(job)
+        served.scheduler.enqueue(job)
         self._streams.add(job)
         return job
-
-    @staticmethod
-    def _check_deadline(served: ServedModel, request: GenerationRequest) -> None:
-        """Refuse at once a request whose deadline will pass before its turn comes."""
-        if request.deadline is None:
-            return
-        wait = served.worker.estimated_wait()
-        remaining = request.deadline - time.monotonic()
-        if wait is not None and wait >= remaining:
-            raise DeadlineUnmeetable(
-                f"the deadline cannot be met: model {served.spec.name!r} needs about {wait:.1f} s for the "
-                f"requests ahead of this one, and {max(remaining, 0):.1f} s remain"
-            )
 
     def release(self, job: Job) -> None:
         """The job's RPC ended: stop its generation (if still running) and free its stream slot."""
@@ -286,6 +224,23 @@ class Engine:
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    def snapshot(self) -> Snapshot:
+        """What the metrics report at a scrape (any thread)."""
+        models = []
+        for name, served in self.models.items():
+            scheduler, backend = served.scheduler, served.backend
+            hits, misses = backend.images.stats() if backend is not None else (None, None)
+            models.append(
+                ModelSnapshot(
+                    name,
+                    queued=scheduler.queue_depth if scheduler is not None else None,
+                    running=scheduler.running if scheduler is not None else None,
+                    image_cache_hits=hits,
+                    image_cache_misses=misses,
+                )
+            )
+        return Snapshot(models=tuple(models), open_streams=len(self._streams))
 
     def cards(self) -> list[ModelCard]:
         out = []

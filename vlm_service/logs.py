@@ -3,7 +3,7 @@ python-json-logger) for log collectors.
 
 Every record written while an RPC is handled carries that RPC's request id (and, when tracing is on,
 its trace and span ids), so a log line, an access line, an error message and a trace can be joined.
-Records from a worker thread carry the id they were given (``extra={"request_id": ...}``).
+Records from a scheduler thread carry the id they were given (``extra={"request_id": ...}``).
 """
 
 from __future__ import annotations

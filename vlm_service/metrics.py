@@ -1,15 +1,16 @@
 """Prometheus metrics (prometheus-client), served over HTTP on ``--metrics-port``.
 
 Each server has its own registry. Latencies, tokens and statuses are recorded as they happen (the
-worker thread and the RPC handlers share thread-safe instruments); queue depth, running requests and
-open streams (and the image caches' hit and miss counts) are read from the engine when Prometheus
-scrapes, so the hot path pays nothing for them.
+scheduler threads and the RPC handlers share thread-safe instruments); queue depth, running requests
+and open streams (and the image caches' hit and miss counts) come from a :class:`Snapshot` that the
+engine's snapshot function returns when Prometheus scrapes, so the hot path pays nothing for them and
+this module never reads the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -17,13 +18,29 @@ from prometheus_client.registry import Collector
 
 from .types import FinishReason
 
-if TYPE_CHECKING:
-    from .engine import Engine
-
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """One served model at a scrape; None where it has no scheduler (queue) or backend (cache) yet."""
+
+    name: str
+    queued: int | None = None
+    running: int | None = None
+    image_cache_hits: Mapping[str, int] | None = None  # by kind (preprocessing, features, ...)
+    image_cache_misses: Mapping[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the server reports at a scrape, beyond the instruments."""
+
+    models: tuple[ModelSnapshot, ...] = ()
+    open_streams: int = 0
 
 
 class Metrics:
@@ -84,26 +101,29 @@ class Metrics:
             registry=r,
         )
 
-    def watch(self, engine: Engine) -> None:
-        """Report the engine's queue depth, running requests and open streams at each scrape."""
-        self.registry.register(_EngineCollector(engine))
+    def watch(self, snapshot: Callable[[], Snapshot]) -> None:
+        """Report what ``snapshot()`` returns (queue depth, running requests, open streams, image cache
+        counts) at each scrape."""
+        self.registry.register(_SnapshotCollector(snapshot))
 
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Serve ``/metrics`` over HTTP on ``port`` (a daemon thread); returns (server, thread)."""
         return start_http_server(port, addr=host, registry=self.registry)
 
 
-class _EngineCollector(Collector):
-    def __init__(self, engine: Engine):
-        self._engine = engine
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Snapshot]):
+        self._snapshot = snapshot
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        snapshot = self._snapshot()
         queued = GaugeMetricFamily("vlm_queue_depth", "Requests waiting for their model.", labels=["model"])
         running = GaugeMetricFamily("vlm_running_requests", "Requests being generated.", labels=["model"])
-        for name, served in self._engine.models.items():
-            if served.worker is not None:
-                queued.add_metric([name], served.worker.queue_depth)
-                running.add_metric([name], served.worker.running)
+        for model in snapshot.models:
+            if model.queued is not None:
+                queued.add_metric([model.name], model.queued)
+            if model.running is not None:
+                running.add_metric([model.name], model.running)
         yield queued
         yield running
         hits = CounterMetricFamily(
@@ -114,22 +134,18 @@ class _EngineCollector(Collector):
         misses = CounterMetricFamily(
             "vlm_image_cache_misses", "Image-cache lookups that had to compute, by kind.", labels=["model", "kind"]
         )
-        for name, served in self._engine.models.items():
-            if served.backend is not None:
-                found, computed = served.backend.images.stats()
-                for kind, count in sorted(found.items()):
-                    hits.add_metric([name, kind], count)
-                for kind, count in sorted(computed.items()):
-                    misses.add_metric([name, kind], count)
+        for model in snapshot.models:
+            for kind, count in sorted((model.image_cache_hits or {}).items()):
+                hits.add_metric([model.name, kind], count)
+            for kind, count in sorted((model.image_cache_misses or {}).items()):
+                misses.add_metric([model.name, kind], count)
         yield hits
         yield misses
-        yield GaugeMetricFamily(
-            "vlm_active_streams", "Open Caption and Query streams.", value=self._engine.open_streams
-        )
+        yield GaugeMetricFamily("vlm_active_streams", "Open Caption and Query streams.", value=snapshot.open_streams)
 
 
 class ModelMetrics:
-    """One model's instruments, label already bound (what a worker and its jobs record into)."""
+    """One model's instruments, label already bound (what a scheduler and its jobs record into)."""
 
     def __init__(self, metrics: Metrics, model: str):
         self.time_to_first_token = metrics.time_to_first_token.labels(model)

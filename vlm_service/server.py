@@ -22,8 +22,8 @@ from . import registry
 from .access import AccessLogInterceptor
 from .auth import BearerTokenInterceptor
 from .config import Settings
-from .decoding import ImageDecoder
 from .engine import Engine
+from .image_decoding import ImageDecoder
 from .interceptors import ErrorInterceptor, MalformedRequestInterceptor
 from .registry import UnsupportedModel
 from .servicer import VisionLanguageServicer
@@ -293,7 +293,7 @@ class VLMServer:
             self._loading.cancel()
             registry.stop_builds()  # a first-use build would otherwise hold the exit for minutes
         # Every RPC has ended, so running generations are cancelled and stop within a decode step.
-        # A worker inside a call that cannot be interrupted (a long prefill) gets 2 s more, no longer.
+        # A scheduler inside a call that cannot be interrupted (a long prefill) gets 2 s more, no longer.
         await _in_daemon_thread(lambda: self.engine.close(timeout=2.0), "vlm-close")
         self._close_side_services()
         if self.tracing is not None and self._owns_tracer_provider:

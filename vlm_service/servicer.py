@@ -1,4 +1,9 @@
-"""The gRPC servicer: validate -> domain request -> engine -> protobuf. Nothing else lives here."""
+"""The gRPC servicer: the RPCs' handlers, and nothing else.
+
+A Caption or Query goes down once: :mod:`convert` checks its values and makes the domain request, its
+image is decoded off the event loop (image_decoding.py), :meth:`Engine.submit` admits it and queues it
+on its model's scheduler, and the job's events come back up as protobuf messages.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 from . import access, convert
 from .access import REQUEST_ID_KEY
 from .config import Settings
-from .decoding import ImageDecoder
 from .engine import Engine
 from .errors import ServiceError
+from .image_decoding import ImageDecoder
 from .interceptors import status_code
 from .tracing import Tracing
 from .types import Finished, GenerationRequest
@@ -101,10 +106,12 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
             metrics.request_duration.labels(method, code).observe(time.monotonic() - call.started)
 
     async def _with_image(self, request: GenerationRequest, data: bytes) -> GenerationRequest:
+        """The request with its image decoded and checked (off the event loop)."""
         image, digest = await self.decoder.decode(data)
         return dataclasses.replace(request, image=image, image_digest=digest)
 
     async def _stream(self, request: GenerationRequest, message: Callable, context, call: access.Call) -> AsyncIterator:
+        """Submit the request (with the RPC's deadline) and stream its job's events as ``message``s."""
         remaining = context.time_remaining()
         if remaining is not None and remaining < _NO_DEADLINE:
             request = dataclasses.replace(request, deadline=time.monotonic() + remaining)

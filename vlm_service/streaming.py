@@ -29,9 +29,9 @@ def _backend_tokenizer(tokenizer):
 class IncrementalDetokenizer:
     """Decode generated token ids to text, one token at a time.
 
-    Each step decodes only a small window: the tokens of the previous step (so tokenizers that
-    drop a leading space keep it) and the tokens not yet fully released. Complete characters go out
-    at once, even when the same token also starts a character that the next token completes.
+    Each token added decodes only a small window: the tokens released last (so tokenizers that drop
+    a leading space keep it) and the tokens not yet fully released. Complete characters go out at once,
+    even when the same token also starts a character that the next token completes.
     """
 
     _PARTIAL = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
@@ -48,7 +48,7 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self._backend.decode(ids, skip_special_tokens=True)
 
-    def step(self, token_id: int) -> str:
+    def add_token(self, token_id: int) -> str:
         """Add one token; return the text it completes ("" while a character is still partial)."""
         self._ids.append(token_id)
         context = self._decode(self._ids[self._prefix_offset : self._read_offset])

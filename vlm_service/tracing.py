@@ -5,10 +5,10 @@ When on (``--otlp-endpoint``, or the SDK's own ``OTEL_EXPORTER_OTLP_[TRACES_]END
 * every RPC but health checks gets a server span from opentelemetry-instrumentation-grpc's grpc.aio
   interceptor, which continues the caller's trace from its W3C ``traceparent`` header (the global
   propagator: tracecontext and baggage unless ``OTEL_PROPAGATORS`` says otherwise);
-* each generation adds three child spans, made in the model's worker thread where the work happens:
-  ``queue`` (arrival to the start of its generation), ``prefill`` (to the first token) and ``decode``
-  (to the end). The RPC handler captures its span's context in a :class:`GenerationTrace`, which
-  travels with the job; the worker stamps it at each phase, and the spans carry those times.
+* each generation adds three child spans, made in the model's scheduler thread where the work happens:
+  ``queue`` (arrival to the start of its generation), ``prefill`` (until it has joined its model's
+  batch: the prompt processed and the first token out) and ``decode`` (to the end). The RPC handler captures its span's context in a :class:`GenerationTrace`, which
+  travels with the job; the scheduler stamps it at each phase, and the spans carry those times.
 
 Spans go to an OTLP/gRPC exporter through a batch processor (off the request path). Each server has
 its own tracer provider (tests give one with an in-memory exporter). When tracing is off there is no
@@ -110,7 +110,7 @@ def _clock_offset_ns() -> int:
 class GenerationTrace:
     """The ``queue``, ``prefill`` and ``decode`` spans of one generation.
 
-    Called from the worker thread, once per phase: :meth:`started`, :meth:`first_token`, :meth:`ended`
+    Called from the scheduler thread, once per phase: :meth:`started`, :meth:`first_token`, :meth:`ended`
     (a generation that fails or is cancelled may skip a phase; :meth:`ended` closes whatever is open).
     """
 

@@ -126,7 +126,7 @@ def test_a_cancelled_row_leaves_the_batch_and_the_others_go_on(smolvlm_server):
     served = engine.models["noise"]
     cancelled_before = sample(engine, "vlm_requests_total", method="Query", code="CANCELLED")
     wait_idle(engine)
-    with StepGate(served.worker, served.backend.model) as gate, smolvlm_server.channel() as channel:
+    with StepGate(served.scheduler, served.backend.model) as gate, smolvlm_server.channel() as channel:
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             try:
                 others = [pool.submit(run, smolvlm_server, r) for r in requests[1:]]
@@ -174,7 +174,7 @@ def test_a_request_that_joins_gets_its_first_text_before_the_running_rows_finish
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(long_one)
         deadline = time.monotonic() + 10
-        while smolvlm_server.engine.models["noise"].worker.running < 1:
+        while smolvlm_server.engine.models["noise"].scheduler.running < 1:
             assert time.monotonic() < deadline
             time.sleep(0.001)
         text, last = run(smolvlm_server, caption_request(shape_image("blue"), model="noise", max_new_tokens=5))

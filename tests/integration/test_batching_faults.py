@@ -1,8 +1,8 @@
-"""The fault matrix on the batching worker, which serves SmolVLM and Qwen2-VL by default.
+"""The fault matrix on a decode batch of several rows, which serves SmolVLM and Qwen2-VL by default.
 
 Real servers on loopback serve `noise` (tiny SmolVLM with random weights: it never ends its answer on its
 own). Faults are injected where a device raises them, in the model's forward pass (a torch forward
-pre-hook on the real model), while rows share the decode batch; the worker's step gate holds
+pre-hook on the real model), while rows share the decode batch; the scheduler's step gate holds
 generation at a known step where a test needs the queue or the batch in a known state.
 """
 
@@ -26,8 +26,8 @@ from tests.helpers import (
     wait_for,
     wait_idle,
 )
+from vlm_service.backends.decode_batch import DecodeBatch
 from vlm_service.config import Settings
-from vlm_service.worker import BatchingWorker
 
 
 @pytest.fixture
@@ -39,7 +39,8 @@ def noise_server(cache_dir, noise_dir):
         server = ServerThread(Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir, grace_period=0, **settings))
         server.wait_ready()
         servers.append(server)
-        assert isinstance(server.engine.models["noise"].worker, BatchingWorker)
+        batch = server.engine.models["noise"].scheduler.batch
+        assert isinstance(batch, DecodeBatch) and batch.max_rows > 1
         return server
 
     yield start
@@ -129,7 +130,7 @@ def test_a_failed_prefill_fails_only_the_joining_request_and_the_batch_goes_on(n
     model = server.engine.models["noise"].backend.model
     request = caption_request(max_new_tokens=300)
     alone = run_rpc(server, request)[0]
-    gate = StepGate(server.engine.models["noise"].worker)
+    gate = StepGate(server.engine.models["noise"].scheduler)
     with gate, server.channel() as channel:
         call = server.stub(channel).Caption(request)
         head = next(call)  # the first row is decoding
@@ -183,20 +184,20 @@ def test_a_stalled_batch_is_aborted_and_the_model_stops_serving(noise_server):
 
 
 def test_a_deadline_the_batch_cannot_meet_from_the_queue_is_refused_at_once(noise_server):
-    """The queue-wait estimate of the batching worker: requests ahead / batch size x recent generation
+    """The queue-wait estimate of the batching scheduler: requests ahead / batch size x recent generation
     time. A deadline shorter than that is refused when the request arrives, with the estimate's own
     message (not the transport's deadline); with time enough the same request is served."""
     server = noise_server(max_batch_size=2, max_queue=8)
-    worker = server.engine.models["noise"].worker
-    run_rpc(server, caption_request(max_new_tokens=200))  # the worker learns how long a request takes
-    per_request = worker.seconds_per_request
+    scheduler = server.engine.models["noise"].scheduler
+    run_rpc(server, caption_request(max_new_tokens=200))  # the scheduler learns how long a request takes
+    per_request = scheduler.seconds_per_request
     assert per_request is not None
-    with StepGate(worker, closed=True) as gate, server.channel() as channel:
+    with StepGate(scheduler, closed=True) as gate, server.channel() as channel:
         stub = server.stub(channel)
         ahead = [stub.Caption(caption_request(max_new_tokens=40)) for _ in range(6)]
         for call in ahead:
             call.initial_metadata()
-        wait_for(lambda: worker.running + worker.queue_depth == 6)  # held: nothing moves
+        wait_for(lambda: scheduler.running + scheduler.queue_depth == 6)  # held: nothing moves
         # Six ahead, two at a time: about 3 x per_request of waiting; the deadline gives 2 x.
         error = error_of(server, caption_request(max_new_tokens=40), timeout=2 * per_request)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "cannot be met" in error.details()
@@ -212,7 +213,7 @@ def test_a_cancel_before_the_prefill_never_runs_the_model(noise_server):
     forward pass (no prefill, no decode step)."""
     server = noise_server()
     served = server.engine.models["noise"]
-    with StepGate(served.worker, served.backend.model, closed=True) as gate, server.channel() as channel:
+    with StepGate(served.scheduler, served.backend.model, closed=True) as gate, server.channel() as channel:
         call = server.stub(channel).Caption(caption_request(max_new_tokens=50))
         job = gate.wait_held()  # at its admission, before the prefill
         call.cancel()
@@ -226,19 +227,19 @@ def test_a_cancel_before_the_prefill_never_runs_the_model(noise_server):
 def test_a_full_queue_is_refused_with_retry_info_and_a_cancelled_queued_request_never_runs(noise_server):
     server = noise_server(max_batch_size=2, max_queue=2)
     served = server.engine.models["noise"]
-    worker = served.worker
-    with StepGate(worker, served.backend.model, closed=True) as gate, server.channel() as channel:
+    scheduler = served.scheduler
+    with StepGate(scheduler, served.backend.model, closed=True) as gate, server.channel() as channel:
         stub = server.stub(channel)
         first = stub.Caption(caption_request(max_new_tokens=20))
-        gate.wait_held()  # the first request is being admitted; the worker waits
+        gate.wait_held()  # the first request is being admitted; the scheduler waits
         queued = [stub.Caption(caption_request(max_new_tokens=20)) for _ in range(2)]
         queued_ids = [request_id(call) for call in queued]
-        wait_for(lambda: worker.queue_depth == 2)
+        wait_for(lambda: scheduler.queue_depth == 2)
         error = error_of(server, caption_request(max_new_tokens=20), timeout=10)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "waiting" in error.details()
         assert retry_info(error).retry_delay.ToMilliseconds() > 0
         queued[1].cancel()
-        wait_for(lambda: worker.queue_depth == 1, message="the cancelled request stayed in the queue")
+        wait_for(lambda: scheduler.queue_depth == 1, message="the cancelled request stayed in the queue")
         gate.open()
         assert list(first)[-1].usage.completion_tokens == 20
         assert list(queued[0])[-1].usage.completion_tokens == 20

@@ -83,16 +83,16 @@ def test_qwen_answers_in_the_requested_language_in_small_messages(
     families_stub, families_server, language, colour_word
 ):
     """Spaceless scripts stream in small pieces. Granularity is defined for a reader that keeps up, so
-    the worker is paced to the RPC (the ``keep_up`` step gate): text never piles up unread here."""
+    the scheduler is paced to the RPC (the ``keep_up`` step gate): text never piles up unread here."""
     rng = random.Random(language)
     image = shapes.draw(shapes.Scene("red", "circle", "white"), rng)
-    worker = families_server.engine.models["tiny-qwen2-vl"].worker
-    worker.step_gate = keep_up
+    scheduler = families_server.engine.models["tiny-qwen2-vl"].scheduler
+    scheduler.step_gate = keep_up
     try:
         request = caption_request(image, model="tiny-qwen2-vl", response_language=language)
         messages = list(families_stub.Caption(request))
     finally:
-        worker.step_gate = None
+        scheduler.step_gate = None
     text = text_of(messages)
     pieces = [m.text for m in messages if m.text]
     assert colour_word in text, text

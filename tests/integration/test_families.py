@@ -113,7 +113,7 @@ def per_token_deltas(server, name, image, max_new_tokens):
         with torch.inference_mode():
             output = backend.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         detokenizer = IncrementalDetokenizer(backend.tokenizer)
-        pieces = [detokenizer.step(i) for i in output[0, inputs["input_ids"].shape[1] :].tolist()]
+        pieces = [detokenizer.add_token(i) for i in output[0, inputs["input_ids"].shape[1] :].tolist()]
         pieces.append(detokenizer.finish())
     else:
         settings = {"temperature": 0.0, "top_p": 1.0, "max_tokens": max_new_tokens}
@@ -127,7 +127,7 @@ def per_token_deltas(server, name, image, max_new_tokens):
 @pytest.mark.parametrize("family", list(FAMILIES.values()))
 def test_a_reader_that_keeps_up_gets_one_message_per_token(families_server, stub, family):
     """Streaming granularity where it is defined: a long answer (random weights), read by a reader that
-    keeps up. The worker is paced to its RPC (each decode step waits until the handler has taken the
+    keeps up. The scheduler is paced to its RPC (each decode step waits until the handler has taken the
     text sent so far, the ``keep_up`` step gate), so no text piles up: every message but the last is
     exactly one token's text, and the last is at most the final token's text and the decoder's tail."""
     name = f"noise-{family}"
@@ -135,14 +135,14 @@ def test_a_reader_that_keeps_up_gets_one_message_per_token(families_server, stub
     # Moondream's code streams whole words, and random weights write long runs without a space: it
     # needs more tokens for as many messages.
     budget = 1000 if family == "moondream" else 120
-    worker = families_server.engine.models[name].worker
+    scheduler = families_server.engine.models[name].scheduler
     wait_idle(families_server.engine)
-    worker.step_gate = keep_up
+    scheduler.step_gate = keep_up
     try:
         request = caption_request(image, model=name, length=pb.CAPTION_LENGTH_LONG, max_new_tokens=budget)
         messages = list(stub.Caption(request))
     finally:
-        worker.step_gate = None
+        scheduler.step_gate = None
     texts = [m.text for m in messages if m.text]
     deltas = per_token_deltas(families_server, name, image, budget)
     assert "".join(texts) == "".join(deltas)

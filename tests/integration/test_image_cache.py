@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers import caption_request, png_bytes, query_request, shape_image
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service.decoding import image_digest
+from vlm_service.image_decoding import image_digest
 from vlm_service.streaming import clean_answer
 from vlm_service.types import GenerationRequest, SamplingParams, Task
 

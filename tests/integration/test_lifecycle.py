@@ -27,9 +27,8 @@ from PIL import Image, ImageDraw
 from tests import fakes
 from tests.helpers import ServerThread, caption_request, png_bytes
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service import decoding
-from vlm_service import worker as worker_module
-from vlm_service.batching import DecodeBatch
+from vlm_service import device_failures, image_decoding
+from vlm_service.backends.decode_batch import DecodeBatch
 from vlm_service.config import Settings
 from vlm_service.server import EXIT_MODEL_STUCK, StartupError, VLMServer
 
@@ -131,14 +130,14 @@ def test_a_flood_of_big_images_delays_neither_health_nor_running_streams(fake):
 def test_image_decodes_beyond_the_limit_get_resource_exhausted_at_once(fake, monkeypatch):
     server = fake(max_image_decodes=1, max_streams=3)  # 1 decoding + 3 waiting
     gate, entered = threading.Event(), threading.Event()
-    real = decoding.decode_image
+    real = image_decoding.decode_image
 
     def held(data, **limits):
         entered.set()
         gate.wait(20)
         return real(data, **limits)
 
-    monkeypatch.setattr(decoding, "decode_image", held)
+    monkeypatch.setattr(image_decoding, "decode_image", held)
     decoder = server.server.decoder
     with server.channel() as channel:
         stub = server.stub(channel)
@@ -325,7 +324,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
 
 def test_sigterm_while_a_model_call_never_returns_exits_after_the_grace_period(tmp_path):
     """A generation inside a model call that does not return (a long prefill, a hung kernel): SIGTERM
-    drains for the grace period, gives the worker 2 s more, then exits 0 without waiting for it."""
+    drains for the grace period, gives the scheduler 2 s more, then exits 0 without waiting for it."""
     process, address = serve_process(tmp_path, "--grace-period", "1", "--stall-timeout", "600", runner_args=["--hang"])
     try:
         wait_for_health(address, SERVING)
@@ -353,7 +352,7 @@ def test_out_of_memory_in_a_batch_frees_memory_once_after_the_traceback_is_gone(
     server.wait_ready()
     held: list[weakref.ref] = []
     freed: list[list[bool]] = []
-    step = DecodeBatch.step
+    step = DecodeBatch.decode_step
 
     def step_that_runs_out_of_memory(self):
         if len(self.rows) < 3:
@@ -362,8 +361,8 @@ def test_out_of_memory_in_a_batch_frees_memory_once_after_the_traceback_is_gone(
         held.append(weakref.ref(activations))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
-    monkeypatch.setattr(DecodeBatch, "step", step_that_runs_out_of_memory)
-    monkeypatch.setattr(worker_module, "free_memory", lambda: freed.append([ref() is None for ref in held]))
+    monkeypatch.setattr(DecodeBatch, "decode_step", step_that_runs_out_of_memory)
+    monkeypatch.setattr(device_failures, "free_memory", lambda: freed.append([ref() is None for ref in held]))
     try:
         with server.channel() as channel:
             stub = server.stub(channel)

@@ -115,13 +115,13 @@ def test_gauges_while_one_stream_runs_and_one_waits(metered):
     gate at its admission) and one waiting behind it, they say so; then they drop back to zero."""
     server, port = metered
     model = (("model", "noise"),)
-    worker = server.engine.models["noise"].worker
-    with StepGate(worker, closed=True) as gate, server.channel() as channel:
+    scheduler = server.engine.models["noise"].scheduler
+    with StepGate(scheduler, closed=True) as gate, server.channel() as channel:
         stub = server.stub(channel)
         running = stub.Caption(caption_request(max_new_tokens=5))
-        gate.wait_held()  # the worker holds the first request: the next one waits in the queue
+        gate.wait_held()  # the scheduler holds the first request: the next one waits in the queue
         waiting = stub.Caption(caption_request(max_new_tokens=5))
-        wait_for(lambda: worker.queue_depth == 1)
+        wait_for(lambda: scheduler.queue_depth == 1)
         during = scrape(port)
         gate.open()
         assert list(running)[-1].usage.completion_tokens == list(waiting)[-1].usage.completion_tokens == 5

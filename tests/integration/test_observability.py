@@ -192,7 +192,7 @@ def test_request_ids_are_honoured_when_sane_and_named_in_internal_errors(fake_se
         listed = stub.ListModels.with_call(pb.ListModelsRequest(), metadata=(("x-request-id", "list-1"),))[1]
         assert dict(listed.initial_metadata())["x-request-id"] == "list-1"
 
-    # The one-at-a-time worker traces its phases too; the failed generation's span is in error.
+    # The one-at-a-time scheduler traces its phases too; the failed generation's span is in error.
     found = spans.wait_for(
         lambda s: (
             {"queue", "prefill", "decode"}

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests import fakes
 from tests.helpers import ServerThread, StepGate, caption_request, png_bytes, shape_image, wait_for, wait_idle
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service import worker as worker_module
+from vlm_service import job as job_module
 from vlm_service.config import Settings
 
 
@@ -107,12 +107,12 @@ def test_a_deadline_that_the_queue_cannot_meet_is_refused_at_once(fake):
 
 
 def test_cancel_before_the_first_token_never_runs_a_step(fake):
-    """The generation has started and waits at its first stop check (the worker's step gate, closed):
+    """The generation has started and waits at its first stop check (the scheduler's step gate, closed):
     the RPC is cancelled there, and once the server has stopped the job, no step runs."""
     server = fake()
     backend = fakes.FakeBackend.instances[-1]
     steps_before = backend.steps  # the warm-up's
-    with StepGate(server.engine.models["fake"].worker, closed=True) as gate, server.channel() as channel:
+    with StepGate(server.engine.models["fake"].scheduler, closed=True) as gate, server.channel() as channel:
         call = server.stub(channel).Caption(caption_request())
         job = gate.wait_held()  # started, before its first step
         call.cancel()
@@ -169,7 +169,7 @@ def test_image_byte_cap_and_transport_limit(fake):
 def test_health_list_models_and_reflection_answer_under_a_flood_of_streams(cache_dir, noise_dir):
     """64 concurrent streams on a real model: health, ListModels and reflection are never queued behind
     generation. They are probed while the flood runs (health's median latency is the README's figure),
-    then with generation frozen in the middle of a decode step (the worker held at its step gate):
+    then with generation frozen in the middle of a decode step (the scheduler held at its step gate):
     anything that waited for generation would not answer then."""
     server = ServerThread(
         Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir, max_queue=64, max_streams=64, grace_period=0)
@@ -193,7 +193,7 @@ def test_health_list_models_and_reflection_answer_under_a_flood_of_streams(cache
                     latencies[name].append(time.monotonic() - started)
                 time.sleep(0.02)
             assert server.engine.open_streams == 64, "the flood should still be running while health is probed"
-            with StepGate(server.engine.models["noise"].worker, closed=True) as gate:
+            with StepGate(server.engine.models["noise"].scheduler, closed=True) as gate:
                 gate.wait_held()
                 for name, answers in probes.items():
                     assert answers(), f"{name} did not answer while generation was held"
@@ -226,7 +226,7 @@ def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path, 
     the generation. The control run with a long keepalive shows that keepalive is what finds it. The
     server's second line of defence (a backlog of unread output stops the generation after keepalive
     time + timeout) is given a limit no stream reaches here, so it cannot be what stops it."""
-    monkeypatch.setattr(worker_module, "_BACKLOG", 10**9)
+    monkeypatch.setattr(job_module, "_BACKLOG", 10**9)
     server = fake(keepalive_time=keepalive, keepalive_timeout=keepalive)
     fakes.FakeBackend.pieces = ["x" * 200] * 2000  # large messages fill the transport's buffers fast
     fakes.FakeBackend.step_delay = 0.005  # 10 s of generation if nobody stops it

@@ -46,7 +46,7 @@ def in_process_answer(
 def expected_deltas(tokenizer, ids):
     """The deltas a per-token stream must send for these ids."""
     detok, assembler = IncrementalDetokenizer(tokenizer), TextAssembler()
-    deltas = [assembler.push(detok.step(i)) for i in ids]
+    deltas = [assembler.push(detok.add_token(i)) for i in ids]
     deltas.append(assembler.push(detok.finish()))
     deltas.append(assembler.finish())
     return [d for d in deltas if d]
@@ -87,18 +87,18 @@ def test_caption_stream_equals_in_process_generate(smolvlm_server, stub, model, 
 
 def test_a_reader_that_keeps_up_gets_one_message_per_token(smolvlm_server, stub):
     """Streaming granularity where it is defined: a long answer (random weights) read by a reader that
-    keeps up. The worker is paced to its RPC (each decode step waits until the handler has taken the
+    keeps up. The scheduler is paced to its RPC (each decode step waits until the handler has taken the
     text sent so far: the ``keep_up`` step gate), so every message but the last is exactly the text of
     one token, and the last is the final token's text with the decoder's tail."""
     image = shape_image("red", size=(120, 70))
-    worker = smolvlm_server.engine.models["noise"].worker
+    scheduler = smolvlm_server.engine.models["noise"].scheduler
     wait_idle(smolvlm_server.engine)
-    worker.step_gate = keep_up
+    scheduler.step_gate = keep_up
     try:
         request = caption_request(image, model="noise", length=pb.CAPTION_LENGTH_LONG, max_new_tokens=200)
         texts = [m.text for m in stub.Caption(request) if m.text]
     finally:
-        worker.step_gate = None
+        scheduler.step_gate = None
     _, ids, tokenizer = in_process_answer(
         smolvlm_server, Task.CAPTION, image, length=CaptionLength.LONG, max_new_tokens=200, model="noise"
     )
@@ -150,17 +150,17 @@ def test_client_cancel_stops_generation(smolvlm_server, stub):
     # Counted from the server's side of the cancel: the step that was running may finish, no other.
     assert steps - at_cancel <= 1, f"{steps - at_cancel} decode steps ran after the server had the cancel"
     assert steps < 2000, "the generation ran to its budget"
-    # The worker is free: the next request is answered.
+    # The scheduler is free: the next request is answered.
     assert list(stub.Caption(caption_request(model="noise", max_new_tokens=3)))[-1].usage.completion_tokens == 3
 
 
 def test_deadline_ends_generation(smolvlm_server, stub):
-    """The worker is held at the generation's fifth stop check while the RPC's deadline passes; once the
+    """The scheduler is held at the generation's fifth stop check while the RPC's deadline passes; once the
     server has ended the RPC, the generation stops at that step."""
     engine = smolvlm_server.engine
     served = engine.models["noise"]
     wait_idle(engine)
-    with StepGate(served.worker, served.backend.model) as gate:
+    with StepGate(served.scheduler, served.backend.model) as gate:
         gate.hold_when = lambda job: gate.steps_of(job) >= 5
         with pytest.raises(grpc.RpcError) as info:
             for _ in stub.Caption(caption_request(model="noise", max_new_tokens=2000), timeout=1.0):
@@ -301,7 +301,7 @@ def test_drain_cancels_the_streams_still_running_when_the_grace_period_ends(cach
     server.wait_ready()
     served = server.engine.models["noise"]
     try:
-        with StepGate(served.worker, served.backend.model) as gate, server.channel() as channel:
+        with StepGate(served.scheduler, served.backend.model) as gate, server.channel() as channel:
             call = server.stub(channel).Caption(caption_request(max_new_tokens=2000))
             chunks = iter(call)
             next(chunks)
@@ -317,7 +317,7 @@ def test_drain_cancels_the_streams_still_running_when_the_grace_period_ends(cach
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert steps - at_cancel <= 1, f"{steps - at_cancel} decode steps ran after the drain cancelled the stream"
     assert steps < 2000
-    assert not served.worker._thread.is_alive(), "the worker thread outlived the server"
+    assert not served.scheduler._thread.is_alive(), "the scheduler thread outlived the server"
 
 
 def test_drain_is_not_serving_refuses_new_rpcs_and_finishes_streams(cache_dir, noise_dir):

@@ -135,7 +135,7 @@ def test_soak(cache_dir, tiny_smolvlm_dir, noise_dir):
             if outcomes["client-cancel"]:
                 assert codes["CANCELLED"] > 0, "the server counted none of the clients' cancels as CANCELLED"
             assert server.engine.open_streams == 0, "a stream slot leaked"
-            assert all(m.worker.queue_depth == 0 for m in server.engine.models.values())
+            assert all(m.scheduler.queue_depth == 0 for m in server.engine.models.values())
             assert threading.active_count() <= threads_before + 2, "threads leaked"
             assert rss_after - rss_before < MEMORY_BOUND_MB
             # The server still answers normally.

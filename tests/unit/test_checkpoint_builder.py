@@ -66,7 +66,7 @@ VARIANTS = {
         "backends/qwen2_vl.py": ('"""Qwen2-VL and Qwen2.5-VL', '"""Qwen2-VL and Qwen2.5-VL (edited)'),
         "backends/base.py": ('"""The backend base class', '"""The backend base class (edited)'),
         "types.py": ("from __future__ import annotations", "from __future__ import annotations  # edited"),
-        "worker.py": ("from __future__ import annotations", "from __future__ import annotations  # edited"),
+        "scheduler.py": ("from __future__ import annotations", "from __future__ import annotations  # edited"),
     },
     "caption": {
         "backends/smolvlm.py": ('CaptionLength.NORMAL: "Describe this image."', 'CaptionLength.NORMAL: "Describe it."')

@@ -14,14 +14,13 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import kubernetes_validate
 import pytest
 import yaml
 
 from vlm_service.config import load_settings, settings_table
-from vlm_service.metrics import Metrics
+from vlm_service.metrics import Metrics, ModelSnapshot, Snapshot
 from vlm_service.server import LIVENESS, model_health_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,12 +187,7 @@ def test_pods_run_as_non_root_on_a_read_only_root_filesystem(docs):
 
 def test_each_model_has_a_headless_service_a_budget_and_an_autoscaler(docs):
     metrics = Metrics()
-    metrics.watch(
-        SimpleNamespace(
-            models={"m": SimpleNamespace(worker=SimpleNamespace(queue_depth=3, running=1), backend=None)},
-            open_streams=0,
-        )
-    )
+    metrics.watch(lambda: Snapshot(models=(ModelSnapshot("m", queued=3, running=1),), open_streams=0))
     exported = {sample.name: sample.labels for family in metrics.registry.collect() for sample in family.samples}
     assert exported["vlm_queue_depth"] == {"model": "m"}
 

@@ -167,11 +167,11 @@ async def test_full_queue_is_refused_at_once_and_cancelled_queued_jobs_never_sta
     queued.cancel()  # the RPC of the queued request ends: its handler releases the job
     with pytest.raises(asyncio.CancelledError):
         await queued
-    assert fake_engine.models["fake"].worker.queue_depth == 0, "the cancelled request left the queue"
+    assert fake_engine.models["fake"].scheduler.queue_depth == 0, "the cancelled request left the queue"
     gate.set()
     messages = await running
     assert messages[-1].finish_reason == pb.FINISH_REASON_STOP
-    while not fake_engine.idle:  # the worker has taken everything it will take
+    while not fake_engine.idle:  # the scheduler has taken everything it will take
         await asyncio.sleep(0.001)
     assert len(backend.started) == 1, "the cancelled queued request must never start"
     assert dict(queued_context.initial_metadata)["x-request-id"] not in backend.started
@@ -266,8 +266,8 @@ async def test_a_job_whose_output_is_not_taken_stops_itself():
     import time
 
     from tests.helpers import shape_image
+    from vlm_service.job import Job
     from vlm_service.types import GenerationRequest, SamplingParams, Task
-    from vlm_service.worker import Job
 
     request = GenerationRequest("r", "m", Task.CAPTION, shape_image(), SamplingParams(10))
     job = Job(request, asyncio.get_running_loop(), abandon_after=0.2)

@@ -17,7 +17,7 @@ def tokenizer(tiny_smolvlm_dir):
 
 def stream_ids(tokenizer, ids):
     detok = IncrementalDetokenizer(tokenizer)
-    pieces = [detok.step(i) for i in ids]
+    pieces = [detok.add_token(i) for i in ids]
     return pieces, detok.finish()
 
 
@@ -166,6 +166,6 @@ def test_work_per_token_does_not_grow_with_the_answer(tokenizer):
     windows = []
     original = detok._decode
     detok._decode = lambda window: windows.append(len(window)) or original(window)
-    pieces = [detok.step(i) for i in ids]
+    pieces = [detok.add_token(i) for i in ids]
     assert "".join(pieces) + detok.finish() == text
     assert max(windows) <= 8, f"a step decoded {max(windows)} tokens"

@@ -1,23 +1,28 @@
-"""The backend base class: what a model family implements.
+"""The backend base class: what a model family implements, and the batch its scheduler drives.
 
 Lifecycle, driven by the engine (one instance per served model):
 
 1. ``__init__(spec, runtime)`` stores the model's source and the runtime choices; it loads nothing.
 2. ``load()`` runs once, off the event loop, before any request: load weights and processors.
-3. ``generate(request, out)`` runs in the model's one worker thread, one request at a time. It feeds
-   raw text to ``out.add_text`` as soon as the model writes it, checks ``out.should_stop()`` between
-   decode steps (cancelled RPC, deadline, stop string), and returns an :class:`Outcome`.
-   Exceptions it raises end that request with INTERNAL; the worker goes on with the next.
-   A family that sets ``batches = True`` (the transformers families) is instead driven by the
-   engine's batching worker, which decodes many requests together through ``prefill`` and
-   :class:`~vlm_service.batching.DecodeBatch`; its ``generate`` is that same path with one row.
+3. ``new_batch(max_rows)`` makes the one :class:`Batch` that the model's scheduler (scheduler.py)
+   drives for as long as the model serves, in the model's one thread: requests join it between
+   decode steps and leave it the step they end. The family owns its batch: the transformers families
+   decode many rows together (:class:`~vlm_service.backends.decode_batch.DecodeBatch`); Moondream
+   keeps one row whose step pulls one piece from its remote code's generator.
+4. ``generate(request, out)`` answers one request alone (the warm-up uses it).
 
-Capabilities are declared as class attributes, not discovered.
+A family implements ``new_batch`` or ``generate``, or both: by default each is made of the other, so
+a family that can only write whole answers implements ``generate`` alone and is served one request at
+a time, each answered inside :meth:`Batch.join`.
+
+What a request may ask of a family is declared as class attributes (languages, caption lengths,
+options), not discovered; admission.py checks a request against them.
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -91,8 +96,77 @@ class TextSink(Protocol):
     def should_stop(self) -> bool: ...
 
 
+class Batch(abc.ABC):
+    """The rows one model decodes together. Made by :meth:`Backend.new_batch`, driven by the model's
+    scheduler, in its one thread only.
+
+    Each row writes to its request's :class:`TextSink` and asks it, at each decode step, whether to
+    go on; the scheduler hands each request's job as its sink, and gets the same sinks back.
+    """
+
+    #: The most rows decoded together.
+    max_rows: int = 1
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Rows being decoded."""
+
+    @property
+    def room(self) -> int:
+        """Requests that may join now."""
+        return self.max_rows - len(self)
+
+    @abc.abstractmethod
+    def join(self, request: GenerationRequest, out: TextSink) -> Outcome | None:
+        """Start ``request``: process its prompt and write its first output. Returns its outcome if it
+        has already ended (it is then not in the batch), else None. If it raises, the request is not in
+        the batch and the other rows are untouched."""
+
+    @abc.abstractmethod
+    def decode_step(self) -> list[tuple[TextSink, Outcome]]:
+        """One decode step for every row; returns the rows that ended (and left the batch), with how."""
+
+    @abc.abstractmethod
+    def abort(self) -> list[TextSink]:
+        """Drop every row (after a failed step, no row is in a known state); returns their sinks."""
+
+
+class WholeAnswers(Batch):
+    """The batch of a family that implements only ``generate``: one request at a time, answered whole
+    inside :meth:`join` (``generate`` itself checks ``out.should_stop()`` between its decode steps)."""
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def __len__(self) -> int:
+        return 0
+
+    def join(self, request: GenerationRequest, out: TextSink) -> Outcome:
+        return self._backend.generate(request, out)
+
+    def decode_step(self) -> list[tuple[TextSink, Outcome]]:
+        return []
+
+    def abort(self) -> list[TextSink]:
+        return []
+
+
+def run_alone(batch: Batch, request: GenerationRequest, out: TextSink) -> Outcome:
+    """Decode ``request`` alone in ``batch`` (an empty one) until it ends."""
+    try:
+        outcome = batch.join(request, out)
+        while outcome is None:
+            for _, outcome in batch.decode_step():  # noqa: B007 (the one row's outcome is what ends the loop)
+                pass
+    except BaseException:
+        batch.abort()
+        raise
+    return outcome
+
+
 class Backend(abc.ABC):
-    """One model family. Subclasses set the class attributes and implement ``load`` and ``generate``."""
+    """One model family. Subclasses set the class attributes and implement ``load``, and ``new_batch``
+    or ``generate`` (see the module's docstring)."""
 
     #: Registry name of the family ("smolvlm", ...).
     family: ClassVar[str]
@@ -104,8 +178,6 @@ class Backend(abc.ABC):
     supported_options: ClassVar[frozenset[str]] = frozenset(
         {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed"}
     )
-    #: Whether concurrent requests are decoded together (a batching worker) or one at a time.
-    batches: ClassVar[bool] = False
     #: Role words the model may write before its answer; removed once from the start of the text.
     role_prefixes: ClassVar[tuple[str, ...]] = ()
     #: Default token budget per caption length, used when a request leaves max_new_tokens at 0.
@@ -125,9 +197,20 @@ class Backend(abc.ABC):
     def load(self) -> None:
         """Load weights and processors. Called once, off the event loop."""
 
-    @abc.abstractmethod
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not inspect.isabstract(cls) and cls.new_batch is Backend.new_batch and cls.generate is Backend.generate:
+            raise TypeError(f"{cls.__name__} must implement new_batch() or generate()")
+
+    def new_batch(self, max_rows: int) -> Batch:
+        """The batch this model's scheduler drives, of at most ``max_rows`` rows (a family that cannot
+        decode requests together ignores it). Default: one request at a time, through ``generate``."""
+        return WholeAnswers(self)
+
     def generate(self, request: GenerationRequest, out: TextSink) -> Outcome:
-        """Generate the answer to ``request``, streaming raw text into ``out``."""
+        """Answer ``request`` alone, streaming raw text into ``out`` as the model writes it and checking
+        ``out.should_stop()`` between decode steps. Default: a batch of one row."""
+        return run_alone(self.new_batch(1), request, out)
 
     #: The loaded torch model (set by ``load``).
     model: Any

@@ -1,9 +1,10 @@
-"""Shared machinery for families that run through transformers' ``generate``.
+"""Shared machinery for the transformers families (``AutoProcessor`` + ``AutoModelForImageTextToText``).
 
 A family subclasses :class:`TransformersBackend` and writes only how a request becomes a prompt and
 processor inputs, and which inputs feed its vision encoder. Everything else is shared: loading on the
 chosen device and dtype, the prefill (with the image cache), and decoding, which runs through
-:class:`~vlm_service.batching.DecodeBatch` whether a request is alone or batched with others.
+:class:`~vlm_service.backends.decode_batch.DecodeBatch` whether a request is alone or batched with
+others.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from ..batching import DecodeBatch
 from ..types import GenerationRequest
-from .base import Backend, ModelSpec, Outcome, Runtime, TextSink
+from .base import Backend, ModelSpec, Runtime
+from .decode_batch import DecodeBatch
 
 logger = logging.getLogger(__name__)
 
 
 class TransformersBackend(Backend):
-    """A family served with ``AutoProcessor`` + ``AutoModelForImageTextToText`` + ``generate``."""
+    """A family served with ``AutoProcessor`` + ``AutoModelForImageTextToText``, decoded in a
+    :class:`DecodeBatch`."""
 
     #: Extra keyword arguments for ``from_pretrained`` (processor and model).
     load_kwargs: dict[str, Any] = {}
@@ -31,7 +33,6 @@ class TransformersBackend(Backend):
     vision_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     #: Processor outputs that only the vision encoder needs (left out once its output is given).
     encoder_only_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
-    batches = True
 
     processor: Any
 
@@ -109,10 +110,6 @@ class TransformersBackend(Backend):
         """How far the next text position is from the prompt length (multimodal RoPE shifts it)."""
         return 0
 
-    def generate(self, request: GenerationRequest, out: TextSink) -> Outcome:
-        """One request alone: a decode batch of one row (the batching worker shares batches instead)."""
-        batch = DecodeBatch(self)
-        row = batch.admit(request, out)
-        while batch.rows:
-            batch.step()
-        return row.outcome
+    def new_batch(self, max_rows: int) -> DecodeBatch:
+        """A decode batch of up to ``max_rows`` rows (``generate`` runs one alone in a batch of one)."""
+        return DecodeBatch(self, max_rows)

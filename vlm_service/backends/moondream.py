@@ -6,13 +6,13 @@ remote code (revision 2025-06-21) cannot go through transformers 5's meta-device
 the weights' dtype (bfloat16 for Moondream2), whatever ``--dtype`` asks; the log and ListModels report
 the dtype the weights have.
 
-The model is driven only through ``encode_image``, ``caption`` and ``query`` with ``stream=True``: the
-generator they return is pulled in the worker thread, one piece at a time, and closed as soon as the
-request should stop (cancel, deadline, stop string). The published code yields text only when a word
-ends, so the stop is also checked before each decode step's output layer (a forward pre-hook), which
-ends the generation within one step. The model
-keeps one KV cache per instance, so the engine's single worker per model is what keeps requests from
-interleaving on it.
+The model is driven only through ``encode_image``, ``caption`` and ``query`` with ``stream=True``: its
+batch (:class:`_AnswerStream`) holds one request at a time, and each of its decode steps pulls one
+piece from the generator they return, in the model's scheduler thread; the generator is closed as
+soon as the request should stop (cancel, deadline, stop string). The published code yields text only
+when a word ends, so the stop is also checked before each decode step's output layer (a forward
+pre-hook), which ends the generation within one step. The model keeps one KV cache per instance, so
+the batch's one row is what keeps requests from interleaving on it.
 
 The image cache keeps ``encode_image``'s result (the API's ``EncodedImage``, made to be passed back to
 ``caption``/``query``) by content hash, so a Caption then Queries on one image encode it once.
@@ -26,15 +26,16 @@ process-wide lock, which serialises sampled (non-greedy) requests across Moondre
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
-from contextlib import nullcontext
+from collections.abc import Generator
 
 import torch
 
 from ..types import CaptionLength, FinishReason, GenerationRequest, Task
-from .base import Backend, Outcome, TextSink
+from .base import Backend, Batch, Outcome, TextSink
 from .remote_code import load_remote_model, weights_dtype
 
 logger = logging.getLogger(__name__)
@@ -91,50 +92,9 @@ class MoondreamBackend(Backend):
         inner = getattr(getattr(getattr(self.model, "model", None), "config", None), "text", None)
         return int(getattr(inner, "max_context", 0) or getattr(self.model.config, "max_context", 0) or 2048)
 
-    def generate(self, request: GenerationRequest, out: TextSink) -> Outcome:
-        params = request.params
-        settings = {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_new_tokens}
-        sampling = not params.greedy
-        rng = torch.random.fork_rng(devices=self._rng_devices()) if sampling else nullcontext()
-        with _GLOBAL_RNG if sampling else nullcontext(), rng:
-            if sampling:
-                torch.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-            encoded = self.images.get(request.image_digest, "encoded")
-            if encoded is None:
-                encoded = self.model.encode_image(request.image)
-                self.images.put(request.image_digest, "encoded", encoded)
-            if out.should_stop():
-                return Outcome(0, 0, FinishReason.STOP)
-            if request.task is Task.CAPTION:
-                result = self.model.caption(encoded, length=LENGTHS[request.length], stream=True, settings=settings)
-                pieces = result["caption"]
-            else:
-                pieces = self.model.query(encoded, request.question, stream=True, settings=settings)["answer"]
-            text = []
-            step = self._decode_step_module()
-            hook = step.register_forward_pre_hook(_stop_check(out)) if step is not None else None
-            try:
-                for piece in pieces:
-                    if piece:
-                        text.append(piece)
-                        out.add_text(piece)
-                    if out.should_stop():
-                        break
-            except _Stopped:
-                pass
-            finally:
-                pieces.close()  # stops the remote generator at this step
-                if hook is not None:
-                    hook.remove()
-        tokenizer = self.tokenizer
-        answer = "".join(text)
-        if tokenizer is not None and answer:
-            encoded_answer = tokenizer.encode(answer)
-            produced = len(getattr(encoded_answer, "ids", encoded_answer))
-        else:
-            produced = len(text)
-        reason = FinishReason.LENGTH if produced >= params.max_new_tokens else FinishReason.STOP
-        return Outcome(prompt_tokens=0, completion_tokens=min(produced, params.max_new_tokens), reason=reason)
+    def new_batch(self, max_rows: int) -> Batch:
+        """One row at a time (the model keeps one KV cache), whatever ``max_rows`` allows."""
+        return _AnswerStream(self)
 
     def _decode_step_module(self) -> torch.nn.Module | None:
         """The output layer, which the published code runs once per decode step (None if it has none)."""
@@ -143,3 +103,94 @@ class MoondreamBackend(Backend):
 
     def _rng_devices(self) -> list:
         return [self._device] if self._device.type == "cuda" else []
+
+
+class _AnswerStream(Batch):
+    """Moondream's batch: one row, whose decode step pulls one piece from the remote code's generator.
+
+    What the generation holds while it runs (the process-wide lock and forked global generator of a
+    sampled request, the stop hook, the generator) is entered when the request joins and let go when
+    it ends or is dropped, in the scheduler's thread.
+    """
+
+    def __init__(self, backend: MoondreamBackend):
+        self._backend = backend
+        self._request: GenerationRequest | None = None
+        self._out: TextSink | None = None
+        self._pieces: Generator[str, None, None] | None = None
+        self._text: list[str] = []
+        self._held = contextlib.ExitStack()
+
+    def __len__(self) -> int:
+        return 0 if self._request is None else 1
+
+    def join(self, request: GenerationRequest, out: TextSink) -> Outcome | None:
+        backend, params = self._backend, request.params
+        self._request, self._out, self._text = request, out, []
+        try:
+            if not params.greedy:
+                self._held.enter_context(_GLOBAL_RNG)
+                self._held.enter_context(torch.random.fork_rng(devices=backend._rng_devices()))
+                torch.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+            encoded = backend.images.get(request.image_digest, "encoded")
+            if encoded is None:
+                encoded = backend.model.encode_image(request.image)
+                backend.images.put(request.image_digest, "encoded", encoded)
+            if out.should_stop():
+                self._release()
+                return Outcome(0, 0, FinishReason.STOP)
+            settings = {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_new_tokens}
+            if request.task is Task.CAPTION:
+                result = backend.model.caption(encoded, length=LENGTHS[request.length], stream=True, settings=settings)
+                pieces = result["caption"]
+            else:
+                pieces = backend.model.query(encoded, request.question, stream=True, settings=settings)["answer"]
+            step = backend._decode_step_module()
+            if step is not None:
+                self._held.callback(step.register_forward_pre_hook(_stop_check(out)).remove)
+            self._held.callback(pieces.close)  # stops the remote generator at this step
+            self._pieces = pieces
+            return self._pull()
+        except BaseException:
+            self.abort()
+            raise
+
+    def decode_step(self) -> list[tuple[TextSink, Outcome]]:
+        out = self._out
+        outcome = self._pull()
+        return [] if outcome is None else [(out, outcome)]
+
+    def _pull(self) -> Outcome | None:
+        """The next piece of the answer; the outcome once it has ended."""
+        out = self._out
+        try:
+            piece = next(self._pieces)
+        except (StopIteration, _Stopped):
+            return self._end()
+        if piece:
+            self._text.append(piece)
+            out.add_text(piece)
+        return self._end() if out.should_stop() else None
+
+    def _end(self) -> Outcome:
+        request, answer = self._request, "".join(self._text)
+        self._release()
+        max_new_tokens = request.params.max_new_tokens
+        tokenizer = self._backend.tokenizer
+        if tokenizer is not None and answer:
+            encoded_answer = tokenizer.encode(answer)
+            produced = len(getattr(encoded_answer, "ids", encoded_answer))
+        else:
+            produced = len(self._text)
+        reason = FinishReason.LENGTH if produced >= max_new_tokens else FinishReason.STOP
+        return Outcome(prompt_tokens=0, completion_tokens=min(produced, max_new_tokens), reason=reason)
+
+    def _release(self) -> None:
+        self._request, self._out, self._pieces = None, None, None
+        self._held.close()
+
+    def abort(self) -> list[TextSink]:
+        out = self._out
+        with contextlib.suppress(Exception):
+            self._release()
+        return [] if out is None else [out]

@@ -1,13 +1,17 @@
-"""Continuous batching for the transformers families: rows join a running decode batch between
+"""The transformers families' batch (continuous batching): rows join a running decode batch between
 decode steps and leave it the step they finish.
 
 A :class:`DecodeBatch` holds the rows being decoded together and one KV cache for all of them,
 left-padded to a common length (an attention mask marks the padding). A new request is prefilled on
 its own (the vision encoder and the prompt, exactly as it would run alone), then its cache is merged
-into the batch. Each :meth:`DecodeBatch.step` runs one forward pass for every row, picks each row's next
-token with that row's own options (greedy, or sampled with its own seeded generator; its own repetition
-penalty), streams each row's text to its sink, and drops rows that are finished (end of sequence,
-token budget, context length, cancelled RPC or stop string), so a finished row stops costing compute.
+into the batch. Each :meth:`DecodeBatch.decode_step` runs one forward pass for every row, picks each
+row's next token with that row's own options (greedy, or sampled with its own seeded generator; its own
+repetition penalty), streams each row's text to its sink, and drops rows that are finished (end of
+sequence, token budget, context length, cancelled RPC or stop string), so a finished row stops costing
+compute.
+
+It needs of a backend only what :class:`Prefiller` names (hf.py's ``TransformersBackend`` is one): it
+never imports a family.
 
 transformers' own continuous-batching manager was considered: it takes token ids only (no pixel
 values), so it cannot serve a vision-language request; this module is the small part that it lacks.
@@ -16,8 +20,9 @@ values), so it cannot serve a vision-language request; this module is the small 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +34,32 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from .backends.base import Outcome
-from .streaming import IncrementalDetokenizer
-from .types import FinishReason, GenerationRequest, SamplingParams
+from ..streaming import IncrementalDetokenizer
+from ..types import FinishReason, GenerationRequest, SamplingParams
+from .base import Batch, Outcome, TextSink
 
-if TYPE_CHECKING:
-    from .backends.base import TextSink
-    from .backends.hf import TransformersBackend
+
+class Prefiller(Protocol):
+    """What a :class:`DecodeBatch` needs of its backend."""
+
+    #: The loaded model (its forward pass decodes every row at once).
+    model: Any
+    #: The token ids that end an answer.
+    end_token_ids: list[int]
+
+    @property
+    def tokenizer(self) -> Any:
+        """What turns the generated ids back into text."""
+
+    @property
+    def context_length(self) -> int:
+        """The model's context length in tokens (0: unknown)."""
+
+    def prepare(self, request: GenerationRequest) -> Mapping[str, torch.Tensor]:
+        """The processor's outputs (``input_ids`` first among them) for one request."""
+
+    def prefill(self, request: GenerationRequest, inputs) -> tuple[torch.Tensor, DynamicCache, int]:
+        """The prompt through the model: last logits, KV cache, the next token's position id."""
 
 
 class SeededSampler:
@@ -80,11 +104,12 @@ class Row:
         return self.outcome is not None
 
 
-class DecodeBatch:
+class DecodeBatch(Batch):
     """The rows decoded together on one model, and their shared KV cache."""
 
-    def __init__(self, backend: TransformersBackend):
+    def __init__(self, backend: Prefiller, max_rows: int = 1):
         self.backend = backend
+        self.max_rows = max_rows
         self.model = backend.model
         self.device = backend.model.device
         self._end_ids = frozenset(backend.end_token_ids)
@@ -98,11 +123,11 @@ class DecodeBatch:
 
     # --- joining ----------------------------------------------------------------------------------
 
-    def admit(self, request: GenerationRequest, sink: TextSink) -> Row:
+    def join(self, request: GenerationRequest, sink: TextSink) -> Outcome | None:
         """Prefill ``request`` alone and add it to the batch; its first token is streamed at once.
 
-        Returns the row; if it is already finished (one-token budget, cancelled, end of sequence) it is
-        not added, and ``row.outcome`` says how it ended.
+        Returns None; or, if it is already finished (one-token budget, cancelled, end of sequence), how
+        it ended (it is then not added).
         """
         backend = self.backend
         inputs = backend.prepare(request)
@@ -123,15 +148,16 @@ class DecodeBatch:
         )
         if sink.should_stop():  # cancelled while its inputs were prepared
             self._finish(row, FinishReason.STOP)
-            return row
+            return row.outcome
         with torch.inference_mode():
             logits, cache, next_position = backend.prefill(request, inputs)
         row.position = next_position
         self._emit(row, self._choose(row, logits[0, -1].float()))
-        if not row.done:
-            self._merge(cache, len(prompt_ids))
-            self.rows.append(row)
-        return row
+        if row.done:
+            return row.outcome
+        self._merge(cache, len(prompt_ids))
+        self.rows.append(row)
+        return None
 
     def _merge(self, cache: DynamicCache, length: int) -> None:
         new_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
@@ -148,7 +174,7 @@ class DecodeBatch:
 
     # --- decoding ---------------------------------------------------------------------------------
 
-    def step(self) -> list[Row]:
+    def decode_step(self) -> list[tuple[TextSink, Outcome]]:
         """One decode step for every row; returns the rows that finished (and left the batch)."""
         if not self.rows:
             return []
@@ -175,7 +201,7 @@ class DecodeBatch:
         finished = [row for row in self.rows if row.done]
         if finished:
             self._drop(finished)
-        return finished
+        return [(row.sink, row.outcome) for row in finished]
 
     def _choose(self, row: Row, logits: torch.Tensor) -> int:
         if row.sampler is None and row.penalty is None:
@@ -191,7 +217,7 @@ class DecodeBatch:
         """Record and stream ``token`` for ``row``; finish the row if it should stop."""
         row.tokens.append(token)
         row.next_token = token
-        piece = row.detokenizer.step(token)
+        piece = row.detokenizer.add_token(token)
         if piece:
             row.sink.add_text(piece)
         if token in self._end_ids:
@@ -222,11 +248,11 @@ class DecodeBatch:
             for k, v in _layers(self._cache)
         )
 
-    def abort(self) -> list[Row]:
-        """Drop every row (after a failed step); returns them."""
+    def abort(self) -> list[TextSink]:
+        """Drop every row (after a failed step); returns their sinks."""
         rows, self.rows = self.rows, []
         self._cache, self._mask = None, None
-        return rows
+        return [row.sink for row in rows]
 
 
 def _left_pad(tensor: torch.Tensor, amount: int) -> torch.Tensor:

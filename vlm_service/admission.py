@@ -1,0 +1,101 @@
+"""Admission: every check a request passes between the protobuf edge and its model's queue, in one step.
+
+A request that reaches :func:`admit` is well-formed: the value checks (ranges, lengths, enum values,
+the image) are the edge's (convert.py, images.py). What is checked here depends on the server's state
+and on the model's, in this order, and the first that fails refuses the request at once:
+
+1. the server is not draining (UNAVAILABLE);
+2. it has a stream slot left, ``--max-streams`` (RESOURCE_EXHAUSTED);
+3. the model is served here (NOT_FOUND), has not failed (UNAVAILABLE, saying why) and is loaded
+   (UNAVAILABLE);
+4. the model's family supports what the request asks: its response language, its caption length,
+   every option it sets (INVALID_ARGUMENT naming the field). These are the capabilities each family
+   declares on its backend class; nothing else checks them;
+5. its deadline can be met from the queue position (DEADLINE_EXCEEDED).
+
+Admission also fills in the model's defaults (``max_new_tokens`` 0 takes the family's budget for the
+caption length, or the server's default for a query). Queueing itself (a full queue) is the
+scheduler's refusal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+
+from .config import Settings
+from .errors import DeadlineUnmeetable, InvalidInput, ModelNotFound, ModelNotReady, QueueFull, ShuttingDown
+from .served import ModelState, ServedModel
+from .types import GenerationRequest, Task
+
+
+def admit(
+    request: GenerationRequest,
+    models: Mapping[str, ServedModel],
+    *,
+    default_model: str,
+    settings: Settings,
+    draining: bool,
+    open_streams: int,
+) -> tuple[ServedModel, GenerationRequest]:
+    """The model that will serve ``request``, and the request with that model's defaults filled in;
+    raises the :class:`~vlm_service.errors.ServiceError` of the first check that fails."""
+    if draining:
+        raise ShuttingDown("the server is shutting down; retry on another instance")
+    if open_streams >= settings.max_streams:
+        raise QueueFull(f"the server has {open_streams} streams open (the limit); retry later")
+    served = find_model(models, request.model, default_model)
+    name = served.spec.name
+    if served.state is ModelState.FAILED:
+        raise ModelNotReady(f"model {name!r} has failed ({served.error}) and no longer serves; use another instance")
+    if served.state is not ModelState.READY or served.scheduler is None:
+        raise ModelNotReady(f"model {name!r} is still loading; retry shortly")
+    request = _with_capabilities(request, type(served.backend), name, settings)
+    _check_deadline(served, request)
+    return served, request
+
+
+def find_model(models: Mapping[str, ServedModel], name: str, default_model: str) -> ServedModel:
+    """The model named ``name`` (empty: the default one), or NOT_FOUND listing the served ones."""
+    served = models.get(name or default_model)
+    if served is None:
+        raise ModelNotFound(name, list(models))
+    return served
+
+
+def _with_capabilities(request: GenerationRequest, family, name: str, settings: Settings) -> GenerationRequest:
+    """Check the request against what the model's family declares; fill in the family's defaults."""
+    if request.language not in family.languages:
+        raise InvalidInput(
+            "response_language",
+            f"{request.language!r} is not supported by model {name!r}; supported: {', '.join(family.languages)}",
+        )
+    if request.task is Task.CAPTION and request.length not in family.caption_lengths:
+        raise InvalidInput("length", f"model {name!r} does not support {request.length.value} captions")
+    unsupported = sorted(request.params.options_set() - family.supported_options)
+    if unsupported:
+        raise InvalidInput(
+            f"options.{unsupported[0]}",
+            f"not supported by model {name!r} ({family.family}); "
+            f"supported: {', '.join(sorted(family.supported_options))}",
+        )
+    if request.params.max_new_tokens == 0:
+        default = (
+            family.caption_budgets[request.length] if request.task is Task.CAPTION else settings.default_max_new_tokens
+        )
+        request = replace(request, params=replace(request.params, max_new_tokens=default))
+    return request
+
+
+def _check_deadline(served: ServedModel, request: GenerationRequest) -> None:
+    """Refuse at once a request whose deadline will pass before its turn comes."""
+    if request.deadline is None:
+        return
+    wait = served.scheduler.estimated_wait()
+    remaining = request.deadline - time.monotonic()
+    if wait is not None and wait >= remaining:
+        raise DeadlineUnmeetable(
+            f"the deadline cannot be met: model {served.spec.name!r} needs about {wait:.1f} s for the "
+            f"requests ahead of this one, and {max(remaining, 0):.1f} s remain"
+        )

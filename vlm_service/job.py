@@ -1,0 +1,236 @@
+"""A request's output stream: the bridge from the model's scheduler thread to its RPC on the event loop.
+
+A :class:`Job` is what the engine hands the RPC (``Engine.submit``), and the :class:`TextSink` the
+request's batch row writes to. Rules:
+
+- The event loop never blocks here: events cross in a deque, and the scheduler thread wakes the RPC's
+  handler with ``loop.call_soon_threadsafe`` once per burst of events, not once per token.
+- Raw text goes through the request's :class:`~vlm_service.streaming.TextAssembler` (stop strings,
+  whitespace, role words) before it is sent; what piles up while the client lags goes out merged.
+- A job is owned by its RPC: when the RPC ends (finished, cancelled, deadline, disconnect) the handler
+  calls :meth:`Job.cancel`; a queued job is dropped before it starts and a running one stops at its
+  next decode step (:meth:`Job.should_stop`, which the batch asks once per step).
+- Every job that its RPC did not end gets exactly one last event: :class:`Finished` or the error that
+  ended it, however many threads try to end it (the scheduler, the engine's watchdog).
+- A client that reads nothing for ``abandon_after`` seconds while output piles up has gone: its
+  generation is stopped (back-pressure), and if it reads again it learns why at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+from .backends.base import Outcome
+from .errors import ReaderStalled, ServiceError
+from .metrics import ModelMetrics
+from .streaming import TextAssembler
+from .types import Finished, FinishReason, GenerationRequest, TextDelta, Usage
+
+if TYPE_CHECKING:
+    from .tracing import GenerationTrace
+
+logger = logging.getLogger(__name__)
+
+#: Undelivered events beyond which a client that reads nothing counts as gone.
+_BACKLOG = 32
+#: Characters of piled-up text merged into one message at most (UTF-8: at most 4 bytes each), well
+#: under the transport's 4 MiB message limit.
+_MERGE_LIMIT = 256 * 1024
+
+
+class Job:
+    """One request's generation as its RPC sees it: an async stream of events (:meth:`events`) and a
+    switch to stop it (:meth:`cancel`)."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        role_prefixes=(),
+        abandon_after: float = 40.0,
+        metrics: ModelMetrics | None = None,
+        trace: GenerationTrace | None = None,
+    ):
+        self.request = request
+        self.trace = trace  # None unless tracing is on
+        self._loop = loop
+        # Events cross from the scheduler thread in a deque; the loop is woken at most once per batch of
+        # them (``_wake_pending``), so a busy batch does not flood the loop with one wake-up per token.
+        self._events: collections.deque = collections.deque()
+        self._arrived = asyncio.Event()
+        self._wake_pending = False
+        self._cancelled = threading.Event()
+        self.started_at: float | None = None
+        self.first_text_at: float | None = None
+        self.last_progress: float = 0.0  # monotonic time of the last decode step (scheduler thread)
+        # Back-pressure: the RPC takes events only as fast as the client reads them. A client that
+        # reads nothing for ``abandon_after`` seconds while output piles up has gone: stop generating.
+        self.abandon_after = abandon_after
+        self.last_taken = time.monotonic()
+        self._sent = 0  # events sent (written by the scheduler thread only)
+        self._taken = 0  # events taken (written by the event loop only)
+        self._assembler = TextAssembler(request.params.stop, role_prefixes)
+        # Set by the scheduler that queues it: called at each stop check, and to drop it from the queue.
+        self._on_check: Callable[[Job], None] | None = None
+        self._on_cancel: Callable[[Job], None] | None = None
+        self._metrics = metrics
+        self._steps = 0  # decode steps so far (scheduler thread)
+        self._abandoned = False  # the back-pressure guard stopped it (its RPC still listens)
+        self._ended = False  # a last event (Finished or an error) was sent
+        self._end_lock = threading.Lock()  # the scheduler and the watchdog may both try to end it
+
+    # --- the RPC's side (event loop) ---------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop this job: a queued job never starts, a running one stops at its next decode step."""
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            if self._on_cancel is not None:
+                self._on_cancel(self)
+
+    @property
+    def cancelled(self) -> bool:
+        """Its RPC ended (or the engine let it go): nobody waits for its events."""
+        return self._cancelled.is_set()
+
+    @property
+    def abandoned(self) -> bool:
+        """The back-pressure guard stopped it: its client read nothing for ``abandon_after`` seconds."""
+        return self._abandoned
+
+    async def events(self) -> AsyncIterator[TextDelta | Finished]:
+        """Text deltas as they are written, then one :class:`Finished`; raises a ServiceError on failure.
+
+        Every job that its RPC did not end gets exactly one last event: :class:`Finished`, or the error
+        that ended it (a failed or stuck model, see scheduler.py and the engine's watchdog, or the
+        back-pressure guard), so a reader that resumes after a pause gets the job's true outcome.
+        """
+        events = self._events
+        while True:
+            if not events:
+                self._arrived.clear()
+                if not events:  # re-checked: an event sent before the clear has its wake-up pending
+                    await self._arrived.wait()
+                    continue
+            event = events.popleft()
+            self._taken += 1
+            self.last_taken = time.monotonic()
+            if isinstance(event, TextDelta):
+                # Text that piled up while the client was slower than the model leaves as one message.
+                pieces, size = [event.text], len(event.text)
+                while events and isinstance(events[0], TextDelta) and size < _MERGE_LIMIT:
+                    piece = events.popleft().text
+                    pieces.append(piece)
+                    size += len(piece)
+                    self._taken += 1
+                yield TextDelta("".join(pieces)) if len(pieces) > 1 else event
+                continue
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            return  # Finished is the last event
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        self._arrived.set()
+
+    # --- the scheduler's side (scheduler thread): the TextSink a batch row writes to ------------
+
+    def add_text(self, piece: str) -> None:
+        if self._ended:
+            return
+        delta = self._assembler.push(piece)
+        if delta:
+            self._send(TextDelta(delta))
+
+    @property
+    def backlog(self) -> int:
+        """Events sent and not yet taken by the RPC (what piles up while its client lags)."""
+        return self._sent - self._taken
+
+    def should_stop(self) -> bool:
+        """Whether the row should end now (cancelled, abandoned, a stop string, already ended). Asked once
+        per decode step, and once before the prefill."""
+        if self._on_check is not None:  # a sign of life for the watchdog (and the tests' step gate)
+            self._on_check(self)
+        now = time.monotonic()
+        if self._metrics is not None:
+            if self._steps:
+                self._metrics.inter_token_latency.observe(now - self.last_progress)
+            if self._cancelled.is_set():
+                self._metrics.tokens_after_end.inc()
+        self._steps += 1
+        self.last_progress = now
+        if self.backlog > _BACKLOG and now - self.last_taken > self.abandon_after and not self._abandoned:
+            request_id = self.request.request_id
+            logger.warning(
+                "request %s: the client stopped reading; stopping its generation",
+                request_id,
+                extra={"request_id": request_id},
+            )
+            self._abandoned = True
+        return self._cancelled.is_set() or self._abandoned or self._assembler.stopped or self._ended
+
+    def _send(self, event) -> None:
+        if isinstance(event, TextDelta) and self.first_text_at is None:
+            self.first_text_at = time.monotonic()
+            if self._metrics is not None:
+                self._metrics.time_to_first_token.observe(self.first_text_at - self.request.arrival)
+        self._sent += 1
+        self._events.append(event)
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                self._cancelled.set()
+
+    def final_reason(self, outcome: Outcome) -> FinishReason:
+        """Why the generation ended, stop strings (the engine's) included."""
+        return FinishReason.STOP_SEQUENCE if self._assembler.stopped else outcome.reason
+
+    def end_abandoned(self) -> None:
+        """End a job the back-pressure guard stopped (scheduler thread): its client, if it reads again,
+        learns why at once."""
+        self.fail(
+            ReaderStalled(
+                f"the generation was stopped because the client read nothing for {self.abandon_after:g} s "
+                f"while its output waited (request id {self.request.request_id})"
+            )
+        )
+
+    def finish(self, outcome: Outcome, reason: FinishReason) -> None:
+        """Send the last text and :class:`Finished` (scheduler thread); nothing if the job already ended."""
+        if self._ended:
+            return
+        tail = self._assembler.finish()
+        if tail:
+            self._send(TextDelta(tail))
+        now = time.monotonic()
+        arrival = self.request.arrival
+        first = self.first_text_at or now
+        usage = Usage(
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            queue_time_ms=((self.started_at or now) - arrival) * 1000,
+            time_to_first_token_ms=(first - arrival) * 1000,
+            total_time_ms=(now - arrival) * 1000,
+        )
+        self._end(Finished(reason, usage))
+
+    def fail(self, error: ServiceError) -> None:
+        """End the job with ``error`` (any thread); nothing if it already ended."""
+        self._end(error)
+
+    def _end(self, event) -> None:
+        with self._end_lock:
+            if self._ended:
+                return
+            self._ended = True
+        self._send(event)

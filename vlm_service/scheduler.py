@@ -1,0 +1,275 @@
+"""The scheduler: one per served model, a bounded queue and the one thread that runs the model.
+
+Its thread drives the :class:`~vlm_service.backends.base.Batch` that the model's backend made, the
+same loop for every family: take waiting jobs while the batch has room (each joins it: its prompt is
+processed alone and its first output written), then one decode step for every row; a row leaves the
+batch the step it ends, so it stops costing compute at once, and the other rows go on. The loop knows
+nothing of a family: the transformers families decode many rows together, Moondream one at a time.
+
+Rules:
+
+- The event loop never blocks here: :meth:`Scheduler.enqueue` appends to a deque under a short lock, or
+  refuses at once (:class:`QueueFull`, :class:`ShuttingDown`).
+- The model runs only in this thread: families that keep per-instance state (Moondream's KV cache) are
+  never entered twice.
+- One failure path: a join or a decode step that raises ends every request it touched (one, or every
+  row of the batch) with the error the client sees; device_failures.py says what the error means for
+  the device (out of memory: memory freed; fatal: the model stops serving).
+- A job whose RPC has ended never starts; a running one stops at its next decode step (its batch row
+  asks the job at each step, see job.py).
+- The engine's watchdog reads :attr:`Scheduler.progress` (the last sign of life: work taken, a stop
+  check) and declares a scheduler that works without one for too long stuck (:meth:`declare_stuck`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from .backends.base import Batch, Outcome
+from .device_failures import DeviceFailure, recover
+from .errors import GenerationFailed, OutOfMemory, QueueFull, ServiceError, ShuttingDown
+from .job import Job
+from .metrics import ModelMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Runs one model's requests, through the batch its backend made, in a dedicated thread."""
+
+    #: A seam for tests: when set, it is called in the scheduler thread with the job at each of the
+    #: job's stop checks (once per decode step, and once before its prefill), before the check itself.
+    #: Tests use it to hold generation at a known step, or to pace it; the service never sets it.
+    step_gate: Callable[[Job], None] | None = None
+
+    def __init__(
+        self,
+        name: str,
+        batch: Batch,
+        max_queue: int,
+        on_fatal: Callable[[str], None] | None = None,
+        metrics: ModelMetrics | None = None,
+    ):
+        self.name = name
+        self.batch = batch
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self._on_fatal = on_fatal
+        self.seconds_per_request: float | None = None  # moving average of generation times
+        self._pending: collections.deque[Job] = collections.deque()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._active: list[Job] = []  # started and not ended
+        self.completed = 0  # finished generations (for tests and metrics)
+        # The watchdog's view: the time of the last sign of life (work taken, a stop check), and
+        # whether the thread is working (holding the model) rather than waiting for a job.
+        self.progress = time.monotonic()
+        self.working = False
+        self.stuck = False  # declared stuck by the watchdog: it takes no more jobs and is not joined
+        self._thread = threading.Thread(target=self._run, name=f"vlm-scheduler-{name}", daemon=True)
+        self._thread.start()
+
+    # --- the engine's side (event loop, metrics, watchdog) --------------------------------------
+
+    @property
+    def slots(self) -> int:
+        """Requests decoded at once."""
+        return self.batch.max_rows
+
+    @property
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def estimated_wait(self) -> float | None:
+        """Seconds until a request queued now would start, from recent generation times."""
+        if self.seconds_per_request is None:
+            return None
+        with self._lock:
+            ahead = len(self._pending) + len(self._active)
+        return ahead // self.slots * self.seconds_per_request  # a slot frees about every request's time
+
+    @property
+    def busy(self) -> bool:
+        """Whether it has work that a drain should wait for (a stuck one has none it will finish)."""
+        with self._lock:
+            return not self.stuck and (bool(self._active) or bool(self._pending))
+
+    def enqueue(self, job: Job) -> None:
+        """Queue a job, or raise QueueFull / ShuttingDown at once. Never blocks on the model."""
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(
+                    f"model {self.name!r} has {len(self._pending)} requests waiting (the limit); retry later"
+                )
+            job._on_check, job._on_cancel = self._checked, self._discard
+            self._pending.append(job)
+            self._lock.notify()
+
+    def _discard(self, job: Job) -> None:
+        """Remove a job that has not started (its RPC ended)."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._pending.remove(job)
+
+    def close(self) -> None:
+        """Refuse new jobs; the thread exits once the queue is empty and the batch has ended."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+
+    def join(self, timeout: float | None = None) -> None:
+        if not self.stuck:  # a stuck thread never returns; the process exits without it
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread still runs (it may be inside a model call after a stop)."""
+        return self._thread.is_alive()
+
+    def silent_for(self, now: float) -> float:
+        """Seconds the thread has worked without a sign of life (0 while it waits for work)."""
+        return now - self.progress if self.working else 0.0
+
+    def declare_stuck(self, stalled: ServiceError, unavailable: ServiceError) -> None:
+        """The thread holds the model and makes no progress (called by the watchdog, another thread):
+        its running jobs end with ``stalled``, the queued ones with ``unavailable``, and it takes no more."""
+        with self._lock:
+            self.stuck = self._closed = True
+            running, queued = list(self._active), list(self._pending)
+            self._pending.clear()
+        for job in running:
+            job.fail(stalled)
+        for job in queued:
+            job.fail(unavailable)
+
+    # --- the loop (scheduler thread) ----------------------------------------------------------
+
+    def _checked(self, job: Job) -> None:
+        """A job's stop check: a sign of life, after the tests' step gate (if any) lets it through."""
+        gate = self.step_gate
+        if gate is not None:
+            gate(job)
+        self.progress = time.monotonic()
+
+    def _take(self, room: int) -> list[Job] | None:
+        """Up to ``room`` jobs that should start (waits for one if nothing runs); None: closed and done."""
+        with self._lock:
+            self.working = False
+            while not self._pending and not self._active and not self._closed:
+                self._lock.wait()
+            if self.stuck or (not self._pending and not self._active):
+                return None
+            self.working, self.progress = True, time.monotonic()
+            taken = []
+            while self._pending and len(taken) < room:
+                job = self._pending.popleft()
+                expired = job.request.deadline is not None and time.monotonic() >= job.request.deadline
+                if not job.cancelled and not expired:
+                    taken.append(job)
+                    self._active.append(job)
+            return taken
+
+    def _run(self) -> None:
+        batch = self.batch
+        try:
+            while (new := self._take(batch.room)) is not None:
+                for job in new:
+                    self._join(job)
+                if len(batch):
+                    self._decode_step()
+        finally:
+            batch.abort()  # nothing is left in it unless the model was stuck; let go of what it holds
+
+    def _join(self, job: Job) -> None:
+        job.started_at = job.last_progress = self.progress = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.queue_time.observe(job.started_at - job.request.arrival)
+        if job.trace is not None:
+            job.trace.started(job.started_at)
+        failure = None
+        try:
+            outcome = self.batch.join(job.request, job)
+        except Exception as exc:
+            failure = exc
+        if failure is not None:  # handled outside the except block, so its frames can be let go
+            self._failed([job], failure)
+            return
+        if job.trace is not None:  # the prompt is processed and the first output written
+            job.trace.first_token(time.monotonic())
+        if outcome is not None:
+            self._finished(job, outcome)
+
+    def _decode_step(self) -> None:
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(self.batch))
+        self.progress = time.monotonic()
+        failure = None
+        try:
+            ended = self.batch.decode_step()
+        except Exception as exc:
+            failure = exc
+        if failure is not None:
+            # A failed step leaves no row in a known state: each gets the error, the batch starts over.
+            self._failed(self.batch.abort(), failure)
+            return
+        for job, outcome in ended:  # each row's sink is its job
+            self._finished(job, outcome)
+
+    def _finished(self, job: Job, outcome: Outcome) -> None:
+        elapsed = time.monotonic() - job.started_at
+        previous = self.seconds_per_request
+        self.seconds_per_request = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
+        self.completed += 1
+        reason = None if job.cancelled or job.abandoned else job.final_reason(outcome)
+        if self.metrics is not None:
+            self.metrics.tokens.inc(outcome.completion_tokens)
+            self.metrics.prompt_tokens.inc(outcome.prompt_tokens)
+            if reason is not None:
+                self.metrics.finish_reasons[reason].inc()
+        if job.trace is not None:
+            job.trace.ended(time.monotonic(), reason, outcome.prompt_tokens, outcome.completion_tokens)
+        if job.abandoned and not job.cancelled:
+            job.end_abandoned()
+        elif reason is not None:
+            job.finish(outcome, reason)
+        self._done(job)
+
+    def _failed(self, jobs: list[Job], exc: Exception) -> None:
+        """The one failure path: end ``jobs`` after the join or decode step they shared raised ``exc``.
+
+        Called outside the ``except`` block: the traceback's frames (and the tensors their locals hold)
+        are dropped before memory is freed, once per failed call however many rows it had."""
+        ids = ", ".join(job.request.request_id for job in jobs)
+        failure = DeviceFailure.of(exc)
+        extra = {"request_id": ids}
+        if failure.out_of_memory:
+            logger.error("request(s) %s on model %s ran out of memory; freeing it", ids, self.name, extra=extra)
+        else:
+            logger.error("request(s) %s on model %s failed", ids, self.name, exc_info=exc, extra=extra)
+        now = time.monotonic()
+        for job in jobs:
+            if job.trace is not None:
+                job.trace.ended(now, error=exc)
+        recover(exc, failure)
+        for job in jobs:
+            request_id = job.request.request_id
+            job.fail(OutOfMemory(request_id) if failure.out_of_memory else GenerationFailed(request_id))
+            self._done(job)
+        if failure.fatal and self._on_fatal is not None:
+            self._on_fatal(self.name)
+
+    def _done(self, job: Job) -> None:
+        with self._lock:
+            self._active.remove(job)
