@@ -37,11 +37,17 @@ for variant, root in json.loads(sys.argv[1]).items():
     importlib.invalidate_caches()
     import vlm_service
     assert vlm_service.__file__.startswith(root), vlm_service.__file__
-    from vlm_service.checkpoints import tiny_qwen2_vl, tiny_smolvlm
+    import functools
+    from vlm_service.checkpoints import builder, smolvlm_256m_shapes, tiny_moondream, tiny_qwen2_vl, tiny_smolvlm
     out[variant] = {
         "smolvlm": tiny_smolvlm.build_inputs(True).record(),
         "smolvlm-random": tiny_smolvlm.build_inputs(False).record(),
         "qwen2-vl": tiny_qwen2_vl.build_inputs(True).record(),
+        "qwen2-vl-random": tiny_qwen2_vl.build_inputs(False).record(),
+        # The builds that declare nothing: every module of the checkpoints package counts.
+        "moondream": builder.default_inputs(tiny_moondream._build).record(),
+        "moondream-random": builder.default_inputs(functools.partial(tiny_moondream._build, trained=False)).record(),
+        "smolvlm-256m-shapes": builder.default_inputs(smolvlm_256m_shapes._build).record(),
     }
     sys.path.remove(root)
 print(json.dumps(out))
@@ -67,6 +73,9 @@ VARIANTS = {
         "backends/base.py": ('"""The backend base class', '"""The backend base class (edited)'),
         "types.py": ("from __future__ import annotations", "from __future__ import annotations  # edited"),
         "scheduler.py": ("from __future__ import annotations", "from __future__ import annotations  # edited"),
+        "backends/decode_batch.py": ("import secrets", "import secrets  # edited"),
+        "backends/moondream.py": ("import secrets", "import secrets  # edited"),
+        "backends/remote_code.py": ("import hashlib", "import hashlib  # edited"),
     },
     "caption": {
         "backends/smolvlm.py": ('CaptionLength.NORMAL: "Describe this image."', 'CaptionLength.NORMAL: "Describe it."')
