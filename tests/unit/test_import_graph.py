@@ -1,0 +1,121 @@
+"""The import graph of the server's modules has no cycles, and the layering it promises holds.
+
+Every ``import`` statement in ``vlm_service/`` counts, wherever it is: at module level, inside a
+function (a lazy import), or under ``TYPE_CHECKING``. A cycle hidden behind a lazy or a type-only import
+is still two modules that cannot be understood one without the other.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "vlm_service"
+
+
+def module_name(path: Path) -> str:
+    parts = ("vlm_service", *path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package's modules that ``name`` imports."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            found.add(source)
+            found.update(f"{source}.{alias.name}" for alias in node.names)  # `from . import convert`
+    return {module for module in found if module in known and module != name}
+
+
+def graph() -> dict[str, set[str]]:
+    found = modules()
+    known = set(found)
+    return {name: imports_of(name, path, known) for name, path in found.items()}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(edges[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return out
+
+
+def test_the_graph_is_read_whole():
+    edges = graph()
+    # A sample of edges the reader must see: relative, lazy (in a function) and `from . import x`.
+    assert "vlm_service.backends.base" in edges["vlm_service.backends.hf"]
+    assert "vlm_service.checkpoints.tiny_smolvlm" in edges["vlm_service.registry"]
+    assert "vlm_service.convert" in edges["vlm_service.servicer"]
+
+
+def test_no_module_imports_itself_through_others():
+    found = cycles(graph())
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(component) for component in found)
+
+
+def reach(edges: dict[str, set[str]], start: str, skip: frozenset[str] = frozenset()) -> set[str]:
+    """The modules ``start`` imports, directly or not, not going through ``skip``."""
+    seen, todo = set(), [start]
+    while todo:
+        for target in edges[todo.pop()] - seen - skip:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def test_the_generic_layers_know_no_family():
+    """The scheduler's loop, the job, admission and the engine import no family module nor a family's
+    batch: they see a backend through backends/base.py only. The engine reaches the families only
+    through the registry, which names them (and imports them lazily, by name)."""
+    edges = graph()
+    families = {name for name in edges if name.startswith("vlm_service.backends.")} - {"vlm_service.backends.base"}
+    for generic in ("scheduler", "job", "admission", "served", "metrics", "device_failures"):
+        reached = reach(edges, f"vlm_service.{generic}") & families
+        assert not reached, f"vlm_service.{generic} imports {sorted(reached)}"
+    for entry in ("engine", "servicer", "server"):
+        reached = reach(edges, f"vlm_service.{entry}", skip=frozenset({"vlm_service.registry"})) & families
+        assert not reached, f"vlm_service.{entry} imports {sorted(reached)} other than through the registry"
+    # The families' shared batch needs a backend only through its protocol.
+    assert "vlm_service.backends.hf" not in reach(edges, "vlm_service.backends.decode_batch")
