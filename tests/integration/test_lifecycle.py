@@ -73,10 +73,11 @@ def big_picture(megapixels: int = 36) -> bytes:
 
 def test_a_flood_of_big_images_delays_neither_health_nor_running_streams(fake):
     """Eight Captions of a 36-megapixel PNG (inside every limit) while a stream runs: decoding happens
-    in threads, so health answers within 100 ms and the stream never waits 150 ms between messages.
-    On a machine busy with other work the same checks without the flood already take longer: the
-    bounds are then three times the worst seen in a second of that just before the flood (one decode
-    on the event loop would hold it for the whole decode, several hundred ms)."""
+    in threads, so health answers within 100 ms and the stream does not wait 150 ms between messages,
+    but for at most two checks and two gaps (one decode on the event loop would hold it for the whole
+    decode, several hundred ms, eight times). On a machine busy with other work the same checks
+    without the flood already take longer: the bounds are then three times the worst seen in the
+    second just before the flood."""
     server = fake(max_image_decodes=2)
     fakes.FakeBackend.pieces = ["x"] * 600
     fakes.FakeBackend.step_delay = 0.01  # a message every 10 ms for 6 s
@@ -141,8 +142,12 @@ def test_a_flood_of_big_images_delays_neither_health_nor_running_streams(fake):
         f"{len(latencies)} checks (before it {max(quiet_latencies) * 1000:.0f} ms); longest stream gap "
         f"{max(gaps) * 1000:.0f} ms over {len(gaps)} messages (before it {max(quiet_gaps) * 1000:.0f} ms)"
     )
-    assert max(latencies) < health_bound
-    assert max(gaps) < gap_bound
+    # Decoding on the event loop would hold it for a whole decode eight times over; a busy machine's
+    # scheduler (or receiving the eight uploads) may delay one or two checks: at most two may be slow.
+    slow_checks = [latency for latency in latencies if latency >= health_bound]
+    slow_gaps = [gap for gap in gaps if gap >= gap_bound]
+    assert len(slow_checks) <= 2, f"{len(slow_checks)} health checks took {health_bound * 1000:.0f} ms or more"
+    assert len(slow_gaps) <= 2, f"{len(slow_gaps)} stream gaps of {gap_bound * 1000:.0f} ms or more"
 
 
 def test_image_decodes_beyond_the_limit_get_resource_exhausted_at_once(fake, monkeypatch):
