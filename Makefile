@@ -26,7 +26,7 @@ BUF := .tools/node_modules/.bin/buf
 # What `buf breaking` compares the working tree's protos with: the previous commit's.
 BUF_AGAINST ?= .git\#ref=HEAD~1,subdir=protos
 
-.PHONY: install proto proto-check dist checkpoints ship deploy-tools serve test lint bench bench-tracing soak clean
+.PHONY: install proto proto-check dist checkpoints ship deploy-tools serve test lint bench bench-tracing accuracy soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -111,6 +111,10 @@ bench: install checkpoints $(BENCH_STAMP)
 # What tracing costs per token: tracing off against on (spans exported over OTLP to a local receiver).
 bench-tracing: install checkpoints
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/tracing_bench.py $(ARGS)
+
+# How often the tiny demo checkpoints describe held-out pictures right (the README's accuracy figures).
+accuracy: install checkpoints
+	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/tiny_accuracy.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check vlm_service clients tests bench
