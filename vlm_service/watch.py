@@ -323,6 +323,9 @@ class WatchSession:
             self._outcomes["rejected"].inc()
             yield FrameRejected(frame.frame_id, exc)
             return
+        except Exception:  # the stream ends (a drain, the model stopped serving): the frame is not answered
+            self._outcomes["unanswered"].inc()
+            raise
         self._job = job
         try:
             async for event in job.events():

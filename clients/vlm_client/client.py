@@ -309,18 +309,30 @@ class _FrameFeed:
             self._failed(error)
 
     async def messages(self) -> AsyncIterator[pb.WatchRequest]:
+        """The asyncio client's requests. No frame is written once the call has ended: grpc.aio reports
+        a write that fails because the server already ended the call as INTERNAL ("Internal error from
+        Core"), in place of the server's status (grpc/grpc#36066). So the frames wait for the server's
+        headers, which it sends once it has accepted the config (a refused config ends the call first),
+        and stop as soon as the call is done."""
         yield self._config
+        call = self.call
+        if call is not None:
+            await call.initial_metadata()
         try:
-            if hasattr(self._frames, "__aiter__"):
-                index = 0
-                async for item in self._frames:
-                    yield m.watch_frame(item, index)
-                    index += 1
-            else:
-                for index, item in enumerate(self._frames):
-                    yield m.watch_frame(item, index)
+            index = 0
+            frames = self._frames if hasattr(self._frames, "__aiter__") else _as_async(self._frames)
+            async for item in frames:
+                if call is not None and call.done():
+                    return
+                yield m.watch_frame(item, index)
+                index += 1
         except Exception as error:
             self._failed(error)
+
+
+async def _as_async(items: Iterable) -> AsyncIterator:
+    for item in items:
+        yield item
 
 
 class WatchStream:

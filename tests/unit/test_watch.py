@@ -18,7 +18,7 @@ from tests.helpers import StepGate, caption_request, png_bytes, sample, shape_im
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service import decoding
 from vlm_service.engine import Engine
-from vlm_service.errors import InvalidInput, MalformedMessage, ModelNotFound, QueueFull
+from vlm_service.errors import InvalidInput, MalformedMessage, ModelNotFound, QueueFull, ShuttingDown
 from vlm_service.servicer import VisionLanguageServicer
 from vlm_service.watch import OUTCOMES
 
@@ -320,6 +320,18 @@ async def test_a_watch_stream_holds_one_stream_slot_for_its_life(servicer, engin
     feed.end()
     await stream
     assert engine.open_streams == 0
+
+
+async def test_a_drain_ends_an_open_watch_stream_with_unavailable_at_its_next_frame(servicer, engine):
+    feed = Feed().config().frame(1)
+    stream = asyncio.ensure_future(collect(servicer.Watch(feed, FakeContext())))
+    await until(lambda: outcomes(engine)["answered"] == 1)
+    engine.start_draining()
+    feed.frame(2)
+    with pytest.raises(ShuttingDown):
+        await stream
+    assert engine.open_streams == 0
+    assert outcomes(engine)["unanswered"] == 1 and received(engine) == 2
 
 
 async def test_the_rpcs_end_stops_the_answer_and_counts_what_was_left(servicer, engine):
