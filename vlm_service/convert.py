@@ -171,7 +171,9 @@ def watch_response(event: WatchEvent) -> pb.WatchResponse:
             frame_id=event.frame_id, frames_skipped=event.frames_skipped, **response_fields(event.finished)
         )
     assert isinstance(event, FrameRejected)
-    return pb.WatchResponse(frame_id=event.frame_id, error=to_rpc_status(event.error))
+    return pb.WatchResponse(
+        frame_id=event.frame_id, frames_skipped=event.frames_skipped, error=to_rpc_status(event.error)
+    )
 
 
 def response_fields(event: TextDelta | Finished) -> dict:

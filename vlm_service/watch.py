@@ -6,13 +6,17 @@ A :class:`WatchSession` holds one Watch stream's state; it knows nothing of prot
   one frame waits (``pending``): a newer frame replaces it, and the replaced one is skipped.
 * A waiting frame's image is decoded off the event loop (:class:`~vlm_service.decoding.ImageDecoder`)
   when its turn comes: under LATEST once the current answer has ended (so the frames that are skipped
-  cost nothing); under INTERRUPT at once, while the current answer goes on, so that a frame whose image
-  is bad interrupts nothing. A decoded frame is ``ready``.
-* The session's loop (:meth:`WatchSession.run`) answers the ready frame: it submits a job through the
-  engine's public API, so the answer joins the model's decode batch and uses its image cache like any
-  Caption or Query, and streams the job's events. Under INTERRUPT a newer ready frame interrupts the
-  running job (:meth:`~vlm_service.worker.Job.interrupt`: it stops at its next stop check, within one
-  decode step, and ends with ``FinishReason.INTERRUPTED``); then the newer frame is answered.
+  cost nothing); under INTERRUPT at once.
+* Under INTERRUPT a newer frame interrupts the running answer as it arrives
+  (:meth:`~vlm_service.worker.Job.interrupt`: the job stops at its next stop check, within one decode
+  step, and ends with ``FinishReason.INTERRUPTED``), while its image is decoded; so does a frame that
+  becomes ready while an answer that began after it arrived is written. A frame whose image then turns
+  out bad gets its error message; the answer it stopped stays stopped.
+* A decoded frame's answer is submitted at once through the engine's public API (so it joins the
+  model's decode batch and uses its image cache like any Caption or Query): the worker admits it as soon
+  as it has room, under INTERRUPT at the step where the answer it replaces stops. The frame is then
+  ``ready``, and the session's loop (:meth:`WatchSession.run`) streams its job's events once the answer
+  before it is out. A ready frame replaced by a newer one before its turn is skipped, its job released.
 
 The stream holds one of ``--max-streams`` for its whole life (:meth:`Engine.open_stream`), and its jobs
 count under it. The messages of one frame are never interleaved with another frame's: an error about a
@@ -20,8 +24,8 @@ newer frame waits until the current answer's last message is out.
 
 Each frame's fate is counted once (``vlm_watch_frames_total{outcome}``): answered, interrupted,
 skipped, rejected (an error message), or unanswered (the stream ended before it). Each answer's last
-event says how many frames were skipped since the previous answered frame: the frames that the answered
-one replaced, directly or through the frames it replaced.
+event, and each refused frame's, says how many frames were skipped since the previous answered or
+refused frame: the frames that this one replaced, directly or through the frames it replaced.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ logger = logging.getLogger(__name__)
 #: Errors that concern one frame and leave the stream and its model serving: that frame gets one error
 #: message and the stream goes on. Any other error ends the stream with its status.
 FRAME_ERRORS = (InvalidInput, QueueFull, OutOfMemory, GenerationFailed)
+
+#: Error messages about refused frames that may wait to be sent (while the client reads slowly); beyond
+#: it the stream stops reading frames until they are sent, so a flood of bad frames cannot grow memory.
+_REJECTIONS_WAITING = 64
 
 #: What becomes of a frame (the ``outcome`` label of ``vlm_watch_frames_total``).
 OUTCOMES = ("answered", "interrupted", "skipped", "rejected", "unanswered")
@@ -91,7 +99,7 @@ class FrameText:
 @dataclass(frozen=True)
 class FrameAnswered:
     """The last event of a frame's answer: why it ended, its usage, and the frames skipped since the
-    previous answered frame."""
+    previous answered or refused frame."""
 
     frame_id: int
     finished: Finished
@@ -101,10 +109,12 @@ class FrameAnswered:
 @dataclass(frozen=True)
 class FrameRejected:
     """The one event about a frame that could not be answered (a bad image or frame id, a full queue,
-    a model failure on it); the stream goes on."""
+    a model failure on it), with the frames skipped since the previous answered or refused frame; the
+    stream goes on."""
 
     frame_id: int
     error: ServiceError
+    frames_skipped: int = 0
 
 
 WatchEvent = FrameText | FrameAnswered | FrameRejected
@@ -118,6 +128,7 @@ class _Waiting:
     superseded: int = 0  # frames it replaced, directly or through the frames it replaced
     image: Image.Image | None = None
     digest: str = ""
+    job: Job | None = None  # its answer, submitted once it is decoded
 
 
 class WatchSession:
@@ -152,8 +163,8 @@ class WatchSession:
         self._decoding_frame: _Waiting | None = None
         self._ready: _Waiting | None = None  # decoded, not yet answered
         self._job: Job | None = None  # the answer being written
-        self._carried = 0  # skipped frames whose successor was rejected: told with the next answer
         self._rejected: collections.deque[FrameRejected] = collections.deque()
+        self._room = asyncio.Event()  # set when a waiting error message has been sent
         self._input_ended = False
         self._failure: BaseException | None = None
         self._changed = asyncio.Event()
@@ -176,6 +187,7 @@ class WatchSession:
             while True:
                 while self._rejected:
                     yield self._rejected.popleft()
+                    self._room.set()
                 if self._failure is not None:
                     raise self._failure
                 if self._ready is not None:
@@ -201,6 +213,8 @@ class WatchSession:
         unanswered += self._job is not None
         if unanswered:
             self._outcomes["unanswered"].inc(unanswered)
+        if self._ready is not None:
+            self.engine.release(self._ready.job)
         self._pending = self._ready = self._decoding_frame = None
         if self._job is not None:
             self.engine.release(self._job)
@@ -216,6 +230,9 @@ class WatchSession:
         try:
             async for frame in frames:
                 self._take(frame)
+                while len(self._rejected) >= _REJECTIONS_WAITING:  # read on once they are sent
+                    self._room.clear()
+                    await self._room.wait()
         except Exception as exc:  # a protocol error (InvalidInput), or reading failed: the stream ends
             self._fail(exc)
         else:
@@ -244,6 +261,8 @@ class WatchSession:
             self._outcomes["skipped"].inc()
         self._pending = waiting
         if self.policy is WatchPolicy.INTERRUPT:
+            if self._job is not None:  # the newer frame stops the current answer at its next decode step
+                self._job.interrupt()
             self._decode_next()
         self._wake()
 
@@ -278,30 +297,26 @@ class WatchSession:
         except Exception as exc:
             self._fail(exc)
         else:
-            if self._ready is not None:  # a decoded frame nobody took yet: the newer one replaces it
-                waiting.superseded += self._ready.superseded + 1
-                self._outcomes["skipped"].inc()
-            self._ready = waiting
-            if self.policy is WatchPolicy.INTERRUPT and self._job is not None:
-                self._job.interrupt()
+            if self._submit(waiting):
+                replaced = self._ready
+                if replaced is not None:  # decoded, its answer not yet streamed: the newer one replaces it
+                    waiting.superseded += replaced.superseded + 1
+                    self._outcomes["skipped"].inc()
+                    self.engine.release(replaced.job)
+                self._ready = waiting
+                if self.policy is WatchPolicy.INTERRUPT and self._job is not None:  # one that began meanwhile
+                    self._job.interrupt()
         finally:
             if self._decoding_frame is waiting:
                 self._decoding, self._decoding_frame = None, None
                 self._decode_next()  # under INTERRUPT, the frame that arrived meanwhile
                 self._wake()
 
-    def _reject(self, frame_id: int, error: ServiceError, superseded: int = 0) -> None:
-        self._carried += superseded
-        self._rejected.append(FrameRejected(frame_id, error))
-        self._outcomes["rejected"].inc()
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-
-    # --- answering ----------------------------------------------------------------------------------
-
-    async def _answer(self, waiting: _Waiting) -> AsyncIterator[WatchEvent]:
+    def _submit(self, waiting: _Waiting) -> bool:
+        """Queue the decoded frame's answer at once, before its turn to stream: the worker admits it as
+        soon as it has room (under INTERRUPT, the step at which the answer it replaces stops), and its
+        text waits in the job until the answers before it are out. False if it was refused (it then has
+        its error message) or the stream ends."""
         frame = waiting.frame
         request = dataclasses.replace(
             self._template,
@@ -315,17 +330,30 @@ class WatchSession:
         trace = None
         if self._tracing is not None:
             trace = self._tracing.generation(self.model, request.request_id, frame.arrival)
-        skipped, self._carried = waiting.superseded + self._carried, 0
         try:
-            job = self.engine.submit(request, trace=trace, stream=self._slot)
+            waiting.job = self.engine.submit(request, trace=trace, stream=self._slot)
         except FRAME_ERRORS as exc:  # the model's queue is full: this frame is not answered
-            self._carried += skipped
-            self._outcomes["rejected"].inc()
-            yield FrameRejected(frame.frame_id, exc)
-            return
-        except Exception:  # the stream ends (a drain, the model stopped serving): the frame is not answered
+            self._reject(frame.frame_id, exc, waiting.superseded)
+            return False
+        except Exception as exc:  # the stream ends (a drain, the model stopped serving)
             self._outcomes["unanswered"].inc()
-            raise
+            self._fail(exc)
+            return False
+        return True
+
+    def _reject(self, frame_id: int, error: ServiceError, superseded: int = 0) -> None:
+        self._rejected.append(FrameRejected(frame_id, error, superseded))
+        self._outcomes["rejected"].inc()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+
+    # --- answering ----------------------------------------------------------------------------------
+
+    async def _answer(self, waiting: _Waiting) -> AsyncIterator[WatchEvent]:
+        """Stream the ready frame's answer (its job was submitted when it was decoded)."""
+        frame, job, skipped = waiting.frame, waiting.job, waiting.superseded
         self._job = job
         try:
             async for event in job.events():
@@ -337,6 +365,7 @@ class WatchSession:
                     yield FrameText(frame.frame_id, event.text)
                     continue
                 self._job = None  # answered: not counted as unanswered if the stream ends now
+                self._decode_next()  # the next frame's decoding need not wait for this message's write
                 interrupted = event.reason is FinishReason.INTERRUPTED
                 self._outcomes["interrupted" if interrupted else "answered"].inc()
                 self.prompt_tokens += event.usage.prompt_tokens
@@ -344,9 +373,8 @@ class WatchSession:
                 yield FrameAnswered(frame.frame_id, event, skipped)
         except FRAME_ERRORS as exc:  # out of memory, or the model failed on this frame
             self._job = None
-            self._carried += skipped
             self._outcomes["rejected"].inc()
-            yield FrameRejected(frame.frame_id, exc)
+            yield FrameRejected(frame.frame_id, exc, skipped)
         finally:
             # Ended any other way (the stream failed or was closed), ``_job`` stays set: close() counts the
             # frame as unanswered.

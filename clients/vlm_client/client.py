@@ -208,6 +208,7 @@ class _FrameState:
     def _absorb(self, message) -> None:
         if message.HasField("error"):
             self.error = from_status(message.error, self._request_id)
+            self.frames_skipped = message.frames_skipped
             return
         if message.text:
             self.chunks.append(message.text)
@@ -222,9 +223,10 @@ class FrameAnswer(_FrameState):
 
     Once it is done: ``text``, ``finish_reason`` (``"stop"``, ``"length"``, ``"stop_sequence"``, or
     ``"interrupted"`` when a newer frame stopped it), ``usage`` (measured from the frame's arrival at
-    the server) and ``frames_skipped`` (frames the server skipped since the previous answered frame).
-    A frame the server could not use (a bad image, a frame id that does not increase) has ``error`` (a
-    :class:`~vlm_client.errors.VLMError`) and no text; the stream goes on.
+    the server) and ``frames_skipped`` (frames the server skipped since the previous answered or
+    refused frame). A frame the server could not use (a bad image, a frame id that does not increase)
+    has ``error`` (a :class:`~vlm_client.errors.VLMError`), ``frames_skipped`` and no text; the stream
+    goes on.
     """
 
     def __init__(self, stream: WatchStream, message):

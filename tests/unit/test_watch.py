@@ -181,6 +181,27 @@ async def test_interrupt_stops_the_answer_at_its_next_step_and_answers_the_newer
     assert sample(engine, "vlm_finish_reasons_total", model="fake", reason="interrupted") == 1
 
 
+async def test_a_decoded_frame_replaced_before_its_turn_is_skipped_and_its_queued_answer_never_runs(servicer, engine):
+    worker = engine.models["fake"].worker
+    backend = fakes.FakeBackend.instances[-1]
+    with StepGate(worker, hold_when=lambda job: gate.steps_of(job) == 2) as gate:
+        feed = Feed().config(policy=pb.WATCH_POLICY_INTERRUPT).frame(1)
+        stream = asyncio.ensure_future(collect(servicer.Watch(feed, FakeContext())))
+        first = await asyncio.to_thread(gate.wait_held)  # frame 1's answer is held after "Hello"
+        feed.frame(2)
+        await until(lambda: first.interrupted and worker.queue_depth == 1, "frame 2's answer never queued")
+        feed.frame(3)  # decoded while frame 2's answer still waits its turn: frame 2 is skipped
+        await until(lambda: outcomes(engine)["skipped"] == 1 and worker.queue_depth == 1)
+        feed.end()
+        gate.open()
+        answers = Answers(await stream)
+    assert answers.frames == [1, 3]
+    assert answers.last(1).finish_reason == pb.FINISH_REASON_INTERRUPTED
+    assert answers.text(3) == FULL and answers.last(3).frames_skipped == 1
+    assert len(backend.started) == 2, "frame 2's answer never ran"
+    assert outcomes(engine) == {"answered": 1, "interrupted": 1, "skipped": 1, "rejected": 0, "unanswered": 0}
+
+
 async def test_interrupting_a_queued_answer_ends_it_at_once_without_running_it(servicer, engine):
     worker = engine.models["fake"].worker
     backend = fakes.FakeBackend.instances[-1]
@@ -232,6 +253,41 @@ async def test_bad_frames_get_one_error_message_each_and_the_stream_goes_on(serv
     assert answers.text(2) == FULL and answers.text(5) == FULL
     assert answers.answered() == [2, 5]
     assert outcomes(engine)["rejected"] == 4 and received(engine) == 6
+
+
+async def test_a_refused_frame_tells_the_frames_it_replaced(servicer, engine):
+    worker = engine.models["fake"].worker
+    with StepGate(worker, closed=True) as gate:
+        feed = Feed().config().frame(1)
+        stream = asyncio.ensure_future(collect(servicer.Watch(feed, FakeContext())))
+        await asyncio.to_thread(gate.wait_held)
+        feed.frame(2).frame(3, b"GIF89a-broken").end()  # frame 3 replaces frame 2, then is refused
+        await until(lambda: received(engine) == 3)
+        gate.open()
+        answers = Answers(await stream)
+    assert answers.answered() == [1] and set(answers.errors()) == {3}
+    assert answers.last(3).frames_skipped == 1
+    sent = 3
+    assert len(answers.frames) + sum(m.frames_skipped for m in answers.messages) == sent
+
+
+async def test_a_flood_of_refused_frames_unread_stops_the_reading_of_frames(servicer, engine):
+    """Error messages that wait for a client that does not read are bounded: the stream stops taking
+    frames (gRPC's flow control then holds the sender) until they are sent."""
+    from vlm_service import watch
+
+    feed = Feed().config()
+    for frame_id in range(200):
+        feed.frame(frame_id, None)  # each refused: no image
+    feed.end()
+    stream = servicer.Watch(feed, FakeContext())
+    first = await anext(stream)  # the client reads one message, then nothing
+    await until(lambda: received(engine) == watch._REJECTIONS_WAITING)
+    await asyncio.sleep(0.05)  # (nothing more is taken while nobody reads)
+    assert received(engine) == watch._REJECTIONS_WAITING
+    rest = await collect(stream)  # the client reads again: every frame gets its message
+    assert [m.frame_id for m in [first, *rest]] == list(range(200))
+    assert all(m.HasField("error") for m in rest)
 
 
 async def test_half_close_finishes_the_current_answer_and_the_newest_waiting_frame(servicer, engine):
