@@ -317,6 +317,8 @@ class WatchSession:
         soon as it has room (under INTERRUPT, the step at which the answer it replaces stops), and its
         text waits in the job until the answers before it are out. False if it was refused (it then has
         its error message) or the stream ends."""
+        if self._closed:
+            return False
         frame = waiting.frame
         request = dataclasses.replace(
             self._template,
