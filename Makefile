@@ -26,7 +26,7 @@ BUF := .tools/node_modules/.bin/buf
 # What `buf breaking` compares the working tree's protos with: the previous commit's.
 BUF_AGAINST ?= .git\#ref=HEAD~1,subdir=protos
 
-.PHONY: install proto proto-check dist checkpoints ship deploy-tools serve test lint bench bench-tracing accuracy soak clean
+.PHONY: install proto proto-check dist checkpoints ship deploy-tools serve test lint bench bench-watch bench-tracing accuracy soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -107,6 +107,11 @@ $(BENCH_STAMP): pyproject.toml | $(STAMP)
 
 bench: install checkpoints $(BENCH_STAMP)
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/stream_bench.py $(ARGS)
+
+# Watch: a 20 frames/s feed for 10 s under each policy against a lone Caption (memory, skipped frames,
+# time to first text after an answer ends or after an interrupt).
+bench-watch: install checkpoints
+	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/watch_bench.py $(ARGS)
 
 # What tracing costs per token: tracing off against on (spans exported over OTLP to a local receiver).
 bench-tracing: install checkpoints

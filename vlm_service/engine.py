@@ -56,6 +56,12 @@ class ServedModel:
     cls: type[Backend] | None = field(default=None, repr=False)
 
 
+class StreamSlot:
+    """One of ``--max-streams``, held by a long-lived RPC (Watch) across the jobs it submits."""
+
+    __slots__ = ("__weakref__",)
+
+
 class Engine:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -68,7 +74,8 @@ class Engine:
         self.models: dict[str, ServedModel] = {s.name: ServedModel(s) for s in specs}
         self.default_model = specs[0].name
         self._draining = False
-        self._streams: set[Job] = set()  # submitted and not yet released, over all models
+        # Submitted and not yet released, over all models, and the slots of long-lived streams (Watch).
+        self._streams: set[Job | StreamSlot] = set()
         # Called (from any thread) when a model starts or stops serving.
         self.health_listener: Callable[[], None] | None = None
         self.stuck_listener: Callable[[str], None] | None = None  # called (watchdog thread) when a model is stuck
@@ -215,13 +222,57 @@ class Engine:
             raise ModelNotFound(name, list(self.models))
         return served
 
-    def submit(self, request: GenerationRequest, trace: GenerationTrace | None = None) -> Job:
+    def submit(
+        self, request: GenerationRequest, trace: GenerationTrace | None = None, stream: StreamSlot | None = None
+    ) -> Job:
         """Queue a request on its model; raises a ServiceError at once if it cannot be queued.
-        ``trace`` (tracing on) receives the queue, prefill and decode phases from the worker."""
+        ``trace`` (tracing on) receives the queue, prefill and decode phases from the worker.
+        ``stream``: the slot of a long-lived RPC (:meth:`open_stream`) that the job counts under, instead
+        of a slot of its own."""
+        if stream is None:
+            self._admit()
+        elif self._draining:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
+        served, request = self._checked(request)
+        self._check_deadline(served, request)
+        job = Job(
+            request,
+            asyncio.get_running_loop(),
+            type(served.backend).role_prefixes,
+            abandon_after=self.settings.keepalive_time + self.settings.keepalive_timeout,
+            metrics=served.worker.metrics,
+            trace=trace,
+        )
+        served.worker.submit(job)
+        if stream is None:
+            self._streams.add(job)
+        return job
+
+    def check(self, request: GenerationRequest) -> GenerationRequest:
+        """What :meth:`submit` would check of ``request`` before queueing it (its model, the model's
+        state, language, caption length and options), without queueing it; returns it with its
+        model's default max_new_tokens filled in. Raises the ServiceError submit would."""
+        return self._checked(request)[1]
+
+    def open_stream(self) -> StreamSlot:
+        """Hold one of ``--max-streams`` for a long-lived RPC (Watch) whose jobs come one after another
+        and count under it (``submit(..., stream=slot)``); :meth:`close_stream` gives it back. Raises
+        ShuttingDown or QueueFull at once, as :meth:`submit` does."""
+        self._admit()
+        slot = StreamSlot()
+        self._streams.add(slot)
+        return slot
+
+    def close_stream(self, slot: StreamSlot) -> None:
+        self._streams.discard(slot)
+
+    def _admit(self) -> None:
         if self._draining:
             raise ShuttingDown("the server is shutting down; retry on another instance")
         if len(self._streams) >= self.settings.max_streams:
             raise QueueFull(f"the server has {len(self._streams)} streams open (the limit); retry later")
+
+    def _checked(self, request: GenerationRequest) -> tuple[ServedModel, GenerationRequest]:
         served = self.lookup(request.model)
         if served.state is ModelState.FAILED:
             raise ModelNotReady(
@@ -252,18 +303,7 @@ class Engine:
                 else self.settings.default_max_new_tokens
             )
             request = replace(request, params=replace(request.params, max_new_tokens=default))
-        self._check_deadline(served, request)
-        job = Job(
-            request,
-            asyncio.get_running_loop(),
-            backend_cls.role_prefixes,
-            abandon_after=self.settings.keepalive_time + self.settings.keepalive_timeout,
-            metrics=served.worker.metrics,
-            trace=trace,
-        )
-        served.worker.submit(job)
-        self._streams.add(job)
-        return job
+        return served, request
 
     @staticmethod
     def _check_deadline(served: ServedModel, request: GenerationRequest) -> None:

@@ -65,11 +65,11 @@ class Metrics:
             registry=r,
         )
         self.requests = Counter(
-            "vlm_requests", "Caption and Query RPCs by final status code.", ["method", "code"], registry=r
+            "vlm_requests", "Caption, Query and Watch RPCs by final status code.", ["method", "code"], registry=r
         )
         self.request_duration = Histogram(
             "vlm_request_duration_seconds",
-            "Caption and Query RPCs end to end, from the call's arrival to its end, by final status code.",
+            "Caption, Query and Watch RPCs end to end, from the call's arrival to its end, by final status code.",
             ["method", "code"],
             buckets=_DURATION_BUCKETS,
             registry=r,
@@ -81,6 +81,17 @@ class Metrics:
             "vlm_finish_reasons",
             "Generations that ran to their end, by why they ended (stop, length, stop_sequence).",
             ["model", "reason"],
+            registry=r,
+        )
+        self.watch_frames_received = Counter(
+            "vlm_watch_frames_received", "Frames received by Watch streams.", ["model"], registry=r
+        )
+        self.watch_frames = Counter(
+            "vlm_watch_frames",
+            "Watch frames by what became of them: answered (to the answer's end), interrupted (a newer frame "
+            "stopped the answer), skipped (a newer frame replaced it before its answer), rejected (an error "
+            "message: bad image or frame id, queue full, model failure), unanswered (the stream ended first).",
+            ["model", "outcome"],
             registry=r,
         )
 
@@ -124,7 +135,7 @@ class _EngineCollector(Collector):
         yield hits
         yield misses
         yield GaugeMetricFamily(
-            "vlm_active_streams", "Open Caption and Query streams.", value=self._engine.open_streams
+            "vlm_active_streams", "Open Caption, Query and Watch streams.", value=self._engine.open_streams
         )
 
 

@@ -133,6 +133,8 @@ class Job:
         self._abandoned = False  # the back-pressure guard stopped it (its RPC still listens)
         self._ended = False  # a last event (Finished or an error) was sent
         self._end_lock = threading.Lock()  # the worker and the watchdog may both try to end it
+        self._interrupted = False  # interrupt() was called: stop, and end with FinishReason.INTERRUPTED
+        self._stopped_by_interrupt = False  # a stop check saw the interrupt (worker thread)
 
     # --- the RPC's side (event loop) ---------------------------------------------------------
 
@@ -142,6 +144,24 @@ class Job:
             self._cancelled.set()
             if self._worker is not None:
                 self._worker.discard(self)
+
+    def interrupt(self) -> None:
+        """Stop this job early because something newer replaces it (a Watch stream's newer frame).
+
+        Unlike :meth:`cancel`, its RPC still listens: the job ends with :class:`Finished` and
+        ``FinishReason.INTERRUPTED`` (the text so far, its usage). A running job stops at its next stop
+        check, within one decode step; a queued one ends at once and never starts."""
+        if self._interrupted or self._ended or self._cancelled.is_set():
+            return
+        self._interrupted = True
+        worker = self._worker
+        if worker is not None and worker.withdraw(self):
+            self._finish(Outcome(0, 0, FinishReason.INTERRUPTED), FinishReason.INTERRUPTED)
+
+    @property
+    def interrupted(self) -> bool:
+        """:meth:`interrupt` was called."""
+        return self._interrupted
 
     @property
     def cancelled(self) -> bool:
@@ -225,7 +245,11 @@ class Job:
                 extra={"request_id": request_id},
             )
             self._abandoned = True
-        return self._cancelled.is_set() or self._abandoned or self._assembler.stopped or self._ended
+        if self._interrupted:
+            self._stopped_by_interrupt = True
+        return (
+            self._cancelled.is_set() or self._abandoned or self._assembler.stopped or self._ended or self._interrupted
+        )
 
     def _send(self, event) -> None:
         if isinstance(event, TextDelta) and self.first_text_at is None:
@@ -242,8 +266,10 @@ class Job:
                 self._cancelled.set()
 
     def final_reason(self, outcome: Outcome) -> FinishReason:
-        """Why the generation ended, stop strings (the engine's) included."""
-        return FinishReason.STOP_SEQUENCE if self._assembler.stopped else outcome.reason
+        """Why the generation ended, stop strings and interrupts (the engine's) included."""
+        if self._assembler.stopped:
+            return FinishReason.STOP_SEQUENCE
+        return FinishReason.INTERRUPTED if self._stopped_by_interrupt else outcome.reason
 
     def _abandon(self) -> None:
         """End a job the back-pressure guard stopped (worker thread): its client, if it reads again,
@@ -364,6 +390,15 @@ class ModelWorker:
         """Remove a job that has not started (its RPC ended)."""
         with self._lock, contextlib.suppress(ValueError):
             self._pending.remove(job)
+
+    def withdraw(self, job: Job) -> bool:
+        """Remove a job that has not started; whether it was still waiting (then it never starts)."""
+        with self._lock:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return False
+            return True
 
     def close(self) -> None:
         """Refuse new jobs; the thread exits once the queue is empty."""
