@@ -26,7 +26,7 @@ BUF := .tools/node_modules/.bin/buf
 # What `buf breaking` compares the working tree's protos with: the previous commit's.
 BUF_AGAINST ?= .git\#ref=HEAD~1,subdir=protos
 
-.PHONY: install proto proto-check dist checkpoints ship deploy-tools serve test lint bench bench-tracing soak clean
+.PHONY: install proto proto-check dist checkpoints ship deploy-tools serve test lint bench bench-watch bench-tracing accuracy soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -108,9 +108,18 @@ $(BENCH_STAMP): pyproject.toml | $(STAMP)
 bench: install checkpoints $(BENCH_STAMP)
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/stream_bench.py $(ARGS)
 
+# Watch: a 20 frames/s feed for 10 s under each policy against a lone Caption (memory, skipped frames,
+# time to first text after an answer ends or after an interrupt).
+bench-watch: install checkpoints
+	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/watch_bench.py $(ARGS)
+
 # What tracing costs per token: tracing off against on (spans exported over OTLP to a local receiver).
 bench-tracing: install checkpoints
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/tracing_bench.py $(ARGS)
+
+# How often the tiny demo checkpoints describe held-out pictures right (the README's accuracy figures).
+accuracy: install checkpoints
+	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/tiny_accuracy.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check vlm_service clients tests bench

@@ -16,6 +16,11 @@ and on the model's, in this order, and the first that fails refuses the request 
 Admission also fills in the model's defaults (``max_new_tokens`` 0 takes the family's budget for the
 caption length, or the server's default for a query). Queueing itself (a full queue) is the
 scheduler's refusal.
+
+A long-lived RPC (Watch) takes its stream slot once, when it opens (:func:`admit_stream`: checks 1
+and 2; the engine then holds a :class:`StreamSlot` for it), and has its config checked then without
+queueing anything (:func:`check_request`: checks 3 and 4). Each job it submits later counts under that slot, so
+:func:`admit` skips check 2 for it (``stream_held``) and runs the others.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ from .served import ModelState, ServedModel
 from .types import GenerationRequest, Task
 
 
+class StreamSlot:
+    """One of ``--max-streams``, held by a long-lived RPC (Watch) across the jobs it submits."""
+
+    __slots__ = ("__weakref__",)
+
+
 def admit(
     request: GenerationRequest,
     models: Mapping[str, ServedModel],
@@ -38,22 +49,44 @@ def admit(
     settings: Settings,
     draining: bool,
     open_streams: int,
+    stream_held: bool = False,
 ) -> tuple[ServedModel, GenerationRequest]:
     """The model that will serve ``request``, and the request with that model's defaults filled in;
-    raises the :class:`~vlm_service.errors.ServiceError` of the first check that fails."""
-    if draining:
-        raise ShuttingDown("the server is shutting down; retry on another instance")
+    raises the :class:`~vlm_service.errors.ServiceError` of the first check that fails. With
+    ``stream_held`` the request counts under a stream slot its RPC already holds: no slot is needed."""
+    if stream_held:
+        _check_not_draining(draining)
+    else:
+        admit_stream(settings=settings, draining=draining, open_streams=open_streams)
+    served, request = check_request(request, models, default_model=default_model, settings=settings)
+    _check_deadline(served, request)
+    return served, request
+
+
+def admit_stream(*, settings: Settings, draining: bool, open_streams: int) -> None:
+    """Checks 1 and 2: the server takes a new stream (not draining, a slot left); raises if not."""
+    _check_not_draining(draining)
     if open_streams >= settings.max_streams:
         raise QueueFull(f"the server has {open_streams} streams open (the limit); retry later")
+
+
+def check_request(
+    request: GenerationRequest, models: Mapping[str, ServedModel], *, default_model: str, settings: Settings
+) -> tuple[ServedModel, GenerationRequest]:
+    """Checks 3 and 4: the model serves, and its family supports what ``request`` asks. Returns the
+    model and the request with its defaults filled in."""
     served = find_model(models, request.model, default_model)
     name = served.spec.name
     if served.state is ModelState.FAILED:
         raise ModelNotReady(f"model {name!r} has failed ({served.error}) and no longer serves; use another instance")
     if served.state is not ModelState.READY or served.scheduler is None:
         raise ModelNotReady(f"model {name!r} is still loading; retry shortly")
-    request = _with_capabilities(request, type(served.backend), name, settings)
-    _check_deadline(served, request)
-    return served, request
+    return served, _with_capabilities(request, type(served.backend), name, settings)
+
+
+def _check_not_draining(draining: bool) -> None:
+    if draining:
+        raise ShuttingDown("the server is shutting down; retry on another instance")
 
 
 def find_model(models: Mapping[str, ServedModel], name: str, default_model: str) -> ServedModel:

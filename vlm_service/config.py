@@ -97,7 +97,9 @@ class Settings:
     )
     reflection: bool = _setting(True, "Serve gRPC server reflection (for grpcurl list/describe).")
     max_streams: int = _setting(
-        64, "Concurrent Caption/Query streams the whole server accepts; beyond it RESOURCE_EXHAUSTED at once."
+        64,
+        "Concurrent Caption, Query and Watch streams the whole server accepts (a Watch stream holds one for its "
+        "whole life); beyond it RESOURCE_EXHAUSTED at once.",
     )
     auth_token: str = _setting(
         "", "Bearer token every RPC must send (`authorization: Bearer TOKEN`); empty turns authentication off."

@@ -9,13 +9,17 @@ caption lengths, options) is checked once, by admission.py.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import AsyncIterator
 
 from vlm.v1 import vlm_service_pb2 as pb
 
 from .access import new_request_id
 from .config import Settings
 from .errors import InvalidInput
+from .interceptors import to_rpc_status
 from .types import CaptionLength, Finished, FinishReason, GenerationRequest, ModelCard, SamplingParams, Task, TextDelta
+from .watch import Frame, FrameAnswered, FrameRejected, FrameText, WatchConfig, WatchEvent, WatchPolicy
 
 _LENGTHS = {
     pb.CAPTION_LENGTH_UNSPECIFIED: CaptionLength.NORMAL,
@@ -32,6 +36,12 @@ _FINISH_TO_PB = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.INTERRUPTED: pb.FINISH_REASON_INTERRUPTED,
+}
+_POLICIES = {
+    pb.WATCH_POLICY_UNSPECIFIED: WatchPolicy.LATEST,
+    pb.WATCH_POLICY_LATEST: WatchPolicy.LATEST,
+    pb.WATCH_POLICY_INTERRUPT: WatchPolicy.INTERRUPT,
 }
 
 
@@ -82,7 +92,9 @@ def _language(code: str) -> str:
     return code.strip().lower() or "en"
 
 
-def caption_request(message: pb.CaptionRequest, settings: Settings, request_id: str = "") -> GenerationRequest:
+def caption_request(
+    message: pb.CaptionRequest | pb.WatchConfig, settings: Settings, request_id: str = ""
+) -> GenerationRequest:
     """The request less its image (``image`` None): the servicer decodes it off the event loop."""
     if message.length not in _LENGTHS:
         raise InvalidInput("length", f"unknown caption length {message.length}")
@@ -97,7 +109,9 @@ def caption_request(message: pb.CaptionRequest, settings: Settings, request_id: 
     )
 
 
-def query_request(message: pb.QueryRequest, settings: Settings, request_id: str = "") -> GenerationRequest:
+def query_request(
+    message: pb.QueryRequest | pb.WatchConfig, settings: Settings, request_id: str = ""
+) -> GenerationRequest:
     """The request less its image (``image`` None): the servicer decodes it off the event loop."""
     question = message.question.strip()
     if not question:
@@ -112,6 +126,55 @@ def query_request(message: pb.QueryRequest, settings: Settings, request_id: str 
         params=sampling_params(message.options, settings),
         question=question,
         language=_language(message.response_language),
+    )
+
+
+def watch_config(message: pb.WatchRequest, settings: Settings, request_id: str = "") -> WatchConfig:
+    """The first message of a Watch stream: its config, validated as a Query (a question) or a Caption
+    (no question) would be; fields are named from the message (``config.options.top_p``)."""
+    kind = message.WhichOneof("kind")
+    if kind != "config":
+        got = "a frame" if kind == "frame" else "neither a config nor a frame"
+        raise InvalidInput("config", f"the first message of a Watch stream must be its config; it carried {got}")
+    config = message.config
+    if config.policy not in _POLICIES:
+        raise InvalidInput("config.policy", f"unknown watch policy {config.policy}")
+    try:
+        if config.question.strip():
+            if config.length != pb.CAPTION_LENGTH_UNSPECIFIED:
+                raise InvalidInput("length", "applies to captions (an empty question) only")
+            request = query_request(config, settings, request_id)
+        else:
+            request = caption_request(config, settings, request_id)
+    except InvalidInput as exc:
+        raise exc.under("config") from None
+    return WatchConfig(request, _POLICIES[config.policy])
+
+
+async def watch_frames(messages: AsyncIterator[pb.WatchRequest]) -> AsyncIterator[Frame]:
+    """The frames of a Watch stream after its config; a message that is not a frame ends the stream
+    (InvalidInput)."""
+    async for message in messages:
+        arrival = time.monotonic()
+        kind = message.WhichOneof("kind")
+        if kind == "config":
+            raise InvalidInput("config", "only the first message of a Watch stream may be a config")
+        if kind != "frame":
+            raise InvalidInput("frame", "a message of a Watch stream carried neither a config nor a frame")
+        frame = message.frame
+        yield Frame(frame.frame_id, frame.image.data if frame.HasField("image") else None, arrival)
+
+
+def watch_response(event: WatchEvent) -> pb.WatchResponse:
+    if isinstance(event, FrameText):
+        return pb.WatchResponse(frame_id=event.frame_id, text=event.text)
+    if isinstance(event, FrameAnswered):
+        return pb.WatchResponse(
+            frame_id=event.frame_id, frames_skipped=event.frames_skipped, **response_fields(event.finished)
+        )
+    assert isinstance(event, FrameRejected)
+    return pb.WatchResponse(
+        frame_id=event.frame_id, frames_skipped=event.frames_skipped, error=to_rpc_status(event.error)
     )
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, ImageDraw
 
 from . import registry
-from .admission import admit, find_model
+from .admission import StreamSlot, admit, admit_stream, check_request, find_model
 from .backends.base import Backend, ModelSpec, Runtime
 from .config import Settings
 from .errors import GenerationStalled, ModelNotReady
@@ -47,7 +47,8 @@ class Engine:
         self.models: dict[str, ServedModel] = {s.name: ServedModel(s) for s in specs}
         self.default_model = specs[0].name
         self._draining = False
-        self._streams: set[Job] = set()  # submitted and not yet released, over all models
+        # Submitted and not yet released, over all models, and the slots of long-lived streams (Watch).
+        self._streams: set[Job | StreamSlot] = set()
         # Called (from any thread) when a model starts or stops serving.
         self.health_listener: Callable[[], None] | None = None
         self.stuck_listener: Callable[[str], None] | None = None  # called (watchdog thread) when a model is stuck
@@ -193,9 +194,13 @@ class Engine:
         """The served model named ``name`` (empty: the default one); NOT_FOUND if there is none."""
         return find_model(self.models, name, self.default_model)
 
-    def submit(self, request: GenerationRequest, trace: GenerationTrace | None = None) -> Job:
+    def submit(
+        self, request: GenerationRequest, trace: GenerationTrace | None = None, stream: StreamSlot | None = None
+    ) -> Job:
         """Admit a request and queue it on its model; raises a ServiceError at once if it is refused.
-        ``trace`` (tracing on) receives the queue, prefill and decode phases from the scheduler."""
+        ``trace`` (tracing on) receives the queue, prefill and decode phases from the scheduler.
+        ``stream``: the slot of a long-lived RPC (:meth:`open_stream`) that the job counts under, instead
+        of a slot of its own."""
         served, request = admit(
             request,
             self.models,
@@ -203,6 +208,7 @@ class Engine:
             settings=self.settings,
             draining=self._draining,
             open_streams=len(self._streams),
+            stream_held=stream is not None,
         )
         job = Job(
             request,
@@ -213,8 +219,27 @@ class Engine:
             trace=trace,
         )
         served.scheduler.enqueue(job)
-        self._streams.add(job)
+        if stream is None:
+            self._streams.add(job)
         return job
+
+    def check(self, request: GenerationRequest) -> GenerationRequest:
+        """What :meth:`submit` would check of ``request`` before queueing it (its model, the model's
+        state, language, caption length and options), without queueing it; returns it with its
+        model's default max_new_tokens filled in. Raises the ServiceError submit would."""
+        return check_request(request, self.models, default_model=self.default_model, settings=self.settings)[1]
+
+    def open_stream(self) -> StreamSlot:
+        """Hold one of ``--max-streams`` for a long-lived RPC (Watch) whose jobs come one after another
+        and count under it (``submit(..., stream=slot)``); :meth:`close_stream` gives it back. Raises
+        ShuttingDown or QueueFull at once, as :meth:`submit` does."""
+        admit_stream(settings=self.settings, draining=self._draining, open_streams=len(self._streams))
+        slot = StreamSlot()
+        self._streams.add(slot)
+        return slot
+
+    def close_stream(self, slot: StreamSlot) -> None:
+        self._streams.discard(slot)
 
     def release(self, job: Job) -> None:
         """The job's RPC ended: stop its generation (if still running) and free its stream slot."""

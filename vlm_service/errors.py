@@ -28,7 +28,16 @@ class InvalidInput(ServiceError):
 
     def __init__(self, field: str, description: str):
         super().__init__(f"{field}: {description}")
+        self.field, self.description = field, description
         self.violations = (FieldViolation(field, description),)
+
+    def under(self, parent: str) -> InvalidInput:
+        """The same error for the field as a part of ``parent`` (``options.top_p`` in ``config``)."""
+        return InvalidInput(f"{parent}.{self.field}", self.description)
+
+
+class MalformedMessage(ServiceError):
+    """A message of a request stream whose bytes are not a valid message (INVALID_ARGUMENT)."""
 
 
 class ModelNotFound(ServiceError):

@@ -32,6 +32,10 @@ def image_digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+#: The name prefix of the decoding threads (the pool starts them as load needs, up to ``workers``).
+THREAD_PREFIX = "vlm-decode"
+
+
 class ImageDecoder:
     """Decodes request images in a thread pool; ``await decode(data)`` from the event loop."""
 
@@ -40,7 +44,7 @@ class ImageDecoder:
         self._limit = workers + max_waiting
         self._max_bytes = max_bytes
         self._max_pixels = max_pixels
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="vlm-decode")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=THREAD_PREFIX)
         self.admitted = 0  # requests decoding or waiting for a thread (touched on the event loop only)
 
     async def decode(self, data: bytes) -> tuple[Image.Image, str]:

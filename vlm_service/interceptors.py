@@ -23,6 +23,7 @@ from .errors import (
     GenerationFailed,
     GenerationStalled,
     InvalidInput,
+    MalformedMessage,
     ModelNotFound,
     ModelNotReady,
     OutOfMemory,
@@ -39,6 +40,7 @@ RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    MalformedMessage: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
@@ -72,6 +74,19 @@ def status_code(error: ServiceError) -> grpc.StatusCode:
 
 def to_status(error: ServiceError) -> grpc.Status:
     """A ServiceError as a gRPC status with rich details."""
+    status = rpc_status.to_status(to_rpc_status(error))
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        # The same hint for gRPC's own retries: a client's retry policy waits exactly this long before
+        # its next attempt (for the codes it retries) instead of its jittered backoff.
+        pushback = (RETRY_PUSHBACK_KEY, str(int(retry_after * 1000)))
+        status = status._replace(trailing_metadata=(*status.trailing_metadata, pushback))
+    return status
+
+
+def to_rpc_status(error: ServiceError) -> status_pb2.Status:
+    """A ServiceError as a ``google.rpc.Status`` message, with its rich details (``BadRequest``,
+    ``RetryInfo``): what a status's trailers carry, and what a Watch frame's error message carries."""
     code = status_code(error)
     details = []
     if isinstance(error, InvalidInput):
@@ -92,14 +107,7 @@ def to_status(error: ServiceError) -> grpc.Status:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=packed)
-    status = rpc_status.to_status(proto)
-    if retry_after is not None:
-        # The same hint for gRPC's own retries: a client's retry policy waits exactly this long before
-        # its next attempt (for the codes it retries) instead of its jittered backoff.
-        pushback = (RETRY_PUSHBACK_KEY, str(int(retry_after * 1000)))
-        status = status._replace(trailing_metadata=(*status.trailing_metadata, pushback))
-    return status
+    return status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=packed)
 
 
 class ErrorInterceptor(AsyncExceptionToStatusInterceptor):
@@ -138,14 +146,39 @@ def _safe(deserializer):
     return deserialize
 
 
+async def _checked_messages(messages):
+    """A request stream whose malformed messages raise MalformedMessage where they come (the handler maps
+    it to INVALID_ARGUMENT like any of its errors)."""
+    index = 0
+    async for message in messages:
+        index += 1
+        if isinstance(message, _Malformed):
+            raise MalformedMessage(f"message {index} of the request stream is not a valid message")
+        yield message
+
+
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
-    """Requests whose bytes are not a valid message get INVALID_ARGUMENT, not gRPC's UNKNOWN with the
-    parser's exception in it. Deserialization happens before any handler runs, so this wraps it."""
+    """Requests whose bytes are not a valid message get INVALID_ARGUMENT, not gRPC's UNKNOWN (or, in a
+    request stream, INTERNAL) with the parser's exception in it. Deserialization happens before any
+    handler runs (for a request stream, as the handler reads each message), so this wraps it."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+        if handler is None or handler.request_deserializer is None:
             return handler
+        if handler.request_streaming:
+            if not handler.response_streaming:  # no such RPC in this service
+                return handler
+            behaviour = handler.stream_stream
+
+            def stream_stream(request_iterator, context):
+                return behaviour(_checked_messages(request_iterator), context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream,
+                request_deserializer=_safe(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
 
         def checked(behaviour, streaming: bool):
             if streaming:

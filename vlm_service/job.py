@@ -10,6 +10,8 @@ request's batch row writes to. Rules:
 - A job is owned by its RPC: when the RPC ends (finished, cancelled, deadline, disconnect) the handler
   calls :meth:`Job.cancel`; a queued job is dropped before it starts and a running one stops at its
   next decode step (:meth:`Job.should_stop`, which the batch asks once per step).
+- :meth:`Job.interrupt` stops a job the same way while its RPC still listens (a Watch stream's newer
+  frame replaces it): it ends with :class:`Finished` and ``FinishReason.INTERRUPTED``.
 - Every job that its RPC did not end gets exactly one last event: :class:`Finished` or the error that
   ended it, however many threads try to end it (the scheduler, the engine's watchdog).
 - A client that reads nothing for ``abandon_after`` seconds while output piles up has gone: its
@@ -76,14 +78,17 @@ class Job:
         self._sent = 0  # events sent (written by the scheduler thread only)
         self._taken = 0  # events taken (written by the event loop only)
         self._assembler = TextAssembler(request.params.stop, role_prefixes)
-        # Set by the scheduler that queues it: called at each stop check, and to drop it from the queue.
+        # Set by the scheduler that queues it: called at each stop check, and to take it out of the queue
+        # (whether it was still there: then it never starts).
         self._on_check: Callable[[Job], None] | None = None
-        self._on_cancel: Callable[[Job], None] | None = None
+        self._on_withdraw: Callable[[Job], bool] | None = None
         self._metrics = metrics
         self._steps = 0  # decode steps so far (scheduler thread)
         self._abandoned = False  # the back-pressure guard stopped it (its RPC still listens)
         self._ended = False  # a last event (Finished or an error) was sent
         self._end_lock = threading.Lock()  # the scheduler and the watchdog may both try to end it
+        self._interrupted = False  # interrupt() was called: stop, and end with FinishReason.INTERRUPTED
+        self._stopped_by_interrupt = False  # a stop check saw the interrupt (scheduler thread)
 
     # --- the RPC's side (event loop) ---------------------------------------------------------
 
@@ -91,8 +96,26 @@ class Job:
         """Stop this job: a queued job never starts, a running one stops at its next decode step."""
         if not self._cancelled.is_set():
             self._cancelled.set()
-            if self._on_cancel is not None:
-                self._on_cancel(self)
+            if self._on_withdraw is not None:
+                self._on_withdraw(self)
+
+    def interrupt(self) -> None:
+        """Stop this job early because something newer replaces it (a Watch stream's newer frame).
+
+        Unlike :meth:`cancel`, its RPC still listens: the job ends with :class:`Finished` and
+        ``FinishReason.INTERRUPTED`` (the text so far, its usage). A running job stops at its next stop
+        check, within one decode step; a queued one ends at once and never starts."""
+        if self._interrupted or self._ended or self._cancelled.is_set():
+            return
+        self._interrupted = True
+        withdraw = self._on_withdraw
+        if withdraw is not None and withdraw(self):
+            self.finish(Outcome(0, 0, FinishReason.INTERRUPTED), FinishReason.INTERRUPTED)
+
+    @property
+    def interrupted(self) -> bool:
+        """:meth:`interrupt` was called."""
+        return self._interrupted
 
     @property
     def cancelled(self) -> bool:
@@ -155,8 +178,8 @@ class Job:
         return self._sent - self._taken
 
     def should_stop(self) -> bool:
-        """Whether the row should end now (cancelled, abandoned, a stop string, already ended). Asked once
-        per decode step, and once before the prefill."""
+        """Whether the row should end now (cancelled, interrupted, abandoned, a stop string, already
+        ended). Asked once per decode step, and once before the prefill."""
         if self._on_check is not None:  # a sign of life for the watchdog (and the tests' step gate)
             self._on_check(self)
         now = time.monotonic()
@@ -175,7 +198,11 @@ class Job:
                 extra={"request_id": request_id},
             )
             self._abandoned = True
-        return self._cancelled.is_set() or self._abandoned or self._assembler.stopped or self._ended
+        if self._interrupted:
+            self._stopped_by_interrupt = True
+        return (
+            self._cancelled.is_set() or self._abandoned or self._assembler.stopped or self._ended or self._interrupted
+        )
 
     def _send(self, event) -> None:
         if isinstance(event, TextDelta) and self.first_text_at is None:
@@ -192,8 +219,10 @@ class Job:
                 self._cancelled.set()
 
     def final_reason(self, outcome: Outcome) -> FinishReason:
-        """Why the generation ended, stop strings (the engine's) included."""
-        return FinishReason.STOP_SEQUENCE if self._assembler.stopped else outcome.reason
+        """Why the generation ended, stop strings and interrupts (the engine's) included."""
+        if self._assembler.stopped:
+            return FinishReason.STOP_SEQUENCE
+        return FinishReason.INTERRUPTED if self._stopped_by_interrupt else outcome.reason
 
     def end_abandoned(self) -> None:
         """End a job the back-pressure guard stopped (scheduler thread): its client, if it reads again,

@@ -82,11 +82,11 @@ class Metrics:
             registry=r,
         )
         self.requests = Counter(
-            "vlm_requests", "Caption and Query RPCs by final status code.", ["method", "code"], registry=r
+            "vlm_requests", "Caption, Query and Watch RPCs by final status code.", ["method", "code"], registry=r
         )
         self.request_duration = Histogram(
             "vlm_request_duration_seconds",
-            "Caption and Query RPCs end to end, from the call's arrival to its end, by final status code.",
+            "Caption, Query and Watch RPCs end to end, from the call's arrival to its end, by final status code.",
             ["method", "code"],
             buckets=_DURATION_BUCKETS,
             registry=r,
@@ -98,6 +98,17 @@ class Metrics:
             "vlm_finish_reasons",
             "Generations that ran to their end, by why they ended (stop, length, stop_sequence).",
             ["model", "reason"],
+            registry=r,
+        )
+        self.watch_frames_received = Counter(
+            "vlm_watch_frames_received", "Frames received by Watch streams.", ["model"], registry=r
+        )
+        self.watch_frames = Counter(
+            "vlm_watch_frames",
+            "Watch frames by what became of them: answered (to the answer's end), interrupted (a newer frame "
+            "stopped the answer), skipped (a newer frame replaced it before its answer), rejected (an error "
+            "message: bad image or frame id, queue full, model failure), unanswered (the stream ended first).",
+            ["model", "outcome"],
             registry=r,
         )
 
@@ -141,7 +152,9 @@ class _SnapshotCollector(Collector):
                 misses.add_metric([model.name, kind], count)
         yield hits
         yield misses
-        yield GaugeMetricFamily("vlm_active_streams", "Open Caption and Query streams.", value=snapshot.open_streams)
+        yield GaugeMetricFamily(
+            "vlm_active_streams", "Open Caption, Query and Watch streams.", value=snapshot.open_streams
+        )
 
 
 class ModelMetrics:

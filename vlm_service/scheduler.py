@@ -24,7 +24,6 @@ Rules:
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 import time
@@ -114,14 +113,19 @@ class Scheduler:
                 raise QueueFull(
                     f"model {self.name!r} has {len(self._pending)} requests waiting (the limit); retry later"
                 )
-            job._on_check, job._on_cancel = self._checked, self._discard
+            job._on_check, job._on_withdraw = self._checked, self.withdraw
             self._pending.append(job)
             self._lock.notify()
 
-    def _discard(self, job: Job) -> None:
-        """Remove a job that has not started (its RPC ended)."""
-        with self._lock, contextlib.suppress(ValueError):
-            self._pending.remove(job)
+    def withdraw(self, job: Job) -> bool:
+        """Remove a job that has not started (its RPC ended, or something newer replaced it); whether it
+        was still waiting (then it never starts)."""
+        with self._lock:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return False
+            return True
 
     def close(self) -> None:
         """Refuse new jobs; the thread exits once the queue is empty and the batch has ended."""

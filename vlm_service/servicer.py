@@ -2,7 +2,9 @@
 
 A Caption or Query goes down once: :mod:`convert` checks its values and makes the domain request, its
 image is decoded off the event loop (image_decoding.py), :meth:`Engine.submit` admits it and queues it
-on its model's scheduler, and the job's events come back up as protobuf messages.
+on its model's scheduler, and the job's events come back up as protobuf messages. A Watch stream's
+config is checked by :mod:`convert` too; its frames go to a :class:`~vlm_service.watch.WatchSession`,
+which decodes each one and submits the newest through the same :meth:`Engine.submit`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from . import access, convert
 from .access import REQUEST_ID_KEY
 from .config import Settings
 from .engine import Engine
-from .errors import ServiceError
+from .errors import InvalidInput, ServiceError
 from .image_decoding import ImageDecoder
 from .interceptors import status_code
 from .tracing import Tracing
 from .types import Finished, GenerationRequest
+from .watch import WatchSession
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,37 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
             async for response in self._stream(domain, pb.QueryResponse, context, call):
                 yield response
 
+    async def Watch(
+        self, request_iterator: AsyncIterator[pb.WatchRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchResponse]:
+        with self._observed("Watch", "", context) as call:
+            first = await anext(aiter(request_iterator), None)
+            if first is None:
+                raise InvalidInput("config", "the stream ended before its first message, the config")
+            config = convert.watch_config(first, self.settings, call.request_id)
+            call.model = config.request.model or self.engine.default_model
+            try:
+                session = WatchSession(
+                    self.engine,
+                    self.decoder,
+                    config,
+                    request_id=call.request_id,
+                    deadline=self._deadline(context),
+                    tracing=self.tracing,
+                )
+            except InvalidInput as exc:  # the config does not suit the model (language, length, options)
+                raise exc.under("config") from None
+            # The RPC's end (cancel, deadline, disconnect) stops the answer being written at once (see _stream).
+            context.add_done_callback(lambda _: session.close())
+            try:
+                await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
+                async for event in session.run(convert.watch_frames(request_iterator)):
+                    yield convert.watch_response(event)
+            finally:
+                session.close()
+                call.prompt_tokens, call.completion_tokens = session.prompt_tokens, session.completion_tokens
+                call.first_text_at = session.first_text_at
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
@@ -110,11 +144,17 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
         image, digest = await self.decoder.decode(data)
         return dataclasses.replace(request, image=image, image_digest=digest)
 
+    @staticmethod
+    def _deadline(context) -> float | None:
+        """The RPC's deadline as a time.monotonic() value, or None without one."""
+        remaining = context.time_remaining()
+        return time.monotonic() + remaining if remaining is not None and remaining < _NO_DEADLINE else None
+
     async def _stream(self, request: GenerationRequest, message: Callable, context, call: access.Call) -> AsyncIterator:
         """Submit the request (with the RPC's deadline) and stream its job's events as ``message``s."""
-        remaining = context.time_remaining()
-        if remaining is not None and remaining < _NO_DEADLINE:
-            request = dataclasses.replace(request, deadline=time.monotonic() + remaining)
+        deadline = self._deadline(context)
+        if deadline is not None:
+            request = dataclasses.replace(request, deadline=deadline)
         model = request.model or self.engine.default_model
         generation = None
         if self.tracing is not None:

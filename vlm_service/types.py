@@ -24,6 +24,7 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # the model wrote its end-of-sequence token
     LENGTH = "length"  # max_new_tokens reached
     STOP_SEQUENCE = "stop_sequence"  # a requested stop string appeared
+    INTERRUPTED = "interrupted"  # something newer replaced it (a Watch stream's newer frame): Job.interrupt
 
 
 @dataclass(frozen=True)

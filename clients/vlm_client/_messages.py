@@ -20,6 +20,13 @@ FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+    pb.FINISH_REASON_INTERRUPTED: "interrupted",
+}
+WATCH_POLICIES = {
+    None: pb.WATCH_POLICY_UNSPECIFIED,
+    "": pb.WATCH_POLICY_UNSPECIFIED,
+    "latest": pb.WATCH_POLICY_LATEST,
+    "interrupt": pb.WATCH_POLICY_INTERRUPT,
 }
 
 
@@ -93,6 +100,34 @@ def query_request(image: ImageLike, question: str, model: str, language: str, **
         options=options(**opts),
         response_language=language,
     )
+
+
+def watch_config(
+    question: str, model: str, length: str | None, language: str, policy: str | None, **opts
+) -> pb.WatchRequest:
+    """The first message of a Watch stream."""
+    if length not in CAPTION_LENGTHS:
+        raise ValueError(f"length must be one of short, normal, long; got {length!r}")
+    if policy not in WATCH_POLICIES:
+        raise ValueError(f"policy must be latest or interrupt; got {policy!r}")
+    config = pb.WatchConfig(
+        model=model,
+        question=question,
+        length=CAPTION_LENGTHS[length],
+        options=options(**opts),
+        response_language=language,
+        policy=WATCH_POLICIES[policy],
+    )
+    return pb.WatchRequest(config=config)
+
+
+def watch_frame(item, index: int) -> pb.WatchRequest:
+    """A frame message from an image (its id: ``index``) or a ``(frame_id, image)`` pair."""
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int):
+        frame_id, image = item
+    else:
+        frame_id, image = index, item
+    return pb.WatchRequest(frame=pb.Frame(frame_id=frame_id, image=pb.Image(data=image_bytes(image))))
 
 
 def usage_from(message) -> Usage:

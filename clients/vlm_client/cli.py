@@ -2,6 +2,7 @@
 
 vlm-client caption photo.jpg --length short
 vlm-client query photo.jpg "What colour is the car?" --server vlm.example:50051 --tls
+vlm-client watch frames/ --fps 20 --question "Is the door open?" --policy interrupt
 vlm-client models
 
 Connection options (--server, --tls, --token-file, ...) go before or after the subcommand.
@@ -10,10 +11,12 @@ Connection options (--server, --tls, --token-file, ...) go before or after the s
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 
 from . import __version__
@@ -85,9 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("image", help="image file")
     query.add_argument("question")
     _add_generation_flags(query)
+    watch = commands.add_parser(
+        "watch", help="send pictures as a live feed and print each answered frame's answer as it streams"
+    )
+    watch.add_argument(
+        "frames", metavar="DIR_OR_GLOB", help="a directory of images (sent in name order), or a glob pattern (quoted)"
+    )
+    watch.add_argument("--fps", type=float, default=10.0, help="frames sent per second (default 10; 0: at once)")
+    watch.add_argument("--question", default="", help="asked about every frame (default: caption each frame)")
+    watch.add_argument(
+        "--policy",
+        choices=("latest", "interrupt"),
+        default="latest",
+        help="latest: finish each answer, then answer the newest frame; interrupt: a newer frame stops it",
+    )
+    watch.add_argument("--length", choices=("short", "normal", "long"), default=None, help="caption length")
+    _add_generation_flags(watch)
     models = commands.add_parser("models", help="list the server's models")
     models.add_argument("--json", action="store_true", help="print JSON")
-    for command in (caption, query, models):
+    for command in (caption, query, watch, models):
         _add_connection_flags(command, defaults=False)
     return parser
 
@@ -142,6 +161,54 @@ def _print_stream(stream, show_usage: bool) -> None:
         print(f"finish_reason={stream.finish_reason} usage={json.dumps(asdict(stream.usage))}", file=sys.stderr)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+
+
+def frame_files(where: str) -> list[str]:
+    """The pictures to send: a directory's image files in name order, or the files a glob pattern
+    matches, in name order."""
+    if os.path.isdir(where):
+        names = sorted(name for name in os.listdir(where) if name.lower().endswith(IMAGE_SUFFIXES))
+        files = [path for path in (os.path.join(where, name) for name in names) if os.path.isfile(path)]
+    else:
+        files = sorted(path for path in glob.glob(where) if os.path.isfile(path))
+    if not files:
+        raise UsageError(f"no images in {where}" if os.path.isdir(where) else f"no files match {where}")
+    return files
+
+
+def paced(files: list[str], fps: float) -> Iterator[tuple[int, str]]:
+    """``(frame_id, path)`` for each file, at ``fps`` frames per second (0: as fast as they are taken)."""
+    start = time.monotonic()
+    for index, path in enumerate(files):
+        if fps > 0:
+            delay = start + index / fps - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        yield index, path
+
+
+def _print_watch(stream, files: list[str], show_usage: bool) -> None:
+    for answer in stream:
+        name = os.path.basename(files[answer.frame_id]) if answer.frame_id < len(files) else "?"
+        if answer.error is not None:
+            print(f"vlm-client: frame {answer.frame_id} ({name}): {answer.error}", file=sys.stderr)
+            continue
+        sys.stdout.write(f"[{answer.frame_id} {name}] ")
+        sys.stdout.flush()
+        for text in answer:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write(" [interrupted]\n" if answer.finish_reason == "interrupted" else "\n")
+        sys.stdout.flush()
+        if show_usage:
+            print(
+                f"frame={answer.frame_id} finish_reason={answer.finish_reason} "
+                f"frames_skipped={answer.frames_skipped} usage={json.dumps(asdict(answer.usage))}",
+                file=sys.stderr,
+            )
+
+
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     args = build_parser().parse_args(argv)
@@ -161,6 +228,19 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                 _print_stream(client.caption(args.image, length=args.length, **_options(args)), args.usage)
             elif args.command == "query":
                 _print_stream(client.query(args.image, args.question, **_options(args)), args.usage)
+            elif args.command == "watch":
+                if not args.fps >= 0:
+                    raise UsageError(f"--fps must be 0 or more, got {args.fps}")
+                files = frame_files(args.frames)
+                stream = client.watch(
+                    paced(files, args.fps),
+                    args.question,
+                    policy=args.policy,
+                    length=args.length,
+                    timeout=args.timeout,
+                    **_options(args),
+                )
+                _print_watch(stream, files, args.usage)
             else:
                 infos = client.models()
                 if args.json:

@@ -21,7 +21,7 @@ target resolves to and a retry policy for ``UNAVAILABLE``; client-side health ch
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 
 import grpc
 
@@ -29,7 +29,7 @@ from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 
 from . import _messages as m
-from .errors import from_rpc_error
+from .errors import VLMError, from_rpc_error, from_status
 from .images import ImageLike
 
 Metadata = Sequence[tuple[str, str]]
@@ -183,6 +183,258 @@ class AsyncTextStream(_StreamState):
         self._call.cancel()
 
 
+class _FrameState:
+    """What a Watch stream has received about one frame (shared by the sync and async answers)."""
+
+    def __init__(self, message, request_id: str | None):
+        self.frame_id: int = message.frame_id
+        self.chunks: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: m.Usage | None = None
+        self.frames_skipped = 0
+        self.error: VLMError | None = None
+        self._request_id = request_id
+        self._absorb(message)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    @property
+    def done(self) -> bool:
+        """Whether the frame's last message has come (its finish_reason, or its error)."""
+        return self.finish_reason is not None or self.error is not None
+
+    def _absorb(self, message) -> None:
+        if message.HasField("error"):
+            self.error = from_status(message.error, self._request_id)
+            self.frames_skipped = message.frames_skipped
+            return
+        if message.text:
+            self.chunks.append(message.text)
+        if message.finish_reason:
+            self.finish_reason = m.FINISH_REASONS.get(message.finish_reason, "unknown")
+            self.usage = m.usage_from(message)
+            self.frames_skipped = message.frames_skipped
+
+
+class FrameAnswer(_FrameState):
+    """One frame's answer in a Watch stream: iterate it for its text as the model writes it.
+
+    Once it is done: ``text``, ``finish_reason`` (``"stop"``, ``"length"``, ``"stop_sequence"``, or
+    ``"interrupted"`` when a newer frame stopped it), ``usage`` (measured from the frame's arrival at
+    the server) and ``frames_skipped`` (frames the server skipped since the previous answered or
+    refused frame). A frame the server could not use (a bad image, a frame id that does not increase)
+    has ``error`` (a :class:`~vlm_client.errors.VLMError`), ``frames_skipped`` and no text; the stream
+    goes on.
+    """
+
+    def __init__(self, stream: WatchStream, message):
+        super().__init__(message, stream.request_id)
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[str]:
+        """The text chunks: those already received, then the others as they come."""
+        sent = 0
+        while True:
+            while sent < len(self.chunks):
+                sent += 1
+                yield self.chunks[sent - 1]
+            if self.done:
+                return
+            message = self._stream._next()
+            if message is None:
+                return
+            if message.frame_id != self.frame_id:  # (the server never interleaves frames)
+                self._stream._peeked = message
+                return
+            self._absorb(message)
+
+    def result(self) -> str:
+        """Read the rest of the answer; return its full text ("" for a frame with an error)."""
+        for _ in self:
+            pass
+        return self.text
+
+
+class AsyncFrameAnswer(_FrameState):
+    """The asyncio twin of :class:`FrameAnswer`: ``async for text in answer``."""
+
+    def __init__(self, stream: AsyncWatchStream, message):
+        super().__init__(message, stream.request_id)
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        sent = 0
+        while True:
+            while sent < len(self.chunks):
+                sent += 1
+                yield self.chunks[sent - 1]
+            if self.done:
+                return
+            message = await self._stream._next()
+            if message is None:
+                return
+            if message.frame_id != self.frame_id:
+                self._stream._peeked = message
+                return
+            self._absorb(message)
+
+    async def result(self) -> str:
+        async for _ in self:
+            pass
+        return self.text
+
+
+class _FrameFeed:
+    """The request stream of a Watch call: its config, then one message per frame as ``frames`` gives
+    them. An exception raised while reading ``frames`` (an unreadable file) cancels the call and is
+    raised to the caller by the stream, not lost in gRPC's sending thread."""
+
+    def __init__(self, config: pb.WatchRequest, frames):
+        self._config = config
+        self._frames = frames
+        self.error: BaseException | None = None
+        self.call = None
+
+    def _failed(self, error: Exception) -> None:
+        self.error = error
+        if self.call is not None:
+            self.call.cancel()
+
+    def __iter__(self) -> Iterator[pb.WatchRequest]:
+        yield self._config
+        try:
+            for index, item in enumerate(self._frames):
+                yield m.watch_frame(item, index)
+        except Exception as error:
+            self._failed(error)
+
+    async def messages(self) -> AsyncIterator[pb.WatchRequest]:
+        """The asyncio client's requests. No frame is written once the call has ended: grpc.aio reports
+        a write that fails because the server already ended the call as INTERNAL ("Internal error from
+        Core"), in place of the server's status (grpc/grpc#36066). So the frames wait for the server's
+        headers, which it sends once it has accepted the config (a refused config ends the call first),
+        and stop as soon as the call is done."""
+        yield self._config
+        call = self.call
+        if call is not None:
+            await call.initial_metadata()
+        try:
+            index = 0
+            frames = self._frames if hasattr(self._frames, "__aiter__") else _as_async(self._frames)
+            async for item in frames:
+                if call is not None and call.done():
+                    return
+                yield m.watch_frame(item, index)
+                index += 1
+        except Exception as error:
+            self._failed(error)
+
+
+async def _as_async(items: Iterable) -> AsyncIterator:
+    for item in items:
+        yield item
+
+
+class WatchStream:
+    """The answers of a Watch call: iterate it for one :class:`FrameAnswer` per answered (or refused)
+    frame, in order; each streams its text. The frames are sent as the iterable gives them (from
+    gRPC's sending thread, so a paced iterable paces the feed); when it ends, the server finishes the
+    answers due and the stream ends. Leaving the loop early or ``cancel()`` ends the call and stops
+    the answer being written."""
+
+    def __init__(self, call, feed: _FrameFeed):
+        self._call = call
+        self._feed = feed
+        feed.call = call
+        if feed.error is not None:  # failed before the call was known
+            call.cancel()
+        self._messages = iter(call)
+        self._peeked = None
+        self._finished = False
+        self.request_id: str | None = None
+
+    def __iter__(self) -> Iterator[FrameAnswer]:
+        try:
+            while (message := self._next()) is not None:
+                answer = FrameAnswer(self, message)
+                yield answer
+                answer.result()  # the rest of its messages, if the caller did not read them
+            self._finished = True
+        finally:
+            if not self._finished:
+                self._call.cancel()
+
+    def _next(self):
+        if self._peeked is not None:
+            message, self._peeked = self._peeked, None
+            return message
+        try:
+            message = next(self._messages)
+        except StopIteration:
+            if self._feed.error is not None:
+                raise self._feed.error from None
+            return None
+        except grpc.RpcError as error:
+            if self._feed.error is not None:
+                raise self._feed.error from None
+            raise from_rpc_error(error, self.request_id) from None
+        if self.request_id is None:
+            self.request_id = m.request_id(self._call.initial_metadata())
+        return message
+
+    def cancel(self) -> None:
+        """End the call: the server stops the answer it is writing."""
+        self._call.cancel()
+
+
+class AsyncWatchStream:
+    """The asyncio twin of :class:`WatchStream`: ``async for answer in stream: async for text in answer``."""
+
+    def __init__(self, call, feed: _FrameFeed):
+        self._call = call
+        self._feed = feed
+        feed.call = call
+        if feed.error is not None:
+            call.cancel()
+        self._peeked = None
+        self._finished = False
+        self.request_id: str | None = None
+
+    async def __aiter__(self) -> AsyncIterator[AsyncFrameAnswer]:
+        try:
+            while (message := await self._next()) is not None:
+                answer = AsyncFrameAnswer(self, message)
+                yield answer
+                await answer.result()
+            self._finished = True
+        finally:
+            if not self._finished:
+                self._call.cancel()
+
+    async def _next(self):
+        if self._peeked is not None:
+            message, self._peeked = self._peeked, None
+            return message
+        try:
+            message = await self._call.read()
+        except grpc.RpcError as error:
+            if self._feed.error is not None:
+                raise self._feed.error from None
+            raise from_rpc_error(error, self.request_id) from None
+        if message is grpc.aio.EOF:
+            if self._feed.error is not None:
+                raise self._feed.error from None
+            return None
+        if self.request_id is None:
+            self.request_id = m.request_id(await self._call.initial_metadata())
+        return message
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 def _read(path: str | None) -> bytes | None:
     if path is None:
         return None
@@ -294,6 +546,29 @@ class VLMClient(_ClientBase):
         request = m.query_request(image, question, model, language, **options)
         return TextStream(self._stub.Query(request, **self._call_args(timeout, metadata, model)))
 
+    def watch(
+        self,
+        frames: Iterable,
+        question: str = "",
+        *,
+        policy: str | None = None,
+        model: str = "",
+        length: str | None = None,
+        language: str = "",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options,
+    ) -> WatchStream:
+        """Answer ``question`` (empty: a caption of ``length``) about each frame of a live feed, as the
+        server's ``policy`` (``"latest"``, the default, or ``"interrupt"``) allows. ``frames`` is any
+        iterable of images (path, bytes, file object or PIL image; ids 0, 1, 2, ...) or of
+        ``(frame_id, image)`` pairs with increasing ids. ``timeout`` is the whole stream's deadline;
+        unlike the other calls, a Watch stream has none unless given one (the client's default
+        ``timeout`` is for single answers)."""
+        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, **options), frames)
+        args = {**self._call_args(timeout, metadata, model), "timeout": timeout}
+        return WatchStream(self._stub.Watch(iter(feed), **args), feed)
+
     def models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> list[m.ModelInfo]:
         try:
             reply = self._stub.ListModels(pb.ListModelsRequest(), **self._call_args(timeout, metadata))
@@ -357,6 +632,25 @@ class AsyncVLMClient(_ClientBase):
     ) -> AsyncTextStream:
         request = m.query_request(image, question, model, language, **options)
         return AsyncTextStream(self._stub.Query(request, **self._call_args(timeout, metadata, model)))
+
+    def watch(
+        self,
+        frames: Iterable | AsyncIterable,
+        question: str = "",
+        *,
+        policy: str | None = None,
+        model: str = "",
+        length: str | None = None,
+        language: str = "",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options,
+    ) -> AsyncWatchStream:
+        """The asyncio twin of :meth:`VLMClient.watch`. ``frames`` may also be an async iterable (a
+        paced feed should be one: a plain iterable is read on the event loop)."""
+        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, **options), frames)
+        args = {**self._call_args(timeout, metadata, model), "timeout": timeout}
+        return AsyncWatchStream(self._stub.Watch(feed.messages(), **args), feed)
 
     async def models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> list[m.ModelInfo]:
         try:

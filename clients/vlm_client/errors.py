@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 
@@ -98,8 +98,12 @@ def _rich_details(error: grpc.RpcError) -> tuple[float | None, tuple[FieldViolat
         status = rpc_status.from_call(error)
     except (AttributeError, ValueError):  # not a call (no trailers), or trailers that disagree with the status
         return None, ()
+    return _unpack(status.details if status is not None else ())
+
+
+def _unpack(details) -> tuple[float | None, tuple[FieldViolation, ...]]:
     retry_after, violations = None, []
-    for detail in status.details if status is not None else ():
+    for detail in details:
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info = error_details_pb2.RetryInfo()
             detail.Unpack(info)
@@ -118,3 +122,11 @@ def from_rpc_error(error: grpc.RpcError, request_id: str | None = None) -> VLMEr
     retry_after, violations = _rich_details(error)
     cls = _BY_CODE.get(code, VLMError)
     return cls(details, code=code, request_id=request_id, retry_after=retry_after, field_violations=violations)
+
+
+def from_status(status: status_pb2.Status, request_id: str | None = None) -> VLMError:
+    """The VLMError for a ``google.rpc.Status`` message (a Watch frame's error), with its rich details."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+    retry_after, violations = _unpack(status.details)
+    cls = _BY_CODE.get(code, VLMError)
+    return cls(status.message, code=code, request_id=request_id, retry_after=retry_after, field_violations=violations)

@@ -66,6 +66,10 @@ def test_metrics_count_requests_tokens_latencies_and_batches(metered):
     tokens = sum(a[-1].usage.completion_tokens for a in answers) + query[-1].usage.completion_tokens
     assert tokens == 147
 
+    # The cancelled call's status is counted when its handler ends, which may be after the engine is
+    # idle (a loaded run read 0 here): wait until the server has counted it, then read everything once.
+    cancelled = ("vlm_requests_total", (("code", "CANCELLED"), ("method", "Caption")))
+    wait_for(lambda: scrape(port).get(cancelled, 0.0) >= 1, message="the cancel was never counted", every=0.05)
     after = scrape(port)
 
     def count(name, **labels):

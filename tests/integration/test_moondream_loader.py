@@ -35,7 +35,7 @@ def checkpoint(cache_dir):
 
 @pytest.fixture(scope="module")
 def backend(checkpoint):
-    backend = MoondreamBackend(ModelSpec("noise-moondream", checkpoint), Runtime(dtype="bfloat16"))
+    backend = MoondreamBackend(ModelSpec("noise-moondream", checkpoint), Runtime(device="cpu"))
     backend.load()
     return backend
 
@@ -121,14 +121,56 @@ def test_streamed_answers_equal_the_hand_loaded_models(backend, by_hand, task):
     assert expected and "".join(sink.pieces) == expected
 
 
-def test_list_models_and_log_report_the_dtype_the_code_fixes(backend, caplog):
-    """--dtype bfloat16 was asked; the code makes float32 weights, and that is what is reported."""
-    assert {p.dtype for p in backend.model.parameters()} == {torch.float32}
-    assert backend.dtype == "float32"
-    again = MoondreamBackend(backend.spec, Runtime(dtype="bfloat16"))
+def test_the_asked_dtype_applies_and_is_what_is_reported(backend, caplog):
+    """The code makes float32 weights; --dtype bfloat16 casts them, and that is what is reported."""
+    assert {p.dtype for p in backend.model.parameters()} == {torch.float32} and backend.dtype == "float32"
+    again = MoondreamBackend(backend.spec, Runtime(device="cpu", dtype="bfloat16"))
     with caplog.at_level("INFO", logger="vlm_service.backends.moondream"):
         again.load()
-    assert "as float32" in caplog.text and "the asked bfloat16 does not apply" in caplog.text
+    assert {p.dtype for p in again.model.parameters()} == {torch.bfloat16} and again.dtype == "bfloat16"
+    assert "makes float32 weights; cast to bfloat16" in caplog.text and "as bfloat16" in caplog.text
+    assert again.model.model.text.freqs_cis.dtype == torch.float32, "the code's buffers keep their dtype"
+    request = GenerationRequest("t", "m", Task.CAPTION, picture(), SamplingParams(12), length=CaptionLength.SHORT)
+    sink = Collect()
+    again.generate(request, sink)
+    assert "".join(sink.pieces).strip()
+
+
+@pytest.fixture(scope="module")
+def bfloat16_checkpoint(checkpoint, tmp_path_factory):
+    """The stand-in as Moondream2 ships: code that fixes bfloat16 weights (and makes its crops in it)."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("bf16") / "moondream-bf16"
+    shutil.copytree(checkpoint, directory)
+    sizes = directory / "sizes.py"
+    sizes.write_text(sizes.read_text().replace("DTYPE = torch.float32", "DTYPE = torch.bfloat16"))
+    assert "torch.bfloat16" in sizes.read_text()
+    return str(directory)
+
+
+def test_bfloat16_code_runs_in_float32_on_a_cpu_and_computes_what_its_own_dtype_does(bfloat16_checkpoint):
+    """--dtype auto on a CPU is float32 (bfloat16 matrices are ~30x slower without bfloat16
+    instructions). The code still makes its image crops in bfloat16: the loader casts them at the layer
+    that reads them, so the model computes what the code's own bfloat16 model does, up to bfloat16's
+    rounding, and without that cast the code cannot run in float32 at all."""
+    backend = MoondreamBackend(ModelSpec("md-bf16", bfloat16_checkpoint), Runtime(device="cpu"))
+    backend.load()
+    assert backend.dtype == "float32" and {p.dtype for p in backend.model.parameters()} == {torch.float32}
+    model_class = get_class_from_dynamic_module(CLASS, bfloat16_checkpoint)
+    with hub_cache(bundled_hub_cache(bfloat16_checkpoint)):
+        own = model_class(model_class.config_class.from_pretrained(bfloat16_checkpoint))
+    own.load_state_dict(load_file(f"{bfloat16_checkpoint}/model.safetensors"), strict=True)
+    own.eval()
+    assert own.model.text.wte.dtype == torch.bfloat16
+    image = picture("red", "circle")
+    cast, native = backend.model.encode_image(image), own.encode_image(image)
+    for (k, v), (k_own, v_own) in zip(cast.caches, native.caches, strict=True):
+        assert k.dtype == torch.float32 and torch.isfinite(k).all() and torch.isfinite(v).all()
+        torch.testing.assert_close(k, k_own.float(), rtol=0.05, atol=0.05)
+        torch.testing.assert_close(v, v_own.float(), rtol=0.05, atol=0.05)
+    with pytest.raises(RuntimeError, match="dtype"):
+        own.float().encode_image(image)  # a plain cast: the bfloat16 crops meet float32 weights
 
 
 # --- the stand-in has the published code's traits --------------------------------------------------

@@ -71,6 +71,36 @@ def test_grpcurl_receives_a_streamed_caption(smolvlm_server, image_file):
     assert messages[-1]["usage"]["completion_tokens"] == 12
 
 
+def json_messages(text: str) -> list[dict]:
+    """grpcurl's output: one pretty-printed JSON object per response message."""
+    decoder, text, messages = json.JSONDecoder(), text.strip(), []
+    while text:
+        message, end = decoder.raw_decode(text)
+        messages.append(message)
+        text = text[end:].strip()
+    return messages
+
+
+def test_grpcurl_drives_a_watch_stream(smolvlm_server, image_file):
+    """Several JSON messages on stdin with -d @: the config, then frames; grpcurl half-closes at the end
+    of its input and the server answers what is due, then ends the stream."""
+    data = base64.b64encode(image_file.read_bytes()).decode()
+    requests = [{"config": {"question": "What colour is the shape?", "policy": "WATCH_POLICY_LATEST"}}]
+    requests += [{"frame": {"frame_id": frame_id, "image": {"data": data}}} for frame_id in (1, 2)]
+    result = run(
+        [str(BIN / "grpcurl"), "-plaintext", "-d", "@", smolvlm_server.target, "vlm.v1.VisionLanguageService/Watch"],
+        input="\n".join(json.dumps(r) for r in requests),
+    )
+    assert result.returncode == 0, result.stderr
+    messages = json_messages(result.stdout)
+    finals = [m for m in messages if "finish_reason" in m]
+    assert finals[-1] is messages[-1] and finals[-1]["frame_id"] == "2", "the last frame is always answered"
+    assert all(m["finish_reason"] == "FINISH_REASON_STOP" for m in finals)
+    assert len(finals) + sum(m.get("frames_skipped", 0) for m in finals) == 2
+    answer = "".join(m.get("text", "") for m in messages if m["frame_id"] == "2")
+    assert answer == "The shape is red."
+
+
 def test_grpcurl_health_check(smolvlm_server):
     result = run([str(BIN / "grpcurl"), "-plaintext", smolvlm_server.target, "grpc.health.v1.Health/Check"])
     assert json.loads(result.stdout)["status"] == "SERVING"
@@ -144,6 +174,32 @@ def test_cli_prints_text_as_it_arrives(smolvlm_server, image_file):
     finally:
         process.kill()
         process.wait()
+
+
+def test_cli_watch_prints_each_answer_as_it_streams(smolvlm_server, image_file, tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for name in ("frame-1.png", "frame-2.png", "frame-3.png"):
+        (frames / name).write_bytes(image_file.read_bytes())
+    (frames / "notes.txt").write_text("not a frame")
+    (tmp_path / "bad-1.png").write_bytes(b"not a picture")
+    command = [str(BIN / "vlm-client"), "--server", smolvlm_server.target, "watch"]
+    result = run([*command, str(frames), "--fps", "20", "--question", "What colour is the shape?", "--usage"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines and all(line.endswith("] The shape is red.") for line in lines), result.stdout
+    assert lines[-1] == "[2 frame-3.png] The shape is red.", "the last frame is always answered"
+    usage = [line for line in result.stderr.splitlines() if line.startswith("frame=")]
+    assert len(usage) == len(lines) and all("finish_reason=stop" in line for line in usage)
+    skipped = sum(int(line.split("frames_skipped=")[1].split()[0]) for line in usage)
+    assert len(lines) + skipped == 3, "every frame answered or counted as skipped"
+    result = run([*command, str(tmp_path / "bad-*.png")])
+    assert result.returncode == 0 and not result.stdout
+    assert "vlm-client: frame 0 (bad-1.png): INVALID_ARGUMENT: frame.image.data" in result.stderr
+    result = run([*command, str(frames), "--policy", "interrupt", "--model", "noise", "--max-new-tokens", "3"])
+    assert result.returncode == 0 and result.stdout.splitlines()[-1].startswith("[2 frame-3.png] "), result.stderr
+    result = run([*command, str(frames), "--model", "nope"])
+    assert result.returncode == 1 and "NOT_FOUND" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_python_client(smolvlm_server, image_file):

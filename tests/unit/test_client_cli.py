@@ -21,7 +21,7 @@ CONNECTION = [
     (["--client-key", "c.key"], "client_key", "c.key"),
     (["--wait-for-ready"], "wait_for_ready", True),
 ]
-COMMANDS = [["caption", "img.png"], ["query", "img.png", "What is it?"], ["models"]]
+COMMANDS = [["caption", "img.png"], ["query", "img.png", "What is it?"], ["watch", "frames/"], ["models"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
@@ -85,3 +85,32 @@ def test_version(main, expected, capsys):
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith(expected)
+
+
+def test_watch_sends_a_directorys_images_or_a_globs_files_in_name_order(tmp_path):
+    for name in ("b.png", "a.JPG", "c.txt", "d.webp"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub.png").mkdir()
+    assert client_cli.frame_files(str(tmp_path)) == [str(tmp_path / n) for n in ("a.JPG", "b.png", "d.webp")]
+    assert client_cli.frame_files(str(tmp_path / "*.png")) == [str(tmp_path / "b.png")]
+    with pytest.raises(client_cli.UsageError, match="no files match"):
+        client_cli.frame_files(str(tmp_path / "*.gif"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(client_cli.UsageError, match="no images in"):
+        client_cli.frame_files(str(empty))
+    assert list(client_cli.paced(["x", "y"], 0)) == [(0, "x"), (1, "y")]
+
+
+def test_watch_options(tmp_path, capsys):
+    args = client_cli.build_parser().parse_args(
+        ["watch", "d/", "--fps", "20", "--question", "Why?", "--policy", "interrupt"]
+    )
+    assert (args.fps, args.question, args.policy) == (20.0, "Why?", "interrupt")
+    defaults = client_cli.build_parser().parse_args(["watch", "d/"])
+    assert (defaults.fps, defaults.question, defaults.policy) == (10.0, "", "latest")
+    (tmp_path / "a.png").write_bytes(b"x")
+    assert client_cli.main(["watch", str(tmp_path), "--fps", "-1"], {}) == 2
+    assert "--fps must be 0 or more" in capsys.readouterr().err
+    assert client_cli.main(["watch", str(tmp_path / "none-*.png")], {}) == 2
+    assert "no files match" in capsys.readouterr().err

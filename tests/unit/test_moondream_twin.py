@@ -1,6 +1,6 @@
 """moondream2-shapes: the published sizes go into the code it ships, and the output rows it must never
 write are exactly the special tokens, the ids past its tokenizer and the tokens that are not whole
-printable text. (The 3.9 GB twin itself is built and served by hand; see the README.)"""
+printable words. (The 3.9 GB twin itself is built and served by hand; see the README.)"""
 
 from __future__ import annotations
 
@@ -30,5 +30,7 @@ def test_silenced_rows_are_specials_fragments_and_ids_past_the_tokenizer():
     assert set(range(known, 2000)) <= silenced
     kept = [i for i in range(known) if i not in silenced]
     assert kept and all(twin.is_whole_printable(tokenizer.decode([i])) for i in kept)
+    assert all(tokenizer.decode([i]).startswith(" ") for i in kept), "only whole words: the code streams at spaces"
+    assert tokenizer.token_to_id("cle") in silenced and tokenizer.token_to_id("Ġred") not in silenced
     fragments = [i for i in range(len(SPECIAL_TOKENS), known) if "\ufffd" in tokenizer.decode([i])]
     assert fragments and set(fragments) <= silenced

@@ -10,7 +10,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vlm_service.backends.remote_code import hub_cache, load_weights, weight_files, weights_dtype, write_hub_file
+from vlm_service.backends.remote_code import (
+    cast_weights,
+    hub_cache,
+    load_weights,
+    weight_files,
+    weights_dtype,
+    write_hub_file,
+)
 
 
 class Small(nn.Module):
@@ -34,6 +41,33 @@ def test_weights_are_copied_into_the_models_dtype_and_buffers_kept(tmp_path):
     assert model.linear.bias.eq(2).all()
     assert torch.equal(model.made_here, torch.arange(4.0))
     assert weights_dtype(model) == torch.bfloat16
+
+
+class FixedInputs(Small):
+    """Like Moondream2's code: it makes its inputs in the dtype it fixes (bfloat16), whatever the weights."""
+
+    def forward(self, values):
+        return self.linear(torch.tensor(values, dtype=torch.bfloat16))
+
+
+def test_cast_weights_gives_the_asked_dtype_and_fits_the_codes_own_inputs_to_it():
+    model = FixedInputs()
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.25, 0.125]]))
+        model.linear.bias.fill_(1.0)
+    expected = model([[1.0, 1.0, 1.0]])
+    assert cast_weights(model, torch.float32)
+    assert weights_dtype(model) == torch.float32 and model.linear.bias.dtype == torch.float32
+    assert model.made_here.dtype == torch.float32 and torch.equal(model.made_here, torch.arange(4.0))
+    out = model([[1.0, 1.0, 1.0]])
+    assert out.dtype == torch.float32 and torch.equal(out, expected.float())
+    assert not cast_weights(model, torch.float32), "nothing left to cast"
+
+
+def test_without_the_input_cast_such_code_cannot_run_in_another_dtype():
+    model = FixedInputs().float()
+    with pytest.raises(RuntimeError, match="dtype"):
+        model([[1.0, 1.0, 1.0]])
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,9 @@
 It is loaded by :func:`~.remote_code.load_remote_model`, not ``from_pretrained``: the published
 remote code (revision 2025-06-21) cannot go through transformers 5's meta-device loading (no
 ``post_init``; buffers made in ``__init__`` and never saved come back uninitialised). Its code fixes
-the weights' dtype (bfloat16 for Moondream2), whatever ``--dtype`` asks; the log and ListModels report
-the dtype the weights have.
+the weights' dtype (bfloat16 for Moondream2); the loader then casts them to the dtype ``--dtype`` asks
+(``auto``: float32 on a CPU, bfloat16 on CUDA, as for every family), so the log and ListModels report
+the dtype the model computes in.
 
 The model is driven only through ``encode_image``, ``caption`` and ``query`` with ``stream=True``: its
 batch (:class:`_AnswerStream`) holds one request at a time, and each of its decode steps pulls one
@@ -36,7 +37,7 @@ import torch
 
 from ..types import CaptionLength, FinishReason, GenerationRequest, Task
 from .base import Backend, Batch, Outcome, TextSink
-from .remote_code import load_remote_model, weights_dtype
+from .remote_code import cast_weights, load_remote_model, weights_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +70,16 @@ class MoondreamBackend(Backend):
     def load(self) -> None:
         self._device, requested = self.runtime.resolve()
         self.model = load_remote_model(self.spec.source, self.spec.revision, self._device)
-        self._dtype = weights_dtype(self.model)
-        if self._dtype != requested and self.runtime.dtype != "auto":
-            logger.warning(
-                "%s: its remote code fixes the weights' dtype to %s; the asked %s does not apply",
+        fixed = weights_dtype(self.model)
+        if cast_weights(self.model, requested):
+            logger.info(
+                "%s: its remote code makes %s weights; cast to %s (--dtype %s)",
                 self.spec.name,
-                str(self._dtype).removeprefix("torch."),
+                str(fixed).removeprefix("torch."),
                 str(requested).removeprefix("torch."),
+                self.runtime.dtype,
             )
+        self._dtype = weights_dtype(self.model)
         logger.info("loaded %s (%s) on %s as %s", self.spec.name, type(self.model).__name__, self._device, self.dtype)
 
     @property

@@ -6,8 +6,14 @@ file. Remote code written for older releases breaks there: Moondream2's publishe
 and never saves (``attn_mask``, ``freqs_cis``) come back uninitialised (NaN answers). So this loader
 builds the remote class eagerly on the CPU, as its author ran it (weight initialisation skipped, since
 every weight is then read from the file, but every buffer made by ``__init__``), and copies the
-safetensors weights in itself, checking that each one is there with the right shape. The weights keep
-the dtype the code gives them.
+safetensors weights in itself, checking that each one is there with the right shape.
+
+Such code also fixes its weights' dtype (Moondream2's makes bfloat16 weights and casts its image crops
+to bfloat16, whatever the caller asks). :func:`cast_weights` then gives the model the dtype the service
+was asked for: a CPU without bfloat16 instructions multiplies bfloat16 matrices about 30 times slower
+than float32. It casts the parameters (the code's buffers keep their dtype: a float32 rotary table, a
+boolean mask) and, on each module whose own weights it cast, casts floating-point inputs of another
+dtype to the weights' dtype, so the tensors the code makes in its fixed dtype still fit.
 
 Remote code may read more files by repo name from the Hugging Face cache (Moondream2's reads its
 tokenizer with ``tokenizers.Tokenizer.from_pretrained``). A local checkpoint directory may carry such a
@@ -135,6 +141,33 @@ def load_remote_model(source: str, revision: str | None, device: torch.device) -
         model = model_class(config)
     load_weights(model, files)
     return model.to(device).eval()
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Cast ``model``'s floating-point parameters to ``dtype`` (buffers keep theirs), and make each module
+    whose weights changed cast its floating-point inputs to that dtype. Returns whether anything changed."""
+    cast = []
+    with torch.no_grad():
+        for module in model.modules():
+            changed = False
+            for parameter in module.parameters(recurse=False):
+                if parameter.is_floating_point() and parameter.dtype != dtype:
+                    parameter.data = parameter.data.to(dtype)
+                    changed = True
+            if changed:
+                cast.append(module)
+    for module in cast:
+        module.register_forward_pre_hook(_inputs_to(dtype))
+    return bool(cast)
+
+
+def _inputs_to(dtype: torch.dtype):
+    def hook(module, args):
+        if not any(isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype for a in args):
+            return None
+        return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+    return hook
 
 
 def weights_dtype(model: torch.nn.Module) -> torch.dtype:

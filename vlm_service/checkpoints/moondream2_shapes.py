@@ -68,13 +68,20 @@ def sizes_source() -> str:
 
 def silenced_ids(tokenizer, vocab_size: int) -> list[int]:
     """Ids the twin must never write: special tokens (the end token too, so it writes to the asked
-    length), ids past the tokenizer, and tokens that alone do not decode to whole printable text
+    length), ids past the tokenizer, tokens that alone do not decode to whole printable text
     (``twins.unprintable_ids`` does the same for a transformers tokenizer; this model's is a
-    ``tokenizers.Tokenizer``, and its output layer has a bias to push them down with)."""
+    ``tokenizers.Tokenizer``, and its output layer has a bias to push them down with), and tokens that
+    do not start a word. Moondream's code sends text only up to the last space, so a twin writing
+    word pieces without spaces would send its whole answer at the end; writing whole words, it streams
+    one word per decode step, as the published model streams its words."""
     special = set(tokenizer.get_added_tokens_decoder())
     known = min(tokenizer.get_vocab_size(), vocab_size)
-    unprintable = [i for i in range(known) if i in special or not is_whole_printable(tokenizer.decode([i]))]
-    return unprintable + list(range(known, vocab_size))
+
+    def writable(text: str) -> bool:
+        return is_whole_printable(text) and text.startswith(" ") and bool(text.strip())
+
+    silenced = [i for i in range(known) if i in special or not writable(tokenizer.decode([i]))]
+    return silenced + list(range(known, vocab_size))
 
 
 def randomise(model, seed: int = 0) -> None:

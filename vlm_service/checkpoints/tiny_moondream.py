@@ -21,7 +21,7 @@ REMOTE_DIR = Path(__file__).parent / "moondream_remote"
 REMOTE_FILES = ("hf_moondream.py", "moondream.py", "config.py", "sizes.py")
 AUTO_MAP = {"AutoConfig": "hf_moondream.HfConfig", "AutoModelForCausalLM": "hf_moondream.HfMoondream"}
 #: Training on the synthetic shapes; empty means random weights.
-TRAIN = {"steps": 1000, "distinct_batches": 200, "lr": 3e-3}
+TRAIN = {"steps": 2000, "distinct_batches": 300, "lr": 3e-3}
 
 
 def write_tokenizer_cache(directory: Path) -> None:

@@ -5,7 +5,8 @@ KV cache per instance, driven through Moondream2's published Python API (``encod
 Written by vlm-service from the behaviour of Moondream2's published remote code (revision 2025-06-21),
 with the traits a loader has to live with:
 
-* the sizes come from this code (``config.py``/``sizes.py``), and so does the weights' dtype;
+* the sizes come from this code (``config.py``/``sizes.py``), and so does the weights' dtype, which
+  the image crops are also made in (whatever dtype the weights have by then);
 * the tokenizer is not in the checkpoint: it is loaded by repo name from the Hugging Face cache
   (``Tokenizer.from_pretrained``), which works offline once the cache holds it;
 * ``attn_mask`` and the text model's ``freqs_cis`` are buffers made here and never saved, so a model
@@ -278,7 +279,7 @@ class MoondreamModel(nn.Module):
 
     def pixels(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         crops, tiling = image_crops(image, self.config.vision)
-        tensor = torch.from_numpy(crops).permute(0, 3, 1, 2).to(self.device, self.vision.pos_emb.dtype)
+        tensor = torch.from_numpy(crops).permute(0, 3, 1, 2).to(self.device, DTYPE)
         return tensor / 127.5 - 1.0, tiling
 
     def image_embeddings(self, image: Image.Image) -> torch.Tensor:
