@@ -16,7 +16,8 @@ Rules:
   row of the batch) with the error the client sees; device_failures.py says what the error means for
   the device (out of memory: memory freed; fatal: the model stops serving).
 - A job whose RPC has ended never starts; a running one stops at its next decode step (its batch row
-  asks the job at each step, see job.py).
+  asks the job at each step, see job.py). A job interrupted while queued is withdrawn
+  (:meth:`Scheduler.withdraw`) and never starts either.
 - The engine's watchdog reads :attr:`Scheduler.progress` (the last sign of life: work taken, a stop
   check) and declares a scheduler that works without one for too long stuck (:meth:`declare_stuck`).
 """
