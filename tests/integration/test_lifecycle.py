@@ -25,7 +25,7 @@ from grpc_status import rpc_status
 from PIL import Image, ImageDraw
 
 from tests import fakes
-from tests.helpers import ServerThread, caption_request, png_bytes
+from tests.helpers import ServerThread, caption_request, png_bytes, wait_for
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service import device_failures, image_decoding
 from vlm_service.backends.decode_batch import DecodeBatch
@@ -145,21 +145,33 @@ def test_decodes_in_progress_hold_neither_health_nor_a_running_stream(fake, monk
     release, inside = threading.Event(), threading.Semaphore(0)
     real = image_decoding.decode_image
 
+    picture = big_picture()
+
     def held(data, **limits):
         image = real(data, **limits)
-        inside.release()
-        release.wait(60)
+        if data == picture:  # the flood's pictures, not the running stream's
+            inside.release()
+            release.wait(300)  # longer than any wait below: an expired hold must not pass the test
         return image
 
     monkeypatch.setattr(image_decoding, "decode_image", held)
-    picture = big_picture()
-    arrivals: list[float] = []
+    arrivals: list[pb.CaptionResponse] = []
     try:
         with server.channel() as channel, server.channel() as flood_channel, server.channel() as probe:
             stub, flood_stub = server.stub(channel), server.stub(flood_channel)
             stream = stub.Caption(caption_request(max_new_tokens=2000))
-            reader = threading.Thread(target=lambda: [arrivals.append(m) for m in stream if m.text])
+
+            def read() -> None:
+                try:
+                    for message in stream:
+                        if message.text:
+                            arrivals.append(message)
+                except grpc.RpcError as error:  # the test cancels the stream at the end
+                    assert error.code() == grpc.StatusCode.CANCELLED
+
+            reader = threading.Thread(target=read)
             reader.start()
+            wait_for(lambda: len(arrivals) >= 5, timeout=60, message="the stream never started")
             flood = [flood_stub.Caption(caption_request(picture, max_new_tokens=1)) for _ in range(4)]
             assert inside.acquire(timeout=60) and inside.acquire(timeout=60), "two decodes should be in progress"
             while_held = len(arrivals)
