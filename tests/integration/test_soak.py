@@ -132,10 +132,11 @@ def test_soak(cache_dir, tiny_smolvlm_dir, noise_dir):
                 for sample in family.samples:
                     if sample.name == "vlm_requests_total":
                         codes[sample.labels["code"]] += int(sample.value)
+            threads_after, decode_threads = threads()
             print(
                 f"soak {seconds:g}s: {total} requests, client side {dict(outcomes)}, server side {dict(codes)}; "
                 f"RSS {rss_before:.0f} -> {rss_after:.0f} MB; threads outside the decode pool {threads_before} -> "
-                f"{threads()[0]}, in it {threads()[1]}"
+                f"{threads_after}, in it {decode_threads}"
             )
             client_side = {k: v for k, v in outcomes.items() if k not in ("ok", "client-cancel")}
             unexpected = {
@@ -147,7 +148,6 @@ def test_soak(cache_dir, tiny_smolvlm_dir, noise_dir):
                 assert codes["CANCELLED"] > 0, "the server counted none of the clients' cancels as CANCELLED"
             assert server.engine.open_streams == 0, "a stream slot leaked"
             assert all(m.scheduler.queue_depth == 0 for m in server.engine.models.values())
-            threads_after, decode_threads = threads()
             assert threads_after <= threads_before + 2, "threads leaked"
             # Other servers of the test session may hold decode threads too; this one's pool adds at most its bound.
             assert decode_threads - decode_threads_before <= server.settings.max_image_decodes, "decode threads leaked"
