@@ -45,12 +45,16 @@ MODEL_HEADER = "x-vlm-model"
 #: handshake) still surfaces as UNAVAILABLE, with its reason, inside a few seconds' deadline; waiting
 #: out a restart is wait_for_ready's job. A server's ``grpc-retry-pushback-ms`` trailer (vlm-service
 #: sends it beside every ``google.rpc.RetryInfo``) replaces the backoff with the server's delay.
+#: CANCELLED is retried too, under the same rule (nothing received yet): vlm-service never sends it,
+#: but gRPC's server core does, to a call that reaches a server in the instant its shutdown starts
+#: (the last moment of a drain, before the client or a proxy has read the server's GOAWAY); a call the
+#: caller cancels ends on the client's side and is never retried.
 RETRY_POLICY = {
     "maxAttempts": 5,
     "initialBackoff": "0.1s",
     "maxBackoff": "1s",
     "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
+    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
 }
 
 #: round_robin spreads calls over every address the target resolves to (``dns:///vlm.ns.svc:50051``

@@ -26,7 +26,7 @@ def test_defaults_carry_the_service_config_and_options_override_them_key_by_key(
     assert checked == {**SERVICE_CONFIG, "healthCheckConfig": HEALTH_CHECK_CONFIG}
     (method,) = SERVICE_CONFIG["methodConfig"]
     policy = method["retryPolicy"]
-    assert policy["retryableStatusCodes"] == ["UNAVAILABLE"] and policy["maxAttempts"] == 5
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"] and policy["maxAttempts"] == 5
 
 
 class FakeCall(grpc.RpcError):
