@@ -48,15 +48,20 @@ class Settings:
         repeat=True,
     )
     device: str = _setting("auto", "Device for the models: auto picks cuda when available.", choices=DEVICES)
-    dtype: str = _setting("auto", "Weight dtype: auto is bfloat16 on cuda and float32 elsewhere.", choices=DTYPES)
+    dtype: str = _setting(
+        "auto",
+        "Weight dtype: auto is bfloat16 on cuda, and on a CPU with bfloat16 instructions (AVX512-BF16, AMX) "
+        "for a checkpoint saved in bfloat16; float32 otherwise.",
+        choices=DTYPES,
+    )
     max_queue: int = _setting(
         16, "Requests that may wait per model; beyond it requests get RESOURCE_EXHAUSTED at once."
     )
     torch_threads: int = _setting(
         0,
-        "Threads torch uses inside one operation on the CPU. 0 (auto): one fewer than the CPUs when a model "
-        "runs on the CPU, leaving a core to the gRPC server (torch's spinning threads otherwise starve it); "
-        "torch's default on a GPU.",
+        "Threads torch uses inside one operation on the CPU. 0 (auto): on a CPU, every core for a model of "
+        "50M parameters or more (compute-bound), one fewer for a smaller one, leaving a core to the gRPC "
+        "server (torch's spinning threads otherwise starve it); torch's default on a GPU.",
     )
     max_batch_size: int = _setting(
         16,

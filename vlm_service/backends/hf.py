@@ -14,10 +14,10 @@ import logging
 from typing import Any, ClassVar
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from ..types import GenerationRequest
-from .base import Backend, ModelSpec, Runtime
+from .base import Backend, ModelSpec, Runtime, saved_dtype
 from .decode_batch import DecodeBatch
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ class TransformersBackend(Backend):
         return backend
 
     def load(self) -> None:
-        device, dtype = self.runtime.resolve()
         common = {"revision": self.spec.revision, **self.load_kwargs}
+        device, dtype = self.runtime.resolve(saved_dtype(AutoConfig.from_pretrained(self.spec.source, **common)))
         self.processor = AutoProcessor.from_pretrained(self.spec.source, **common)
         self.model = AutoModelForImageTextToText.from_pretrained(self.spec.source, dtype=dtype, **common)
         self.model.to(device).eval()
