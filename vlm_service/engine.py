@@ -80,7 +80,7 @@ class Engine:
                 backend = served.cls(served.spec, runtime)
                 backend.load()
                 # Before the warm-up and the scheduler's thread, which takes the count set when it starts.
-                set_torch_threads(self.settings.torch_threads, runtime, parameters(backend.model))
+                set_torch_threads(self.settings.torch_threads, runtime, parameters(getattr(backend, "model", None)))
                 if self.settings.warmup:
                     self._warm_up(served.spec, backend)
             except Exception:
@@ -287,6 +287,7 @@ class Engine:
                     max_new_tokens_limit=self.settings.max_new_tokens_limit,
                     device=backend.device if backend else "",
                     dtype=backend.dtype if backend else "",
+                    image_details=tuple(backend.image_tilings().values()) if backend else (),
                 )
             )
         return out
@@ -304,7 +305,7 @@ def auto_torch_threads(cpus: int, model_parameters: int) -> int:
 
 
 def parameters(model) -> int:
-    """How many parameters ``model`` has (0 for an object that is not a torch module)."""
+    """How many parameters ``model`` has (0 for None or an object that is not a torch module)."""
     return sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
 
 

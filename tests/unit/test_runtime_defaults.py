@@ -68,3 +68,20 @@ def test_saved_dtype_reads_a_config_json(tmp_path):
 )
 def test_auto_threads_give_a_large_model_every_core_and_a_small_one_all_but_one(cpus, parameters, expected):
     assert auto_torch_threads(cpus, parameters) == expected
+
+
+def test_the_edge_reads_image_detail_from_captions_queries_and_watch_configs(settings):
+    from vlm.v1 import vlm_service_pb2 as pb
+    from vlm_service import convert
+    from vlm_service.errors import InvalidInput
+    from vlm_service.types import ImageDetail
+
+    assert convert.caption_request(pb.CaptionRequest(), settings).detail is ImageDetail.AUTO
+    assert convert.caption_request(pb.CaptionRequest(detail=pb.IMAGE_DETAIL_LOW), settings).detail is ImageDetail.LOW
+    query = pb.QueryRequest(question="What colour?", detail=pb.IMAGE_DETAIL_HIGH)
+    assert convert.query_request(query, settings).detail is ImageDetail.HIGH
+    watch = pb.WatchRequest(config=pb.WatchConfig(question="What colour?", detail=pb.IMAGE_DETAIL_LOW))
+    assert convert.watch_config(watch, settings).request.detail is ImageDetail.LOW
+    with pytest.raises(InvalidInput) as info:
+        convert.watch_config(pb.WatchRequest(config=pb.WatchConfig(detail=7)), settings)
+    assert info.value.field == "config.detail" and "unknown image detail 7" in str(info.value)

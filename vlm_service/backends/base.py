@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from ..image_cache import ImageCache
-from ..types import CaptionLength, FinishReason, GenerationRequest
+from ..types import CaptionLength, FinishReason, GenerationRequest, ImageDetail, ImageTiling
 
 
 @dataclass(frozen=True)
@@ -232,6 +232,11 @@ class Backend(abc.ABC):
         """Answer ``request`` alone, streaming raw text into ``out`` as the model writes it and checking
         ``out.should_stop()`` between decode steps. Default: a batch of one row."""
         return run_alone(self.new_batch(1), request, out)
+
+    def image_tilings(self) -> dict[ImageDetail, ImageTiling]:
+        """The image detail levels this model offers (AUTO first), with what each does to a picture;
+        a request asking for another is refused. Default: AUTO only, the family's own processing."""
+        return {ImageDetail.AUTO: ImageTiling(ImageDetail.AUTO, f"{self.family}'s own image processing")}
 
     #: The loaded torch model (set by ``load``).
     model: Any

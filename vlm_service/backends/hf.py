@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from ..types import GenerationRequest
+from ..types import GenerationRequest, ImageDetail
 from .base import Backend, ModelSpec, Runtime, saved_dtype
 from .decode_batch import DecodeBatch
 
@@ -62,13 +62,16 @@ class TransformersBackend(Backend):
         """The chat-templated prompt text for a request (the image appears as its placeholder)."""
 
     @abc.abstractmethod
-    def encode(self, prompts: list[str], images: list) -> dict[str, torch.Tensor]:
-        """Processor outputs (input_ids, pixel values, ...) for prompts with one image each."""
+    def encode(
+        self, prompts: list[str], images: list, detail: ImageDetail = ImageDetail.AUTO
+    ) -> dict[str, torch.Tensor]:
+        """Processor outputs (input_ids, pixel values, ...) for prompts with one image each, each image
+        processed at ``detail``."""
 
     def prepare(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """Processor outputs for one request; the image's part comes from the image cache when it can."""
-        with self.images.preprocessing(self.processor, request.image_digest):
-            return self.encode([self.prompt(request)], [request.image])
+        with self.images.preprocessing(self.processor, request.image_key):
+            return self.encode([self.prompt(request)], [request.image], request.detail)
 
     @property
     def tokenizer(self):
@@ -91,7 +94,7 @@ class TransformersBackend(Backend):
         Returns the last position's logits, the KV cache, and the position id of the next token.
         """
         inputs = dict(inputs.to(self._device))
-        features = self.images.get(request.image_digest, "features")
+        features = self.images.get(request.image_key, "features")
         if features is None:
             pixels = inputs["pixel_values"]
             if pixels.is_floating_point():
@@ -99,8 +102,8 @@ class TransformersBackend(Backend):
             features = self.model.get_image_features(
                 **{key: inputs[key] for key in self.vision_inputs if key in inputs}, return_dict=True
             )
-            self.images.put(request.image_digest, "features", features)
-            self.images.drop_inputs(request.image_digest, self.encoder_only_inputs)
+            self.images.put(request.image_key, "features", features)
+            self.images.drop_inputs(request.image_key, self.encoder_only_inputs)
         for key in self.encoder_only_inputs:
             inputs.pop(key, None)
         output = self.model(**inputs, mm_encoder_outputs={"image": features}, use_cache=True, logits_to_keep=1)

@@ -137,10 +137,10 @@ class _AnswerStream(Batch):
                 self._held.enter_context(_GLOBAL_RNG)
                 self._held.enter_context(torch.random.fork_rng(devices=backend._rng_devices()))
                 torch.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-            encoded = backend.images.get(request.image_digest, "encoded")
+            encoded = backend.images.get(request.image_key, "encoded")
             if encoded is None:
                 encoded = backend.model.encode_image(request.image)
-                backend.images.put(request.image_digest, "encoded", encoded)
+                backend.images.put(request.image_key, "encoded", encoded)
             if out.should_stop():
                 self._release()
                 return Outcome(0, 0, FinishReason.STOP)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ..types import CaptionLength, GenerationRequest, Task
+import dataclasses
+import math
+
+from ..types import CaptionLength, GenerationRequest, ImageDetail, ImageTiling, Task
 from .hf import TransformersBackend
 
 #: The instruction sent for each caption length.
@@ -24,5 +27,29 @@ class SmolVLMBackend(TransformersBackend):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def encode(self, prompts: list[str], images: list):
-        return self.processor(text=prompts, images=[[image] for image in images], return_tensors="pt", padding=True)
+    def image_tilings(self) -> dict[ImageDetail, ImageTiling]:
+        """LOW: one view at the tile size; HIGH: the picture resized to the processor's longest edge and
+        cut into tiles, plus a global view; AUTO: what the processor's ``do_image_splitting`` says."""
+        images = self.processor.image_processor
+        tile, longest = images.max_image_size["longest_edge"], images.size["longest_edge"]
+        per_view = self.processor.image_seq_len
+        grid = math.ceil(longest / tile)
+        low = ImageTiling(ImageDetail.LOW, f"one {tile}-px view", 1, per_view)
+        high = ImageTiling(
+            ImageDetail.HIGH,
+            f"up to {grid}x{grid} {tile}-px tiles of the picture at a {longest}-px longest edge, and a global view",
+            grid * grid + 1,
+            (grid * grid + 1) * per_view,
+        )
+        auto = dataclasses.replace(high if images.do_image_splitting else low, detail=ImageDetail.AUTO)
+        return {ImageDetail.AUTO: auto, ImageDetail.LOW: low, ImageDetail.HIGH: high}
+
+    def encode(self, prompts: list[str], images: list, detail: ImageDetail = ImageDetail.AUTO):
+        splitting = {ImageDetail.LOW: {"do_image_splitting": False}, ImageDetail.HIGH: {"do_image_splitting": True}}
+        return self.processor(
+            text=prompts,
+            images=[[image] for image in images],
+            return_tensors="pt",
+            padding=True,
+            **splitting.get(detail, {}),
+        )
