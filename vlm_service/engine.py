@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from . import registry
 from .admission import StreamSlot, admit, admit_stream, check_request, find_model
-from .backends.base import Backend, ModelSpec, Runtime
+from .backends.base import LARGE_MODEL_PARAMETERS, Backend, ModelSpec, Runtime, parameters
 from .config import Settings
 from .errors import GenerationStalled, ModelNotReady
 from .job import Job
@@ -69,6 +69,7 @@ class Engine:
             dtype=self.settings.dtype,
             image_cache_size=self.settings.image_cache_size,
             image_cache_bytes=self.settings.image_cache_bytes,
+            chunked_prefill=self.settings.chunked_prefill,
         )
         for served in self.models.values():
             if self._closed.is_set():
@@ -97,6 +98,7 @@ class Engine:
                 self.settings.max_queue,
                 self._fatal,
                 ModelMetrics(self.metrics, served.spec.name),
+                prefill_budget=self.settings.prefill_budget_ms / 1000,
             )
             served.load_seconds = time.monotonic() - start
             served.state = ModelState.READY
@@ -293,20 +295,11 @@ class Engine:
         return out
 
 
-#: From this many parameters a model is compute-bound on a CPU: auto gives it every core.
-LARGE_MODEL_PARAMETERS = 50_000_000
-
-
 def auto_torch_threads(cpus: int, model_parameters: int) -> int:
     """The automatic thread count on a CPU: every core for a large model (its matrices dominate a
     step: at SmolVLM-256M size one core fewer costs a third of its speed), one fewer for a small one
     (its steps are short, and torch's spinning threads would starve the gRPC server's)."""
     return cpus if model_parameters >= LARGE_MODEL_PARAMETERS else max(1, cpus - 1)
-
-
-def parameters(model) -> int:
-    """How many parameters ``model`` has (0 for None or an object that is not a torch module)."""
-    return sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
 
 
 def set_torch_threads(threads: int, runtime: Runtime, model_parameters: int) -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vlm_service.backends import base
-from vlm_service.backends.base import Runtime, saved_dtype
-from vlm_service.engine import LARGE_MODEL_PARAMETERS, auto_torch_threads
+from vlm_service.backends.base import LARGE_MODEL_PARAMETERS, Runtime, saved_dtype
+from vlm_service.engine import auto_torch_threads
 
 
 @pytest.mark.parametrize(

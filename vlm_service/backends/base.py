@@ -47,6 +47,16 @@ class ModelSpec:
         return f"{self.source}@{self.revision}" if self.revision else self.source
 
 
+#: From this many parameters a model is compute-bound on a CPU: it gets every core (auto torch threads)
+#: and prefills in chunks (auto chunked prefill).
+LARGE_MODEL_PARAMETERS = 50_000_000
+
+
+def parameters(model) -> int:
+    """How many parameters ``model`` has (0 for None or an object that is not a torch module)."""
+    return sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Runtime choices shared by every backend."""
@@ -55,6 +65,13 @@ class Runtime:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     image_cache_size: int = 0  # images whose preprocessing and vision features are kept (0: off)
     image_cache_bytes: int = 0  # bytes of tensors the image cache may keep (0: auto, from the device's memory)
+    chunked_prefill: str = "auto"  # auto | on | off: prefill in chunks between decode steps (see chunked())
+
+    def chunked(self, model_parameters: int) -> bool:
+        """Whether a model of ``model_parameters`` prefills in chunks: on, off, or auto (large models)."""
+        if self.chunked_prefill == "auto":
+            return model_parameters >= LARGE_MODEL_PARAMETERS
+        return self.chunked_prefill == "on"
 
     def image_cache_budget(self) -> int:
         """The image cache's bound in bytes: the setting, or for 0 1/32 of the device's memory."""
@@ -135,7 +152,7 @@ class Batch(abc.ABC):
     @property
     def room(self) -> int:
         """Requests that may join now."""
-        return self.max_rows - len(self)
+        return self.max_rows - len(self) - self.joining
 
     @abc.abstractmethod
     def join(self, request: GenerationRequest, out: TextSink) -> Outcome | None:
@@ -143,13 +160,32 @@ class Batch(abc.ABC):
         has already ended (it is then not in the batch), else None. If it raises, the request is not in
         the batch and the other rows are untouched."""
 
+    @property
+    def joining(self) -> int:
+        """Requests that joined but whose prompt is still being processed, in chunks (see
+        :meth:`prefill_step`); 0 for a batch whose :meth:`join` processes the whole prompt."""
+        return 0
+
+    def prefill_step(self) -> tuple[TextSink, Outcome | None, bool]:
+        """Process the next chunk of the oldest joining request's prompt. Returns its sink, its outcome
+        if it has already ended (it is then not in the batch), and whether its prompt is done (it then
+        decodes with the others, its first output written). If it raises, that request is no longer in
+        the batch (the others are untouched); :attr:`next_joining` named it before the call."""
+        raise NotImplementedError(f"{type(self).__name__} joins requests whole")
+
+    @property
+    def next_joining(self) -> TextSink | None:
+        """The sink of the request the next :meth:`prefill_step` works on (None: none is joining)."""
+        return None
+
     @abc.abstractmethod
     def decode_step(self) -> list[tuple[TextSink, Outcome]]:
         """One decode step for every row; returns the rows that ended (and left the batch), with how."""
 
     @abc.abstractmethod
     def abort(self) -> list[TextSink]:
-        """Drop every row (after a failed step, no row is in a known state); returns their sinks."""
+        """Drop every row and every joining request (after a failed step, no row is in a known state);
+        returns their sinks."""
 
 
 class WholeAnswers(Batch):
@@ -176,6 +212,8 @@ def run_alone(batch: Batch, request: GenerationRequest, out: TextSink) -> Outcom
     """Decode ``request`` alone in ``batch`` (an empty one) until it ends."""
     try:
         outcome = batch.join(request, out)
+        while outcome is None and batch.joining:
+            _, outcome, _ = batch.prefill_step()
         while outcome is None:
             for _, outcome in batch.decode_step():  # noqa: B007 (the one row's outcome is what ends the loop)
                 pass

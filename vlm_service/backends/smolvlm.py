@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
 from ..types import CaptionLength, GenerationRequest, ImageDetail, ImageTiling, Task
 from .hf import TransformersBackend
 
@@ -26,6 +29,29 @@ class SmolVLMBackend(TransformersBackend):
         text = request.question if request.task is Task.QUERY else CAPTION_PROMPTS[request.length]
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    text_chunk_tokens = 256
+
+    def encode_views(self, vision):
+        """Chunked: the picture's views through the vision encoder one at a time (a 512-px view is the
+        encoder's whole work unit: 1,024 patches at SmolVLM-256M size)."""
+        pixels, mask = vision["pixel_values"], vision.get("pixel_attention_mask")
+        pooled = []
+        for view in range(pixels.shape[1]):
+            one = {"pixel_values": pixels[:, view : view + 1]}
+            if mask is not None:
+                one["pixel_attention_mask"] = mask[:, view : view + 1]
+            pooled.extend(self.model.get_image_features(**one, return_dict=True).pooler_output)
+            yield
+        return BaseModelOutputWithPooling(pooler_output=[torch.cat(pooled)])
+
+    def embed_prompt(self, inputs, features):
+        base = self.model.model
+        ids = inputs["input_ids"]
+        embeds = base.text_model.get_input_embeddings()(ids)
+        image = torch.cat(list(features.pooler_output)).to(dtype=embeds.dtype, device=embeds.device)
+        mask = base.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image)
+        return embeds.masked_scatter(mask, image)
 
     def image_tilings(self) -> dict[ImageDetail, ImageTiling]:
         """LOW: one view at the tile size; HIGH: the picture resized to the processor's longest edge and
