@@ -526,13 +526,15 @@ class VLMClient(_ClientBase):
         model: str = "",
         length: str | None = None,
         language: str = "",
+        detail: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options,
     ) -> TextStream:
-        """Stream a caption of ``image``. ``options``: max_new_tokens, temperature, top_p, top_k,
-        repetition_penalty, stop, seed."""
-        request = m.caption_request(image, model, length, language, **options)
+        """Stream a caption of ``image``. ``detail``: "auto", "low" (one view, the fastest first text)
+        or "high" (the model's full tiling); ``ModelInfo.image_details`` says what each does on a
+        model. ``options``: max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed."""
+        request = m.caption_request(image, model, length, language, detail, **options)
         return TextStream(self._stub.Caption(request, **self._call_args(timeout, metadata, model)))
 
     def query(
@@ -542,12 +544,13 @@ class VLMClient(_ClientBase):
         *,
         model: str = "",
         language: str = "",
+        detail: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options,
     ) -> TextStream:
         """Stream the answer to ``question`` about ``image``."""
-        request = m.query_request(image, question, model, language, **options)
+        request = m.query_request(image, question, model, language, detail, **options)
         return TextStream(self._stub.Query(request, **self._call_args(timeout, metadata, model)))
 
     def watch(
@@ -559,6 +562,7 @@ class VLMClient(_ClientBase):
         model: str = "",
         length: str | None = None,
         language: str = "",
+        detail: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options,
@@ -569,7 +573,7 @@ class VLMClient(_ClientBase):
         ``(frame_id, image)`` pairs with increasing ids. ``timeout`` is the whole stream's deadline;
         unlike the other calls, a Watch stream has none unless given one (the client's default
         ``timeout`` is for single answers)."""
-        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, **options), frames)
+        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, detail, **options), frames)
         args = {**self._call_args(timeout, metadata, model), "timeout": timeout}
         return WatchStream(self._stub.Watch(iter(feed), **args), feed)
 
@@ -616,11 +620,12 @@ class AsyncVLMClient(_ClientBase):
         model: str = "",
         length: str | None = None,
         language: str = "",
+        detail: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options,
     ) -> AsyncTextStream:
-        request = m.caption_request(image, model, length, language, **options)
+        request = m.caption_request(image, model, length, language, detail, **options)
         return AsyncTextStream(self._stub.Caption(request, **self._call_args(timeout, metadata, model)))
 
     def query(
@@ -630,11 +635,12 @@ class AsyncVLMClient(_ClientBase):
         *,
         model: str = "",
         language: str = "",
+        detail: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options,
     ) -> AsyncTextStream:
-        request = m.query_request(image, question, model, language, **options)
+        request = m.query_request(image, question, model, language, detail, **options)
         return AsyncTextStream(self._stub.Query(request, **self._call_args(timeout, metadata, model)))
 
     def watch(
@@ -646,13 +652,14 @@ class AsyncVLMClient(_ClientBase):
         model: str = "",
         length: str | None = None,
         language: str = "",
+        detail: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options,
     ) -> AsyncWatchStream:
         """The asyncio twin of :meth:`VLMClient.watch`. ``frames`` may also be an async iterable (a
         paced feed should be one: a plain iterable is read on the event loop)."""
-        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, **options), frames)
+        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, detail, **options), frames)
         args = {**self._call_args(timeout, metadata, model), "timeout": timeout}
         return AsyncWatchStream(self._stub.Watch(feed.messages(), **args), feed)
 
