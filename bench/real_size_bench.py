@@ -85,14 +85,22 @@ def single_view_copy(twin: Path, into: Path) -> Path:
     return view
 
 
-def service_dtype(flags: list[str]) -> str:
-    """The dtype a service runs with these flags on a CPU (auto: float32)."""
+def service_dtype(flags: list[str], twin: Path) -> str:
+    """The dtype a service with these flags runs the twin in: ``--dtype`` (or ``VLM_DTYPE``), and for
+    auto what the service itself resolves (``Runtime.resolve``: bfloat16 for this bfloat16 checkpoint on
+    a CPU with bfloat16 instructions, else float32)."""
+    from transformers import AutoConfig
+
+    from vlm_service.backends.base import Runtime, saved_dtype
+
+    dtype = os.environ.get("VLM_DTYPE", "auto")
     for i, flag in enumerate(flags):
         if flag.startswith("--dtype="):
-            return flag.split("=", 1)[1].replace("auto", "float32")
-        if flag == "--dtype" and i + 1 < len(flags):
-            return flags[i + 1].replace("auto", "float32")
-    return os.environ.get("VLM_DTYPE", "auto").replace("auto", "float32")
+            dtype = flag.split("=", 1)[1]
+        elif flag == "--dtype" and i + 1 < len(flags):
+            dtype = flags[i + 1]
+    _, resolved = Runtime(device="cpu", dtype=dtype).resolve(saved_dtype(AutoConfig.from_pretrained(twin)))
+    return str(resolved).removeprefix("torch.")
 
 
 class Figures:
@@ -315,8 +323,8 @@ async def measure(args) -> dict:
         "generate_threads": args.threads,
         "service_flags": {"service": args.stall_flags}
         | {f"service {flags}": shlex.split(flags) + args.stall_flags for flags in args.service_variant},
-        "service_dtype": {"service": service_dtype(args.stall_flags)}
-        | {f"service {flags}": service_dtype(shlex.split(flags)) for flags in args.service_variant},
+        "service_dtype": {"service": service_dtype(args.stall_flags, twin)}
+        | {f"service {flags}": service_dtype(shlex.split(flags), twin) for flags in args.service_variant},
         "figures": figures.values,
         "medians": medians,
         "prompt_tokens": figures.prompt_tokens,
