@@ -26,7 +26,7 @@ BUF := .tools/node_modules/.bin/buf
 # What `buf breaking` compares the working tree's protos with: the previous commit's.
 BUF_AGAINST ?= .git\#ref=HEAD~1,subdir=protos
 
-.PHONY: install proto proto-check dist checkpoints ship deploy-tools serve test lint bench bench-watch bench-tracing accuracy soak clean
+.PHONY: install proto proto-check dist checkpoints ship deploy-tools serve test lint bench bench-real bench-watch bench-tracing accuracy soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -108,6 +108,11 @@ $(BENCH_STAMP): pyproject.toml | $(STAMP)
 
 bench: install checkpoints $(BENCH_STAMP)
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/stream_bench.py $(ARGS)
+
+# The real-size mode: the smolvlm-256m-shapes twin on 512x512 pictures, one tile and 17 views, against
+# the same two references (the issue's rows and goals; about 15 minutes on a 2-core CPU).
+bench-real: install checkpoints $(BENCH_STAMP)
+	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/real_size_bench.py $(ARGS)
 
 # Watch: a 20 frames/s feed for 10 s under each policy against a lone Caption (memory, skipped frames,
 # time to first text after an answer ends or after an interrupt).

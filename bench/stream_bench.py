@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -41,19 +42,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROMPT = "Describe this image."
+SIZE = (96, 64)  # the pictures' size (width, height); the real-size bench asks for 512x512
 
 
-def _image(index: int = 0) -> Image.Image:
+def _image(index: int = 0, size: tuple[int, int] = SIZE) -> Image.Image:
     """Image number ``index``: the same size and look, a different pixel (so a different cache key)."""
-    image = Image.new("RGB", (96, 64), "white")
-    ImageDraw.Draw(image).ellipse((24, 16, 72, 48), fill="red")
-    image.putpixel((index % 96, index // 96 % 64), (index * 7 % 256, index * 13 % 256, index * 29 % 256))
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, width * 3 // 4, height * 3 // 4), fill="red")
+    pixel = (index % width, index // width % height)
+    image.putpixel(pixel, (index * 7 % 256, index * 13 % 256, index * 29 % 256))
     return image
 
 
-def _png(index: int = 0) -> bytes:
+def _png(index: int = 0, size: tuple[int, int] = SIZE) -> bytes:
     buffer = io.BytesIO()
-    _image(index).save(buffer, format="PNG")
+    _image(index, size).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -89,6 +93,7 @@ class Stream:
         self.arrivals: list[float] = []
         self.text: list[str] = []
         self.tokens = 0
+        self.prompt_tokens = 0
         self.end = 0.0
 
     def piece(self, text: str) -> None:
@@ -119,12 +124,13 @@ class InProcess:
 
     name = "in-process"
 
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, dtype: str = "float32", size: tuple[int, int] = SIZE):
         from vlm_service.backends.base import ModelSpec, Runtime
         from vlm_service.backends.smolvlm import SmolVLMBackend
         from vlm_service.types import GenerationRequest, SamplingParams, Task
 
-        self.backend = SmolVLMBackend(ModelSpec("bench", str(checkpoint)), Runtime("cpu", "float32"))
+        self.size = size
+        self.backend = SmolVLMBackend(ModelSpec("bench", str(checkpoint)), Runtime("cpu", dtype))
         self.backend.load()
         self.backend.processor.tokenizer.padding_side = "left"
         self.request = GenerationRequest("bench", "bench", Task.CAPTION, _image(), SamplingParams(1))
@@ -154,7 +160,7 @@ class InProcess:
         start = time.perf_counter()
         for stream in streams:
             stream.start = start
-        inputs = self.backend.encode([prompt] * concurrency, [_image(index) for index in images])
+        inputs = self.backend.encode([prompt] * concurrency, [_image(index, self.size) for index in images])
         with torch.inference_mode():
             out = self.backend.model.generate(
                 **inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=Clock()
@@ -162,6 +168,7 @@ class InProcess:
         end = time.perf_counter()
         for stream in streams:
             stream.tokens = out.shape[1] - inputs["input_ids"].shape[1]
+            stream.prompt_tokens = inputs["input_ids"].shape[1]
             stream.end = end
         return streams, end - start
 
@@ -169,7 +176,11 @@ class InProcess:
 class Service:
     name = "service"
 
-    def __init__(self, cache_dir: Path, checkpoint: Path, max_batch: int):
+    def __init__(
+        self, cache_dir: Path, checkpoint: Path, max_batch: int, flags: Sequence[str] = (), size: tuple[int, int] = SIZE
+    ):
+        """``flags``: more ``vlm-service serve`` flags (none: the server's defaults)."""
+        self.size = size
         self.port = _free_port()
         env = {
             **os.environ,
@@ -181,13 +192,13 @@ class Service:
         }
         if max_batch:
             env["VLM_MAX_BATCH_SIZE"] = str(max_batch)
-        self.process = subprocess.Popen([sys.executable, "-m", "vlm_service", "serve"], env=env)
+        self.process = subprocess.Popen([sys.executable, "-m", "vlm_service", "serve", *flags], env=env)
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = 300) -> None:
         from vlm_client import AsyncVLMClient
 
         self.client = AsyncVLMClient(f"127.0.0.1:{self.port}")
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 if (await self.client.models(timeout=2))[0].ready:
@@ -199,7 +210,7 @@ class Service:
             await asyncio.sleep(0.2)
 
     async def _one(self, tokens: int, image: int, question: str = "") -> Stream:
-        png = _png(image)
+        png = _png(image, self.size)
         stream = Stream()
         if question:
             call = self.client.query(png, question, max_new_tokens=tokens)
@@ -209,6 +220,7 @@ class Service:
             stream.piece(text)
         stream.end = time.perf_counter()
         stream.tokens = call.usage.completion_tokens
+        stream.prompt_tokens = call.usage.prompt_tokens
         return stream
 
     async def run(self, tokens: int, images: list[int]) -> tuple[list[Stream], float]:
@@ -248,7 +260,8 @@ class TransformersServe:
 
     name = "transformers-serve"
 
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, size: tuple[int, int] = SIZE):
+        self.size = size
         self.port = _free_port()
         self.model = str(checkpoint)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -260,11 +273,11 @@ class TransformersServe:
             stderr=subprocess.DEVNULL,
         )
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = 300) -> None:
         import httpx
 
         self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=600)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 if (await self.http.get("/health")).status_code == 200:
@@ -276,7 +289,7 @@ class TransformersServe:
             await asyncio.sleep(0.5)
 
     async def _one(self, tokens: int, image: int) -> Stream:
-        url = "data:image/png;base64," + base64.b64encode(_png(image)).decode()
+        url = "data:image/png;base64," + base64.b64encode(_png(image, self.size)).decode()
         body = {
             "model": self.model,
             "stream": True,
@@ -305,6 +318,7 @@ class TransformersServe:
                         stream.piece(choice["delta"]["content"])
                 if chunk.get("usage"):
                     stream.tokens = chunk["usage"]["completion_tokens"]
+                    stream.prompt_tokens = chunk["usage"].get("prompt_tokens") or 0
         stream.end = time.perf_counter()
         if not stream.tokens:  # no usage chunk: count the content chunks
             stream.tokens = len(stream.arrivals)

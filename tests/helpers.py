@@ -272,22 +272,26 @@ def caption_request(image: Image.Image | bytes | None = None, **options) -> pb.C
     model = options.pop("model", "")
     length = options.pop("length", pb.CAPTION_LENGTH_UNSPECIFIED)
     language = options.pop("response_language", "")
+    detail = options.pop("detail", pb.IMAGE_DETAIL_UNSPECIFIED)
     return pb.CaptionRequest(
         model=model,
         image=pb.Image(data=data),
         length=length,
         options=pb.GenerationOptions(**options),
         response_language=language,
+        detail=detail,
     )
 
 
 def query_request(question: str, image: Image.Image | None = None, **options) -> pb.QueryRequest:
     model = options.pop("model", "")
     language = options.pop("response_language", "")
+    detail = options.pop("detail", pb.IMAGE_DETAIL_UNSPECIFIED)
     return pb.QueryRequest(
         model=model,
         image=pb.Image(data=png_bytes(image or shape_image())),
         question=question,
         options=pb.GenerationOptions(**options),
         response_language=language,
+        detail=detail,
     )

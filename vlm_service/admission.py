@@ -9,8 +9,9 @@ and on the model's, in this order, and the first that fails refuses the request 
 3. the model is served here (NOT_FOUND), has not failed (UNAVAILABLE, saying why) and is loaded
    (UNAVAILABLE);
 4. the model's family supports what the request asks: its response language, its caption length,
-   every option it sets (INVALID_ARGUMENT naming the field). These are the capabilities each family
-   declares on its backend class; nothing else checks them;
+   its image detail, every option it sets (INVALID_ARGUMENT naming the field). These are the
+   capabilities each family declares on its backend class (the detail levels, on the loaded model:
+   they depend on its processor); nothing else checks them;
 5. its deadline can be met from the queue position (DEADLINE_EXCEEDED).
 
 Admission also fills in the model's defaults (``max_new_tokens`` 0 takes the family's budget for the
@@ -81,7 +82,7 @@ def check_request(
         raise ModelNotReady(f"model {name!r} has failed ({served.error}) and no longer serves; use another instance")
     if served.state is not ModelState.READY or served.scheduler is None:
         raise ModelNotReady(f"model {name!r} is still loading; retry shortly")
-    return served, _with_capabilities(request, type(served.backend), name, settings)
+    return served, _with_capabilities(request, served.backend, name, settings)
 
 
 def _check_not_draining(draining: bool) -> None:
@@ -97,8 +98,10 @@ def find_model(models: Mapping[str, ServedModel], name: str, default_model: str)
     return served
 
 
-def _with_capabilities(request: GenerationRequest, family, name: str, settings: Settings) -> GenerationRequest:
-    """Check the request against what the model's family declares; fill in the family's defaults."""
+def _with_capabilities(request: GenerationRequest, backend, name: str, settings: Settings) -> GenerationRequest:
+    """Check the request against what the model's family declares (and the image detail levels the
+    loaded model offers); fill in the family's defaults."""
+    family = type(backend)
     if request.language not in family.languages:
         raise InvalidInput(
             "response_language",
@@ -106,6 +109,13 @@ def _with_capabilities(request: GenerationRequest, family, name: str, settings: 
         )
     if request.task is Task.CAPTION and request.length not in family.caption_lengths:
         raise InvalidInput("length", f"model {name!r} does not support {request.length.value} captions")
+    details = backend.image_tilings()
+    if request.detail not in details:
+        raise InvalidInput(
+            "detail",
+            f"model {name!r} does not offer {request.detail.value} image detail; "
+            f"it offers: {', '.join(d.value for d in details)}",
+        )
     unsupported = sorted(request.params.options_set() - family.supported_options)
     if unsupported:
         raise InvalidInput(

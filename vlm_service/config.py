@@ -48,20 +48,39 @@ class Settings:
         repeat=True,
     )
     device: str = _setting("auto", "Device for the models: auto picks cuda when available.", choices=DEVICES)
-    dtype: str = _setting("auto", "Weight dtype: auto is bfloat16 on cuda and float32 elsewhere.", choices=DTYPES)
+    dtype: str = _setting(
+        "auto",
+        "Weight dtype: auto is bfloat16 on cuda, and on a CPU with bfloat16 instructions (AVX512-BF16, AMX) "
+        "for a checkpoint saved in bfloat16; float32 otherwise.",
+        choices=DTYPES,
+    )
     max_queue: int = _setting(
         16, "Requests that may wait per model; beyond it requests get RESOURCE_EXHAUSTED at once."
     )
     torch_threads: int = _setting(
         0,
-        "Threads torch uses inside one operation on the CPU. 0 (auto): one fewer than the CPUs when a model "
-        "runs on the CPU, leaving a core to the gRPC server (torch's spinning threads otherwise starve it); "
-        "torch's default on a GPU.",
+        "Threads torch uses inside one operation on the CPU. 0 (auto): on a CPU, every core for a model of "
+        "50M parameters or more (compute-bound), one fewer for a smaller one, leaving a core to the gRPC "
+        "server (torch's spinning threads otherwise starve it); torch's default on a GPU.",
     )
     max_batch_size: int = _setting(
         16,
         "Requests decoded together per model (continuous batching: new ones join between decode steps); "
         "1 decodes one at a time. Moondream always runs one at a time.",
+    )
+    chunked_prefill: str = _setting(
+        "auto",
+        "Cut a joining request's prefill into chunks (each view of its picture through the vision encoder, then "
+        "spans of prompt tokens) that run between the decode steps of the requests already streaming, so a new "
+        "picture never freezes them for its whole prefill: on, off, or auto (on for a model of 50M parameters or "
+        "more). Chunks depend on the request only, so an answer is the same whatever runs beside it. SmolVLM; "
+        "Qwen2-VL and Moondream prefill in one piece.",
+        choices=("auto", "on", "off"),
+    )
+    prefill_budget_ms: float = _setting(
+        250.0,
+        "Milliseconds of prefill work (requests joining a batch) between two decode steps while others stream; "
+        "at least one chunk runs each time. 0: one chunk per decode step.",
     )
     image_cache_size: int = _setting(
         32, "Images per model whose preprocessing and vision features are kept for reuse (by content hash); 0 is off."
@@ -166,7 +185,14 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_describe(name)} must be positive, got {getattr(self, name)}")
-        for name in ("max_stop_sequences", "torch_threads", "image_cache_size", "image_cache_bytes", "grace_period"):
+        for name in (
+            "max_stop_sequences",
+            "torch_threads",
+            "image_cache_size",
+            "image_cache_bytes",
+            "grace_period",
+            "prefill_budget_ms",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_describe(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("port", "metrics_port"):

@@ -18,7 +18,17 @@ from .access import new_request_id
 from .config import Settings
 from .errors import InvalidInput
 from .interceptors import to_rpc_status
-from .types import CaptionLength, Finished, FinishReason, GenerationRequest, ModelCard, SamplingParams, Task, TextDelta
+from .types import (
+    CaptionLength,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    ImageDetail,
+    ModelCard,
+    SamplingParams,
+    Task,
+    TextDelta,
+)
 from .watch import Frame, FrameAnswered, FrameRejected, FrameText, WatchConfig, WatchEvent, WatchPolicy
 
 _LENGTHS = {
@@ -31,6 +41,17 @@ _LENGTHS_TO_PB = {
     CaptionLength.SHORT: pb.CAPTION_LENGTH_SHORT,
     CaptionLength.NORMAL: pb.CAPTION_LENGTH_NORMAL,
     CaptionLength.LONG: pb.CAPTION_LENGTH_LONG,
+}
+_DETAILS = {
+    pb.IMAGE_DETAIL_UNSPECIFIED: ImageDetail.AUTO,
+    pb.IMAGE_DETAIL_AUTO: ImageDetail.AUTO,
+    pb.IMAGE_DETAIL_LOW: ImageDetail.LOW,
+    pb.IMAGE_DETAIL_HIGH: ImageDetail.HIGH,
+}
+_DETAILS_TO_PB = {
+    ImageDetail.AUTO: pb.IMAGE_DETAIL_AUTO,
+    ImageDetail.LOW: pb.IMAGE_DETAIL_LOW,
+    ImageDetail.HIGH: pb.IMAGE_DETAIL_HIGH,
 }
 _FINISH_TO_PB = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -106,6 +127,7 @@ def caption_request(
         params=sampling_params(message.options, settings),
         length=_LENGTHS[message.length],
         language=_language(message.response_language),
+        detail=_detail(message.detail),
     )
 
 
@@ -126,7 +148,14 @@ def query_request(
         params=sampling_params(message.options, settings),
         question=question,
         language=_language(message.response_language),
+        detail=_detail(message.detail),
     )
+
+
+def _detail(value: int) -> ImageDetail:
+    if value not in _DETAILS:
+        raise InvalidInput("detail", f"unknown image detail {value}")
+    return _DETAILS[value]
 
 
 def watch_config(message: pb.WatchRequest, settings: Settings, request_id: str = "") -> WatchConfig:
@@ -208,4 +237,13 @@ def model_info(card: ModelCard) -> pb.ModelInfo:
         max_new_tokens_limit=card.max_new_tokens_limit,
         device=card.device,
         dtype=card.dtype,
+        image_details=[
+            pb.ImageTiling(
+                detail=_DETAILS_TO_PB[tiling.detail],
+                description=tiling.description,
+                max_views=tiling.max_views,
+                max_image_tokens=tiling.max_image_tokens,
+            )
+            for tiling in card.image_details
+        ],
     )

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from . import registry
 from .admission import StreamSlot, admit, admit_stream, check_request, find_model
-from .backends.base import Backend, ModelSpec, Runtime
+from .backends.base import LARGE_MODEL_PARAMETERS, Backend, ModelSpec, Runtime, parameters
 from .config import Settings
 from .errors import GenerationStalled, ModelNotReady
 from .job import Job
@@ -69,8 +69,8 @@ class Engine:
             dtype=self.settings.dtype,
             image_cache_size=self.settings.image_cache_size,
             image_cache_bytes=self.settings.image_cache_bytes,
+            chunked_prefill=self.settings.chunked_prefill,
         )
-        set_torch_threads(self.settings.torch_threads, runtime)
         for served in self.models.values():
             if self._closed.is_set():
                 return  # stopped while loading: load nothing more, start no scheduler
@@ -80,6 +80,8 @@ class Engine:
                 served.cls = registry.backend_class(served.spec.family)
                 backend = served.cls(served.spec, runtime)
                 backend.load()
+                # Before the warm-up and the scheduler's thread, which takes the count set when it starts.
+                set_torch_threads(self.settings.torch_threads, runtime, parameters(getattr(backend, "model", None)))
                 if self.settings.warmup:
                     self._warm_up(served.spec, backend)
             except Exception:
@@ -96,6 +98,7 @@ class Engine:
                 self.settings.max_queue,
                 self._fatal,
                 ModelMetrics(self.metrics, served.spec.name),
+                prefill_budget=self.settings.prefill_budget_ms / 1000,
             )
             served.load_seconds = time.monotonic() - start
             served.state = ModelState.READY
@@ -286,13 +289,23 @@ class Engine:
                     max_new_tokens_limit=self.settings.max_new_tokens_limit,
                     device=backend.device if backend else "",
                     dtype=backend.dtype if backend else "",
+                    image_details=tuple(backend.image_tilings().values()) if backend else (),
                 )
             )
         return out
 
 
-def set_torch_threads(threads: int, runtime: Runtime) -> None:
-    """Size torch's intra-op thread pool (process-wide): ``threads``, or for 0 the automatic choice."""
+def auto_torch_threads(cpus: int, model_parameters: int) -> int:
+    """The automatic thread count on a CPU: every core for a large model (its matrices dominate a
+    step: at SmolVLM-256M size one core fewer costs a third of its speed), one fewer for a small one
+    (its steps are short, and torch's spinning threads would starve the gRPC server's)."""
+    return cpus if model_parameters >= LARGE_MODEL_PARAMETERS else max(1, cpus - 1)
+
+
+def set_torch_threads(threads: int, runtime: Runtime, model_parameters: int) -> None:
+    """Size torch's intra-op thread pool: ``threads``, or for 0 the automatic choice for a model of
+    ``model_parameters`` (on a CPU; torch's own default on a GPU). torch applies it to this thread and
+    to threads started after (each model's scheduler thread starts after its model loads)."""
     import os
 
     import torch
@@ -301,10 +314,11 @@ def set_torch_threads(threads: int, runtime: Runtime) -> None:
         device, _ = runtime.resolve()
         if device.type != "cpu":
             return
-        threads = max(1, (os.cpu_count() or 1) - 1)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = auto_torch_threads(cpus, model_parameters)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-        logger.info("torch uses %d intra-op thread(s)", threads)
+    logger.info("torch uses %d intra-op thread(s)", threads)
 
 
 def warmup_image() -> Image.Image:

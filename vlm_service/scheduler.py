@@ -2,7 +2,9 @@
 
 Its thread drives the :class:`~vlm_service.backends.base.Batch` that the model's backend made, the
 same loop for every family: take waiting jobs while the batch has room (each joins it: its prompt is
-processed alone and its first output written), then one decode step for every row; a row leaves the
+processed alone and its first output written; a batch that processes prompts in chunks runs them for
+up to ``prefill_budget`` seconds, then the rows already decoding get their step), then one decode
+step for every row; a row leaves the
 batch the step it ends, so it stops costing compute at once, and the other rows go on. The loop knows
 nothing of a family: the transformers families decode many rows together, Moondream one at a time.
 
@@ -54,10 +56,12 @@ class Scheduler:
         max_queue: int,
         on_fatal: Callable[[str], None] | None = None,
         metrics: ModelMetrics | None = None,
+        prefill_budget: float = 0.25,
     ):
         self.name = name
         self.batch = batch
         self.metrics = metrics
+        self.prefill_budget = prefill_budget  # seconds of prefill chunks between decode steps
         self.max_queue = max_queue
         self._on_fatal = on_fatal
         self.seconds_per_request: float | None = None  # moving average of generation times
@@ -192,6 +196,8 @@ class Scheduler:
             while (new := self._take(batch.room)) is not None:
                 for job in new:
                     self._join(job)
+                if batch.joining:
+                    self._prefill()
                 if len(batch):
                     self._decode_step()
         finally:
@@ -204,6 +210,7 @@ class Scheduler:
         if job.trace is not None:
             job.trace.started(job.started_at)
         failure = None
+        joining_before = self.batch.joining
         try:
             outcome = self.batch.join(job.request, job)
         except Exception as exc:
@@ -211,10 +218,36 @@ class Scheduler:
         if failure is not None:  # handled outside the except block, so its frames can be let go
             self._failed([job], failure)
             return
+        if outcome is None and self.batch.joining > joining_before:
+            return  # queued: its prompt is processed in chunks (_prefill), its first output comes then
         if job.trace is not None:  # the prompt is processed and the first output written
             job.trace.first_token(time.monotonic())
         if outcome is not None:
             self._finished(job, outcome)
+
+    def _prefill(self) -> None:
+        """Chunks of the joining requests' prefills, oldest first, until they are all in or, while
+        other requests are decoding, ``prefill_budget`` seconds have run (at least one chunk): the
+        streams already running wait for one slice of a new request's prefill, never all of it."""
+        batch = self.batch
+        until = time.monotonic() + self.prefill_budget
+        while batch.joining:
+            job = batch.next_joining
+            failure = None
+            try:
+                _, outcome, joined = batch.prefill_step()
+            except Exception as exc:
+                failure = exc
+            self.progress = time.monotonic()
+            if failure is not None:  # only this request is touched: it has left the batch
+                self._failed([job], failure)
+            elif joined:
+                if job.trace is not None:
+                    job.trace.first_token(self.progress)
+                if outcome is not None:
+                    self._finished(job, outcome)
+            if len(batch) and self.progress >= until:
+                return
 
     def _decode_step(self) -> None:
         if self.metrics is not None:

@@ -20,6 +20,24 @@ class CaptionLength(enum.Enum):
     LONG = "long"
 
 
+class ImageDetail(enum.Enum):
+    """How much of the picture the model looks at (detail traded for latency)."""
+
+    AUTO = "auto"  # what the model's processor does by default
+    LOW = "low"  # one view of the whole picture at the model's base resolution
+    HIGH = "high"  # the model's full tiling
+
+
+@dataclass(frozen=True)
+class ImageTiling:
+    """What one detail level does to a picture on one model (0: not known)."""
+
+    detail: ImageDetail
+    description: str
+    max_views: int = 0
+    max_image_tokens: int = 0
+
+
 class FinishReason(enum.Enum):
     STOP = "stop"  # the model wrote its end-of-sequence token
     LENGTH = "length"  # max_new_tokens reached
@@ -64,7 +82,13 @@ class GenerationRequest:
     language: str = "en"
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() by which the RPC ends, if it has a deadline
-    image_digest: str = ""  # hash of the image's bytes (the image cache's key); empty: not cached
+    image_digest: str = ""  # hash of the image's bytes; empty: not cached
+    detail: ImageDetail = ImageDetail.AUTO
+
+    @property
+    def image_key(self) -> str:
+        """The image cache's key: the image's bytes and the detail it is looked at in (empty: not cached)."""
+        return f"{self.image_digest}/{self.detail.value}" if self.image_digest else ""
 
 
 @dataclass(frozen=True)
@@ -106,3 +130,4 @@ class ModelCard:
     max_new_tokens_limit: int
     device: str
     dtype: str
+    image_details: tuple[ImageTiling, ...] = ()

@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._messages import ModelInfo, Usage
+from ._messages import ImageTiling, ModelInfo, Usage
 from .client import (
     CONNECTION_OPTIONS,
     HEALTH_CHECK_CONFIG,
@@ -53,6 +53,7 @@ __all__ = [
     "DeadlineExceeded",
     "FieldViolation",
     "FrameAnswer",
+    "ImageTiling",
     "InvalidArgument",
     "ModelInfo",
     "ModelNotFound",

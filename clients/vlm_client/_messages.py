@@ -16,6 +16,13 @@ CAPTION_LENGTHS = {
     "normal": pb.CAPTION_LENGTH_NORMAL,
     "long": pb.CAPTION_LENGTH_LONG,
 }
+IMAGE_DETAILS = {
+    None: pb.IMAGE_DETAIL_UNSPECIFIED,
+    "": pb.IMAGE_DETAIL_UNSPECIFIED,
+    "auto": pb.IMAGE_DETAIL_AUTO,
+    "low": pb.IMAGE_DETAIL_LOW,
+    "high": pb.IMAGE_DETAIL_HIGH,
+}
 FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
@@ -42,6 +49,16 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class ImageTiling:
+    """What one image detail level ("auto", "low", "high") does to a picture on one model (0: not known)."""
+
+    detail: str
+    description: str
+    max_views: int
+    max_image_tokens: int
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     family: str
@@ -54,6 +71,7 @@ class ModelInfo:
     max_new_tokens_limit: int
     device: str
     dtype: str
+    image_details: tuple[ImageTiling, ...] = ()
 
 
 def options(
@@ -80,7 +98,15 @@ def options(
     return message
 
 
-def caption_request(image: ImageLike, model: str, length: str | None, language: str, **opts) -> pb.CaptionRequest:
+def image_detail(detail: str | None) -> int:
+    if detail not in IMAGE_DETAILS:
+        raise ValueError(f"detail must be one of auto, low, high; got {detail!r}")
+    return IMAGE_DETAILS[detail]
+
+
+def caption_request(
+    image: ImageLike, model: str, length: str | None, language: str, detail: str | None = None, **opts
+) -> pb.CaptionRequest:
     if length not in CAPTION_LENGTHS:
         raise ValueError(f"length must be one of short, normal, long; got {length!r}")
     return pb.CaptionRequest(
@@ -89,21 +115,31 @@ def caption_request(image: ImageLike, model: str, length: str | None, language: 
         length=CAPTION_LENGTHS[length],
         options=options(**opts),
         response_language=language,
+        detail=image_detail(detail),
     )
 
 
-def query_request(image: ImageLike, question: str, model: str, language: str, **opts) -> pb.QueryRequest:
+def query_request(
+    image: ImageLike, question: str, model: str, language: str, detail: str | None = None, **opts
+) -> pb.QueryRequest:
     return pb.QueryRequest(
         model=model,
         image=pb.Image(data=image_bytes(image)),
         question=question,
         options=options(**opts),
         response_language=language,
+        detail=image_detail(detail),
     )
 
 
 def watch_config(
-    question: str, model: str, length: str | None, language: str, policy: str | None, **opts
+    question: str,
+    model: str,
+    length: str | None,
+    language: str,
+    policy: str | None,
+    detail: str | None = None,
+    **opts,
 ) -> pb.WatchRequest:
     """The first message of a Watch stream."""
     if length not in CAPTION_LENGTHS:
@@ -117,6 +153,7 @@ def watch_config(
         options=options(**opts),
         response_language=language,
         policy=WATCH_POLICIES[policy],
+        detail=image_detail(detail),
     )
     return pb.WatchRequest(config=config)
 
@@ -137,6 +174,7 @@ def usage_from(message) -> Usage:
 
 def model_info_from(message: pb.ModelInfo) -> ModelInfo:
     lengths = {v: k for k, v in CAPTION_LENGTHS.items() if k}
+    details = {v: k for k, v in IMAGE_DETAILS.items() if k}
     return ModelInfo(
         name=message.name,
         family=message.family,
@@ -149,6 +187,11 @@ def model_info_from(message: pb.ModelInfo) -> ModelInfo:
         max_new_tokens_limit=message.max_new_tokens_limit,
         device=message.device,
         dtype=message.dtype,
+        image_details=tuple(
+            ImageTiling(details[t.detail], t.description, t.max_views, t.max_image_tokens)
+            for t in message.image_details
+            if t.detail in details
+        ),
     )
 
 

@@ -65,6 +65,13 @@ def _add_connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> No
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="model name (default: the server's default model)")
     parser.add_argument("--language", default="", help="response language code, e.g. en, ja (default: en)")
+    parser.add_argument(
+        "--detail",
+        choices=("auto", "low", "high"),
+        default=None,
+        help="how much of the picture the model looks at: low is one view (fastest), high the model's full "
+        "tiling (default: auto, the model's own; `vlm-client models --json` lists each model's)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=0, help="0 means the model's default")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     parser.add_argument("--top-p", type=float, default=0.0)
@@ -142,6 +149,7 @@ def _options(args: argparse.Namespace) -> dict:
     return {
         "model": args.model,
         "language": args.language,
+        "detail": args.detail,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,

@@ -45,12 +45,16 @@ MODEL_HEADER = "x-vlm-model"
 #: handshake) still surfaces as UNAVAILABLE, with its reason, inside a few seconds' deadline; waiting
 #: out a restart is wait_for_ready's job. A server's ``grpc-retry-pushback-ms`` trailer (vlm-service
 #: sends it beside every ``google.rpc.RetryInfo``) replaces the backoff with the server's delay.
+#: CANCELLED is retried too, under the same rule (nothing received yet): vlm-service never sends it,
+#: but gRPC's server core does, to a call that reaches a server in the instant its shutdown starts
+#: (the last moment of a drain, before the client or a proxy has read the server's GOAWAY); a call the
+#: caller cancels ends on the client's side and is never retried.
 RETRY_POLICY = {
     "maxAttempts": 5,
     "initialBackoff": "0.1s",
     "maxBackoff": "1s",
     "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
+    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
 }
 
 #: round_robin spreads calls over every address the target resolves to (``dns:///vlm.ns.svc:50051``
@@ -522,13 +526,15 @@ class VLMClient(_ClientBase):
         model: str = "",
         length: str | None = None,
         language: str = "",
+        detail: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options,
     ) -> TextStream:
-        """Stream a caption of ``image``. ``options``: max_new_tokens, temperature, top_p, top_k,
-        repetition_penalty, stop, seed."""
-        request = m.caption_request(image, model, length, language, **options)
+        """Stream a caption of ``image``. ``detail``: "auto", "low" (one view, the fastest first text)
+        or "high" (the model's full tiling); ``ModelInfo.image_details`` says what each does on a
+        model. ``options``: max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed."""
+        request = m.caption_request(image, model, length, language, detail, **options)
         return TextStream(self._stub.Caption(request, **self._call_args(timeout, metadata, model)))
 
     def query(
@@ -538,12 +544,13 @@ class VLMClient(_ClientBase):
         *,
         model: str = "",
         language: str = "",
+        detail: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options,
     ) -> TextStream:
         """Stream the answer to ``question`` about ``image``."""
-        request = m.query_request(image, question, model, language, **options)
+        request = m.query_request(image, question, model, language, detail, **options)
         return TextStream(self._stub.Query(request, **self._call_args(timeout, metadata, model)))
 
     def watch(
@@ -555,6 +562,7 @@ class VLMClient(_ClientBase):
         model: str = "",
         length: str | None = None,
         language: str = "",
+        detail: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options,
@@ -565,7 +573,7 @@ class VLMClient(_ClientBase):
         ``(frame_id, image)`` pairs with increasing ids. ``timeout`` is the whole stream's deadline;
         unlike the other calls, a Watch stream has none unless given one (the client's default
         ``timeout`` is for single answers)."""
-        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, **options), frames)
+        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, detail, **options), frames)
         args = {**self._call_args(timeout, metadata, model), "timeout": timeout}
         return WatchStream(self._stub.Watch(iter(feed), **args), feed)
 
@@ -612,11 +620,12 @@ class AsyncVLMClient(_ClientBase):
         model: str = "",
         length: str | None = None,
         language: str = "",
+        detail: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options,
     ) -> AsyncTextStream:
-        request = m.caption_request(image, model, length, language, **options)
+        request = m.caption_request(image, model, length, language, detail, **options)
         return AsyncTextStream(self._stub.Caption(request, **self._call_args(timeout, metadata, model)))
 
     def query(
@@ -626,11 +635,12 @@ class AsyncVLMClient(_ClientBase):
         *,
         model: str = "",
         language: str = "",
+        detail: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options,
     ) -> AsyncTextStream:
-        request = m.query_request(image, question, model, language, **options)
+        request = m.query_request(image, question, model, language, detail, **options)
         return AsyncTextStream(self._stub.Query(request, **self._call_args(timeout, metadata, model)))
 
     def watch(
@@ -642,13 +652,14 @@ class AsyncVLMClient(_ClientBase):
         model: str = "",
         length: str | None = None,
         language: str = "",
+        detail: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options,
     ) -> AsyncWatchStream:
         """The asyncio twin of :meth:`VLMClient.watch`. ``frames`` may also be an async iterable (a
         paced feed should be one: a plain iterable is read on the event loop)."""
-        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, **options), frames)
+        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, detail, **options), frames)
         args = {**self._call_args(timeout, metadata, model), "timeout": timeout}
         return AsyncWatchStream(self._stub.Watch(feed.messages(), **args), feed)
 

@@ -41,8 +41,9 @@ NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 # The addresses in deploy/nginx/nginx.conf, and what stands at each in this test.
 EXAMPLE_LISTEN = "127.0.0.1:50051"
 EXAMPLE_REPLICAS = {"a": "127.0.0.1:50061", "b": "127.0.0.1:50062", "c": "127.0.0.1:50063"}
-# Until the client library retries UNAVAILABLE by itself (the `client` branch adds a service-config
-# retry policy), the drain test's channel carries one of its own, the same as a client would.
+# The drain test's channel carries the client library's retry policy (vlm_client.RETRY_POLICY): UNAVAILABLE,
+# and CANCELLED before anything was received, which gRPC's server core answers to a call that reaches
+# the replica in the instant its shutdown starts (nginx sent it before reading the replica's GOAWAY).
 RETRY_SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -53,7 +54,7 @@ RETRY_SERVICE_CONFIG = json.dumps(
                     "initialBackoff": "0.05s",
                     "maxBackoff": "1s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ]
@@ -307,10 +308,11 @@ class Load:
             worker.start()
 
     def wait_for(self, calls: int, after: float = 0.0, timeout: float = 60) -> None:
-        """Wait until ``calls`` calls that started after ``after`` (monotonic) have finished OK."""
+        """Wait until ``calls`` calls that started after ``after`` (monotonic) have finished OK.
+        A failed call ends the wait early; the caller checks ``failed``."""
         with self._progress:
             ok = self._progress.wait_for(lambda: sum(s > after for s, _ in self.done) >= calls or self.failed, timeout)
-        assert ok and not self.failed, f"load stalled or failed: {self.failed}"
+        assert ok, f"load stalled: {calls} calls did not finish in {timeout} s"
 
     def stop(self) -> None:
         self._stop.set()
@@ -337,7 +339,14 @@ def test_draining_a_replica_under_load_fails_no_call(balancer):
         load.wait_for(8, after=exited)
     finally:
         load.stop()
-    assert load.failed == [], f"calls failed during the drain: {load.failed}"
+    if load.failed:  # say which hop ended the call: nginx's record of it and the replicas' logs
+        odd = [line for line in balancer.log_lines()[lines_before:] if 'grpc-status="0"' not in line]
+        pytest.fail(
+            f"calls failed during the drain: {load.failed}\nnginx lines not OK:\n"
+            + "\n".join(odd)
+            + f"\ndraining replica's log:\n{draining.log.read_text()[-4000:]}"
+            + f"\nnginx errors:\n{(balancer.access_log.parent / 'nginx-error.log').read_text()[-4000:]}"
+        )
     across = sum(start < signalled < end for start, end in load.done)
     refused = [
         line

@@ -8,6 +8,7 @@ the same model as building the class eagerly and loading its weights by hand."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from vlm_checkpoints import shapes
+from vlm_service.backends import base
 from vlm_service.backends.base import ModelSpec, Runtime
 from vlm_service.backends.moondream import MoondreamBackend
 from vlm_service.backends.remote_code import bundled_hub_cache, hub_cache
@@ -149,11 +151,12 @@ def bfloat16_checkpoint(checkpoint, tmp_path_factory):
     return str(directory)
 
 
-def test_bfloat16_code_runs_in_float32_on_a_cpu_and_computes_what_its_own_dtype_does(bfloat16_checkpoint):
-    """--dtype auto on a CPU is float32 (bfloat16 matrices are ~30x slower without bfloat16
-    instructions). The code still makes its image crops in bfloat16: the loader casts them at the layer
+def test_bfloat16_code_runs_in_float32_on_a_cpu_and_computes_what_its_own_dtype_does(bfloat16_checkpoint, monkeypatch):
+    """--dtype auto on a CPU without bfloat16 instructions is float32 (bfloat16 matrices are ~30x
+    slower there). The code still makes its image crops in bfloat16: the loader casts them at the layer
     that reads them, so the model computes what the code's own bfloat16 model does, up to bfloat16's
     rounding, and without that cast the code cannot run in float32 at all."""
+    monkeypatch.setattr(base, "native_bfloat16", lambda: False)  # an AVX2 CPU, whatever this one has
     backend = MoondreamBackend(ModelSpec("md-bf16", bfloat16_checkpoint), Runtime(device="cpu"))
     backend.load()
     assert backend.dtype == "float32" and {p.dtype for p in backend.model.parameters()} == {torch.float32}
@@ -171,6 +174,27 @@ def test_bfloat16_code_runs_in_float32_on_a_cpu_and_computes_what_its_own_dtype_
         torch.testing.assert_close(v, v_own.float(), rtol=0.05, atol=0.05)
     with pytest.raises(RuntimeError, match="dtype"):
         own.float().encode_image(image)  # a plain cast: the bfloat16 crops meet float32 weights
+
+
+def test_bfloat16_code_keeps_bfloat16_on_a_cpu_with_bfloat16_instructions(bfloat16_checkpoint, monkeypatch, caplog):
+    """--dtype auto on a CPU with AVX512-BF16 or AMX keeps the dtype the code fixes: nothing is cast,
+    and the served answer is the code's own bfloat16 model's."""
+    monkeypatch.setattr(base, "native_bfloat16", lambda: True)
+    caplog.set_level(logging.INFO, logger="vlm_service")
+    backend = MoondreamBackend(ModelSpec("md-bf16", bfloat16_checkpoint), Runtime(device="cpu"))
+    backend.load()
+    assert backend.dtype == "bfloat16" and {p.dtype for p in backend.model.parameters()} == {torch.bfloat16}
+    assert "cast to" not in caplog.text and "as bfloat16" in caplog.text
+    image, sink = picture("red", "circle"), Collect()
+    request = GenerationRequest("t", "md-bf16", Task.CAPTION, image, SamplingParams(30), "", CaptionLength.SHORT)
+    backend.generate(request, sink)
+    model_class = get_class_from_dynamic_module(CLASS, bfloat16_checkpoint)
+    with hub_cache(bundled_hub_cache(bfloat16_checkpoint)):
+        own = model_class(model_class.config_class.from_pretrained(bfloat16_checkpoint))
+    own.load_state_dict(load_file(f"{bfloat16_checkpoint}/model.safetensors"), strict=True)
+    settings = {"temperature": 0, "max_tokens": 30}
+    expected = own.eval().caption(own.encode_image(image), length="short", settings=settings)["caption"]
+    assert expected and "".join(sink.pieces) == expected
 
 
 # --- the stand-in has the published code's traits --------------------------------------------------

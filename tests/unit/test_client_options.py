@@ -26,7 +26,7 @@ def test_defaults_carry_the_service_config_and_options_override_them_key_by_key(
     assert checked == {**SERVICE_CONFIG, "healthCheckConfig": HEALTH_CHECK_CONFIG}
     (method,) = SERVICE_CONFIG["methodConfig"]
     policy = method["retryPolicy"]
-    assert policy["retryableStatusCodes"] == ["UNAVAILABLE"] and policy["maxAttempts"] == 5
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"] and policy["maxAttempts"] == 5
 
 
 class FakeCall(grpc.RpcError):
@@ -57,3 +57,27 @@ def test_details_that_disagree_with_the_status_or_no_trailers_are_ignored():
     error = from_rpc_error(FakeCall(grpc.StatusCode.INTERNAL, "boom", None))
     assert type(error) is VLMError and error.retry_after is None and error.field_violations == ()
     assert rpc_status.from_call(FakeCall(grpc.StatusCode.INTERNAL, "boom", ())) is None
+
+
+def test_image_detail_reaches_every_request_kind_and_a_bad_one_is_refused_before_sending():
+    import pytest
+
+    from vlm.v1 import vlm_service_pb2 as pb
+    from vlm_client import _messages as m
+
+    png = b"\x89PNG"
+    assert m.caption_request(png, "", None, "", "low").detail == pb.IMAGE_DETAIL_LOW
+    assert m.query_request(png, "q", "", "", "high").detail == pb.IMAGE_DETAIL_HIGH
+    assert m.caption_request(png, "", None, "").detail == pb.IMAGE_DETAIL_UNSPECIFIED
+    assert m.watch_config("", "", None, "", None, "auto").config.detail == pb.IMAGE_DETAIL_AUTO
+    with pytest.raises(ValueError, match="detail must be one of auto, low, high"):
+        m.caption_request(png, "", None, "", "medium")
+    info = pb.ModelInfo(
+        name="m",
+        image_details=[
+            pb.ImageTiling(detail=pb.IMAGE_DETAIL_AUTO, description="d", max_views=17, max_image_tokens=1088),
+            pb.ImageTiling(detail=pb.IMAGE_DETAIL_LOW, description="one 512-px view", max_views=1, max_image_tokens=64),
+        ],
+    )
+    tilings = m.model_info_from(info).image_details
+    assert [(t.detail, t.max_views, t.max_image_tokens) for t in tilings] == [("auto", 17, 1088), ("low", 1, 64)]

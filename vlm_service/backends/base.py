@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from ..image_cache import ImageCache
-from ..types import CaptionLength, FinishReason, GenerationRequest
+from ..types import CaptionLength, FinishReason, GenerationRequest, ImageDetail, ImageTiling
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,16 @@ class ModelSpec:
         return f"{self.source}@{self.revision}" if self.revision else self.source
 
 
+#: From this many parameters a model is compute-bound on a CPU: it gets every core (auto torch threads)
+#: and prefills in chunks (auto chunked prefill).
+LARGE_MODEL_PARAMETERS = 50_000_000
+
+
+def parameters(model) -> int:
+    """How many parameters ``model`` has (0 for None or an object that is not a torch module)."""
+    return sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Runtime choices shared by every backend."""
@@ -55,6 +65,13 @@ class Runtime:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     image_cache_size: int = 0  # images whose preprocessing and vision features are kept (0: off)
     image_cache_bytes: int = 0  # bytes of tensors the image cache may keep (0: auto, from the device's memory)
+    chunked_prefill: str = "auto"  # auto | on | off: prefill in chunks between decode steps (see chunked())
+
+    def chunked(self, model_parameters: int) -> bool:
+        """Whether a model of ``model_parameters`` prefills in chunks: on, off, or auto (large models)."""
+        if self.chunked_prefill == "auto":
+            return model_parameters >= LARGE_MODEL_PARAMETERS
+        return self.chunked_prefill == "on"
 
     def image_cache_budget(self) -> int:
         """The image cache's bound in bytes: the setting, or for 0 1/32 of the device's memory."""
@@ -69,14 +86,35 @@ class Runtime:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return total // 32
 
-    def resolve(self) -> tuple[torch.device, torch.dtype]:
-        """The torch device and dtype: auto is cuda with bfloat16 when available, else cpu with float32."""
+    def resolve(self, saved: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+        """The torch device and dtype. Device auto is cuda when available, else cpu. Dtype auto is
+        bfloat16 on cuda; on a CPU it is bfloat16 when the checkpoint is ``saved`` in bfloat16 and the
+        CPU computes bfloat16 natively (:func:`native_bfloat16`), else float32 (bfloat16 matrices
+        without those instructions are many times slower than float32)."""
         device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
         )
-        if self.dtype == "auto":
-            return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-        return device, getattr(torch, self.dtype)
+        if self.dtype != "auto":
+            return device, getattr(torch, self.dtype)
+        if device.type == "cuda" or (device.type == "cpu" and saved == torch.bfloat16 and native_bfloat16()):
+            return device, torch.bfloat16
+        return device, torch.float32
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX-BF16), which make a
+    bfloat16 model several times faster than float32 on it."""
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def saved_dtype(config: Any) -> torch.dtype | None:
+    """The dtype a transformers checkpoint says its weights are saved in (``config.json``'s ``dtype``,
+    ``torch_dtype`` in older files), or None."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
 
 
 @dataclass(frozen=True)
@@ -114,7 +152,7 @@ class Batch(abc.ABC):
     @property
     def room(self) -> int:
         """Requests that may join now."""
-        return self.max_rows - len(self)
+        return self.max_rows - len(self) - self.joining
 
     @abc.abstractmethod
     def join(self, request: GenerationRequest, out: TextSink) -> Outcome | None:
@@ -122,13 +160,32 @@ class Batch(abc.ABC):
         has already ended (it is then not in the batch), else None. If it raises, the request is not in
         the batch and the other rows are untouched."""
 
+    @property
+    def joining(self) -> int:
+        """Requests that joined but whose prompt is still being processed, in chunks (see
+        :meth:`prefill_step`); 0 for a batch whose :meth:`join` processes the whole prompt."""
+        return 0
+
+    def prefill_step(self) -> tuple[TextSink, Outcome | None, bool]:
+        """Process the next chunk of the oldest joining request's prompt. Returns its sink, its outcome
+        if it has already ended (it is then not in the batch), and whether its prompt is done (it then
+        decodes with the others, its first output written). If it raises, that request is no longer in
+        the batch (the others are untouched); :attr:`next_joining` named it before the call."""
+        raise NotImplementedError(f"{type(self).__name__} joins requests whole")
+
+    @property
+    def next_joining(self) -> TextSink | None:
+        """The sink of the request the next :meth:`prefill_step` works on (None: none is joining)."""
+        return None
+
     @abc.abstractmethod
     def decode_step(self) -> list[tuple[TextSink, Outcome]]:
         """One decode step for every row; returns the rows that ended (and left the batch), with how."""
 
     @abc.abstractmethod
     def abort(self) -> list[TextSink]:
-        """Drop every row (after a failed step, no row is in a known state); returns their sinks."""
+        """Drop every row and every joining request (after a failed step, no row is in a known state);
+        returns their sinks."""
 
 
 class WholeAnswers(Batch):
@@ -155,6 +212,8 @@ def run_alone(batch: Batch, request: GenerationRequest, out: TextSink) -> Outcom
     """Decode ``request`` alone in ``batch`` (an empty one) until it ends."""
     try:
         outcome = batch.join(request, out)
+        while outcome is None and batch.joining:
+            _, outcome, _ = batch.prefill_step()
         while outcome is None:
             for _, outcome in batch.decode_step():  # noqa: B007 (the one row's outcome is what ends the loop)
                 pass
@@ -211,6 +270,11 @@ class Backend(abc.ABC):
         """Answer ``request`` alone, streaming raw text into ``out`` as the model writes it and checking
         ``out.should_stop()`` between decode steps. Default: a batch of one row."""
         return run_alone(self.new_batch(1), request, out)
+
+    def image_tilings(self) -> dict[ImageDetail, ImageTiling]:
+        """The image detail levels this model offers (AUTO first), with what each does to a picture;
+        a request asking for another is refused. Default: AUTO only, the family's own processing."""
+        return {ImageDetail.AUTO: ImageTiling(ImageDetail.AUTO, f"{self.family}'s own image processing")}
 
     #: The loaded torch model (set by ``load``).
     model: Any

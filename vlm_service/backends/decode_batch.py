@@ -3,8 +3,9 @@ decode steps and leave it the step they finish.
 
 A :class:`DecodeBatch` holds the rows being decoded together and one KV cache for all of them,
 left-padded to a common length (an attention mask marks the padding). A new request is prefilled on
-its own (the vision encoder and the prompt, exactly as it would run alone), then its cache is merged
-into the batch. Each :meth:`DecodeBatch.decode_step` runs one forward pass for every row, picks each
+its own (the vision encoder and the prompt, exactly as it would run alone), in chunks that the
+scheduler runs between decode steps (:meth:`DecodeBatch.prefill_step`; one chunk for a model that
+does not prefill in chunks), then its cache is merged into the batch. Each :meth:`DecodeBatch.decode_step` runs one forward pass for every row, picks each
 row's next token with that row's own options (greedy, or sampled with its own seeded generator; its own
 repetition penalty), streams each row's text to its sink, and drops rows that are finished (end of
 sequence, token budget, context length, cancelled RPC or stop string), so a finished row stops costing
@@ -19,8 +20,9 @@ values), so it cannot serve a vision-language request; this module is the small 
 
 from __future__ import annotations
 
+import collections
 import secrets
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -58,8 +60,11 @@ class Prefiller(Protocol):
     def prepare(self, request: GenerationRequest) -> Mapping[str, torch.Tensor]:
         """The processor's outputs (``input_ids`` first among them) for one request."""
 
-    def prefill(self, request: GenerationRequest, inputs) -> tuple[torch.Tensor, DynamicCache, int]:
-        """The prompt through the model: last logits, KV cache, the next token's position id."""
+    def prefill_steps(
+        self, request: GenerationRequest, inputs
+    ) -> Generator[None, None, tuple[torch.Tensor, DynamicCache, int]]:
+        """The prompt through the model, one chunk per ``next()``; returns the last logits, the KV cache
+        and the next token's position id. Its chunks depend on the request only."""
 
 
 class SeededSampler:
@@ -104,6 +109,15 @@ class Row:
         return self.outcome is not None
 
 
+@dataclass(eq=False)
+class Joining:
+    """A request whose prompt is being processed, one chunk per :meth:`DecodeBatch.prefill_step`."""
+
+    row: Row
+    steps: Generator[None, None, tuple[torch.Tensor, DynamicCache, int]]
+    chunks: int = 0  # chunks run so far
+
+
 class DecodeBatch(Batch):
     """The rows decoded together on one model, and their shared KV cache."""
 
@@ -115,6 +129,7 @@ class DecodeBatch(Batch):
         self._end_ids = frozenset(backend.end_token_ids)
         self._context_length = backend.context_length or 1 << 62
         self.rows: list[Row] = []
+        self._joining: collections.deque[Joining] = collections.deque()
         self._cache: DynamicCache | None = None  # every row's keys and values, batch-first, left-padded
         self._mask: torch.Tensor | None = None  # (rows, cache length): 1 for real tokens, 0 for padding
 
@@ -123,11 +138,20 @@ class DecodeBatch(Batch):
 
     # --- joining ----------------------------------------------------------------------------------
 
-    def join(self, request: GenerationRequest, sink: TextSink) -> Outcome | None:
-        """Prefill ``request`` alone and add it to the batch; its first token is streamed at once.
+    @property
+    def joining(self) -> int:
+        return len(self._joining)
 
-        Returns None; or, if it is already finished (one-token budget, cancelled, end of sequence), how
-        it ended (it is then not added).
+    @property
+    def next_joining(self) -> TextSink | None:
+        return self._joining[0].row.sink if self._joining else None
+
+    def join(self, request: GenerationRequest, sink: TextSink) -> Outcome | None:
+        """Prepare ``request``'s inputs (the processor) and queue its prefill, which
+        :meth:`prefill_step` runs chunk by chunk; its first token is streamed when the last one ends.
+
+        Returns None; or, if it was cancelled while its inputs were prepared, how it ended (it is then
+        not added).
         """
         backend = self.backend
         inputs = backend.prepare(request)
@@ -149,15 +173,38 @@ class DecodeBatch(Batch):
         if sink.should_stop():  # cancelled while its inputs were prepared
             self._finish(row, FinishReason.STOP)
             return row.outcome
-        with torch.inference_mode():
-            logits, cache, next_position = backend.prefill(request, inputs)
+        self._joining.append(Joining(row, backend.prefill_steps(request, inputs)))
+        return None
+
+    def prefill_step(self) -> tuple[TextSink, Outcome | None, bool]:
+        """The next chunk of the oldest joining request's prefill (the whole prefill, unchunked). After
+        its last chunk the request's first token is streamed and it decodes with the others."""
+        joining = self._joining[0]
+        row = joining.row
+        if joining.chunks and row.sink.should_stop():  # its RPC ended between two chunks
+            self._joining.popleft()
+            joining.steps.close()
+            self._finish(row, FinishReason.STOP)
+            return row.sink, row.outcome, True
+        try:
+            with torch.inference_mode():
+                next(joining.steps)
+        except StopIteration as done:
+            self._joining.popleft()
+            logits, cache, next_position = done.value
+        except BaseException:
+            self._joining.popleft()
+            raise
+        else:
+            joining.chunks += 1
+            return row.sink, None, False
         row.position = next_position
         self._emit(row, self._choose(row, logits[0, -1].float()))
         if row.done:
-            return row.outcome
-        self._merge(cache, len(prompt_ids))
+            return row.sink, row.outcome, True
+        self._merge(cache, len(row.prompt_ids))
         self.rows.append(row)
-        return None
+        return row.sink, None, True
 
     def _merge(self, cache: DynamicCache, length: int) -> None:
         new_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
@@ -249,10 +296,13 @@ class DecodeBatch(Batch):
         )
 
     def abort(self) -> list[TextSink]:
-        """Drop every row (after a failed step); returns their sinks."""
+        """Drop every row and every joining request (after a failed step); returns their sinks."""
         rows, self.rows = self.rows, []
+        joining, self._joining = list(self._joining), collections.deque()
+        for each in joining:
+            each.steps.close()
         self._cache, self._mask = None, None
-        return [row.sink for row in rows]
+        return [row.sink for row in rows] + [each.row.sink for each in joining]
 
 
 def _left_pad(tensor: torch.Tensor, amount: int) -> torch.Tensor:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import abc
 import logging
+from collections.abc import Generator
 from typing import Any, ClassVar
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from ..types import GenerationRequest
-from .base import Backend, ModelSpec, Runtime
+from ..types import GenerationRequest, ImageDetail
+from .base import Backend, ModelSpec, Runtime, parameters, saved_dtype
 from .decode_batch import DecodeBatch
 
 logger = logging.getLogger(__name__)
@@ -48,27 +49,38 @@ class TransformersBackend(Backend):
         return backend
 
     def load(self) -> None:
-        device, dtype = self.runtime.resolve()
         common = {"revision": self.spec.revision, **self.load_kwargs}
+        device, dtype = self.runtime.resolve(saved_dtype(AutoConfig.from_pretrained(self.spec.source, **common)))
         self.processor = AutoProcessor.from_pretrained(self.spec.source, **common)
         self.model = AutoModelForImageTextToText.from_pretrained(self.spec.source, dtype=dtype, **common)
         self.model.to(device).eval()
         self._device = device
+        self.chunked = self.runtime.chunked(parameters(self.model))
         self.end_token_ids = self._end_token_ids()
-        logger.info("loaded %s (%s) on %s as %s", self.spec.name, type(self.model).__name__, device, dtype)
+        logger.info(
+            "loaded %s (%s) on %s as %s%s",
+            self.spec.name,
+            type(self.model).__name__,
+            device,
+            dtype,
+            ", chunked prefill" if self.chunked else "",
+        )
 
     @abc.abstractmethod
     def prompt(self, request: GenerationRequest) -> str:
         """The chat-templated prompt text for a request (the image appears as its placeholder)."""
 
     @abc.abstractmethod
-    def encode(self, prompts: list[str], images: list) -> dict[str, torch.Tensor]:
-        """Processor outputs (input_ids, pixel values, ...) for prompts with one image each."""
+    def encode(
+        self, prompts: list[str], images: list, detail: ImageDetail = ImageDetail.AUTO
+    ) -> dict[str, torch.Tensor]:
+        """Processor outputs (input_ids, pixel values, ...) for prompts with one image each, each image
+        processed at ``detail``."""
 
     def prepare(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """Processor outputs for one request; the image's part comes from the image cache when it can."""
-        with self.images.preprocessing(self.processor, request.image_digest):
-            return self.encode([self.prompt(request)], [request.image])
+        with self.images.preprocessing(self.processor, request.image_key):
+            return self.encode([self.prompt(request)], [request.image], request.detail)
 
     @property
     def tokenizer(self):
@@ -86,25 +98,75 @@ class TransformersBackend(Backend):
         return [eos] if isinstance(eos, int) else list(eos or [])
 
     def prefill(self, request: GenerationRequest, inputs) -> tuple[torch.Tensor, Any, int]:
-        """Run the vision encoder (or take its cached output) and the prompt through the model.
+        """Run the vision encoder (or take its cached output) and the prompt through the model, all at
+        once (:meth:`prefill_steps` to its end).
 
         Returns the last position's logits, the KV cache, and the position id of the next token.
         """
+        steps = self.prefill_steps(request, inputs)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_steps(self, request: GenerationRequest, inputs) -> Generator[None, None, tuple[torch.Tensor, Any, int]]:
+        """:meth:`prefill` as a generator: each ``next()`` runs one chunk and yields, and the generator
+        returns what :meth:`prefill` returns. Unchunked (``self.chunked`` off) the whole prefill is one
+        chunk. Chunked, a family that can cuts it into the vision encoder's views
+        (:meth:`encode_views`) and spans of ``text_chunk_tokens`` prompt tokens (:meth:`embed_prompt`).
+        Chunks depend on the request and the model only, never on timing or on other requests, so a
+        request's answer is the same however its chunks interleave with other work."""
         inputs = dict(inputs.to(self._device))
-        features = self.images.get(request.image_digest, "features")
+        features = self.images.get(request.image_key, "features")
         if features is None:
             pixels = inputs["pixel_values"]
             if pixels.is_floating_point():
                 inputs["pixel_values"] = pixels.to(self.model.dtype)
-            features = self.model.get_image_features(
-                **{key: inputs[key] for key in self.vision_inputs if key in inputs}, return_dict=True
-            )
-            self.images.put(request.image_digest, "features", features)
-            self.images.drop_inputs(request.image_digest, self.encoder_only_inputs)
+            vision = {key: inputs[key] for key in self.vision_inputs if key in inputs}
+            if self.chunked:
+                features = yield from self.encode_views(vision)
+            else:
+                features = self.model.get_image_features(**vision, return_dict=True)
+            self.images.put(request.image_key, "features", features)
+            self.images.drop_inputs(request.image_key, self.encoder_only_inputs)
         for key in self.encoder_only_inputs:
             inputs.pop(key, None)
-        output = self.model(**inputs, mm_encoder_outputs={"image": features}, use_cache=True, logits_to_keep=1)
-        return output.logits, output.cache, inputs["input_ids"].shape[1] + self.position_offset()
+        length = inputs["input_ids"].shape[1]
+        span = self.text_chunk_tokens if self.chunked else None
+        if span is None or length <= span:
+            output = self.model(**inputs, mm_encoder_outputs={"image": features}, use_cache=True, logits_to_keep=1)
+            return output.logits, output.cache, length + self.position_offset()
+        embeds, mask, cache = self.embed_prompt(inputs, features), inputs["attention_mask"], None
+        for start in range(0, length, span):
+            end = min(length, start + span)
+            output = self.model(
+                inputs_embeds=embeds[:, start:end],
+                attention_mask=mask[:, :end],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = output.cache
+            if end < length:
+                yield
+        return output.logits, cache, length + self.position_offset()
+
+    #: Prompt tokens per chunk of a chunked prefill's text part (None: the prompt in one pass). Only for a
+    #: family whose text positions follow the cache's length and that implements :meth:`embed_prompt`.
+    text_chunk_tokens: ClassVar[int | None] = None
+    #: Whether this model prefills in chunks (set by ``load`` from ``--chunked-prefill`` and its size).
+    chunked: bool = False
+
+    def encode_views(self, vision: dict[str, torch.Tensor]) -> Generator[None, None, Any]:
+        """The vision encoder's output for ``vision`` (the processor's vision inputs), a chunk per ``next()``.
+        Default: one chunk, the whole picture."""
+        return self.model.get_image_features(**vision, return_dict=True)
+        yield  # a generator that does its work in one piece
+
+    def embed_prompt(self, inputs: dict[str, torch.Tensor], features: Any) -> torch.Tensor:
+        """The prompt's input embeddings with the image's features in place of its image tokens."""
+        raise NotImplementedError(f"{type(self).__name__} prefills its prompt in one piece")
 
     def position_offset(self) -> int:
         """How far the next text position is from the prompt length (multimodal RoPE shifts it)."""

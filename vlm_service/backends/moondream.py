@@ -4,8 +4,9 @@ It is loaded by :func:`~.remote_code.load_remote_model`, not ``from_pretrained``
 remote code (revision 2025-06-21) cannot go through transformers 5's meta-device loading (no
 ``post_init``; buffers made in ``__init__`` and never saved come back uninitialised). Its code fixes
 the weights' dtype (bfloat16 for Moondream2); the loader then casts them to the dtype ``--dtype`` asks
-(``auto``: float32 on a CPU, bfloat16 on CUDA, as for every family), so the log and ListModels report
-the dtype the model computes in.
+(``auto``: bfloat16 on CUDA, and on a CPU with bfloat16 instructions when the code fixes bfloat16;
+float32 on other CPUs; as for every family, see ``Runtime.resolve``), so the log and ListModels
+report the dtype the model computes in.
 
 The model is driven only through ``encode_image``, ``caption`` and ``query`` with ``stream=True``: its
 batch (:class:`_AnswerStream`) holds one request at a time, and each of its decode steps pulls one
@@ -68,9 +69,10 @@ class MoondreamBackend(Backend):
     caption_budgets = {CaptionLength.SHORT: 32, CaptionLength.NORMAL: 128, CaptionLength.LONG: 512}
 
     def load(self) -> None:
-        self._device, requested = self.runtime.resolve()
-        self.model = load_remote_model(self.spec.source, self.spec.revision, self._device)
+        device, _ = self.runtime.resolve()
+        self.model = load_remote_model(self.spec.source, self.spec.revision, device)
         fixed = weights_dtype(self.model)
+        self._device, requested = self.runtime.resolve(saved=fixed)  # the code fixes its weights' dtype
         if cast_weights(self.model, requested):
             logger.info(
                 "%s: its remote code makes %s weights; cast to %s (--dtype %s)",
@@ -135,10 +137,10 @@ class _AnswerStream(Batch):
                 self._held.enter_context(_GLOBAL_RNG)
                 self._held.enter_context(torch.random.fork_rng(devices=backend._rng_devices()))
                 torch.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-            encoded = backend.images.get(request.image_digest, "encoded")
+            encoded = backend.images.get(request.image_key, "encoded")
             if encoded is None:
                 encoded = backend.model.encode_image(request.image)
-                backend.images.put(request.image_digest, "encoded", encoded)
+                backend.images.put(request.image_key, "encoded", encoded)
             if out.should_stop():
                 self._release()
                 return Outcome(0, 0, FinishReason.STOP)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..types import CaptionLength, GenerationRequest, Task
+import dataclasses
+
+from ..types import CaptionLength, GenerationRequest, ImageDetail, ImageTiling, Task
 from .hf import TransformersBackend
 
 #: The instruction sent for each caption length.
@@ -19,6 +21,10 @@ LANGUAGE_INSTRUCTIONS = {
     "zh": "请用中文回答。",
     "ko": "한국어로 답해 주세요.",
 }
+
+
+#: The most pixels a picture keeps at ImageDetail.LOW (a 512x512 view's worth).
+LOW_DETAIL_PIXELS = 512 * 512
 
 
 class Qwen2VLBackend(TransformersBackend):
@@ -41,5 +47,28 @@ class Qwen2VLBackend(TransformersBackend):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def encode(self, prompts: list[str], images: list):
-        return self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    def _pixel_range(self) -> tuple[int, int, int]:
+        """The processor's fewest and most pixels per picture, and the pixels one image token covers."""
+        images = self.processor.image_processor
+        fewest, most = images.size["shortest_edge"], images.size["longest_edge"]
+        return fewest, most, (images.patch_size * images.merge_size) ** 2
+
+    def image_tilings(self) -> dict[ImageDetail, ImageTiling]:
+        """One view at any resolution: HIGH (and AUTO) keeps up to the processor's most pixels, LOW up to
+        512x512 pixels' worth (fewer image tokens, in proportion)."""
+        _, most, per_token = self._pixel_range()
+        low_most = min(most, LOW_DETAIL_PIXELS)
+        high = ImageTiling(ImageDetail.HIGH, f"one view of at most {most:,} pixels", 1, most // per_token)
+        low = ImageTiling(ImageDetail.LOW, f"one view of at most {low_most:,} pixels", 1, low_most // per_token)
+        return {
+            ImageDetail.AUTO: dataclasses.replace(high, detail=ImageDetail.AUTO),
+            ImageDetail.LOW: low,
+            ImageDetail.HIGH: high,
+        }
+
+    def encode(self, prompts: list[str], images: list, detail: ImageDetail = ImageDetail.AUTO):
+        options = {}
+        if detail is ImageDetail.LOW:
+            fewest, most, _ = self._pixel_range()
+            options["size"] = {"shortest_edge": fewest, "longest_edge": min(most, LOW_DETAIL_PIXELS)}
+        return self.processor(text=prompts, images=images, return_tensors="pt", padding=True, **options)

@@ -1,0 +1,214 @@
+"""Chunked prefill: a joining request's prefill runs in chunks (each view of its picture through the
+vision encoder, then spans of prompt tokens) between the decode steps of the requests already
+streaming, so a new picture never freezes them for its whole prefill; and a request's answer is the
+same alone as beside others, since its chunks depend on it alone.
+
+The tiny SmolVLM with random weights stands in for a large model (`chunked_prefill="on"`; auto turns it
+on from 50M parameters); its prompts are short, so the text part is cut into 48-token spans here."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+import pytest
+
+from tests.helpers import ServerThread, caption_request, query_request, run_rpc, shape_image, wait_for, wait_idle
+from vlm_service.backends.base import ModelSpec, Runtime, run_alone
+from vlm_service.backends.smolvlm import SmolVLMBackend
+from vlm_service.config import Settings
+from vlm_service.types import GenerationRequest, SamplingParams, Task
+
+TEXT_SPAN = 48
+
+
+class Sink:
+    def __init__(self):
+        self.pieces: list[str] = []
+        self.stop = False
+
+    def add_text(self, piece: str) -> None:
+        self.pieces.append(piece)
+
+    def should_stop(self) -> bool:
+        return self.stop
+
+
+@pytest.fixture(scope="module")
+def chunked(noise_dir):
+    backend = SmolVLMBackend(ModelSpec("noise", str(noise_dir)), Runtime(device="cpu", chunked_prefill="on"))
+    backend.load()
+    assert backend.chunked
+    backend.text_chunk_tokens = TEXT_SPAN
+    return backend
+
+
+def request(image, tokens: int, question: str = "") -> GenerationRequest:
+    task = Task.QUERY if question else Task.CAPTION
+    return GenerationRequest("r", "noise", task, image, SamplingParams(tokens), question)
+
+
+def chunks_of(backend, req: GenerationRequest) -> int:
+    """How many chunks the request's prefill takes: one per view, then one per text span."""
+    inputs = backend.prepare(req)
+    views, length = inputs["pixel_values"].shape[1], inputs["input_ids"].shape[1]
+    return views + -(-length // TEXT_SPAN)
+
+
+def test_auto_chunks_large_models_only(noise_dir):
+    from vlm_service.backends.base import LARGE_MODEL_PARAMETERS
+
+    assert Runtime(chunked_prefill="auto").chunked(LARGE_MODEL_PARAMETERS)
+    assert not Runtime(chunked_prefill="auto").chunked(LARGE_MODEL_PARAMETERS - 1)
+    assert not Runtime(chunked_prefill="off").chunked(10**10) and Runtime(chunked_prefill="on").chunked(1)
+    tiny = SmolVLMBackend(ModelSpec("noise", str(noise_dir)), Runtime(device="cpu"))
+    tiny.load()
+    assert not tiny.chunked  # a few million parameters: its prefill is one piece
+
+
+def test_a_joining_prefill_runs_chunk_by_chunk_while_a_running_row_decodes(chunked):
+    """Row A decodes; B (a picture of 3 views and a prompt of 3 spans) joins: after each chunk of B's
+    prefill, A gets a decode step; B's first token comes after its last chunk; both answers equal
+    their answers alone."""
+    a = request(shape_image("red", size=(96, 64)), 40)
+    b = request(shape_image("blue", size=(200, 90)), 24, "What colour is the shape? Answer in a few words.")
+    alone = {}
+    for name, req in (("a", a), ("b", b)):
+        sink = Sink()
+        run_alone(chunked.new_batch(1), req, sink)
+        alone[name] = "".join(sink.pieces)
+    expected_chunks = chunks_of(chunked, b)
+    assert expected_chunks >= 5, "the test needs a prefill of several chunks"
+
+    batch = chunked.new_batch(4)
+    sink_a, sink_b = Sink(), Sink()
+    assert batch.join(a, sink_a) is None
+    while batch.joining:
+        batch.prefill_step()
+    assert len(batch) == 1 and sink_a.pieces  # A streams
+    assert batch.join(b, sink_b) is None and batch.joining == 1 and batch.next_joining is sink_b
+    chunks = 0
+    a_tokens_during = []
+    while batch.joining:
+        _, outcome, joined = batch.prefill_step()
+        chunks += 1
+        assert outcome is None and joined == (batch.joining == 0)
+        if not joined:
+            assert not sink_b.pieces, "B wrote before its prefill ended"
+            before = len(sink_a.pieces)
+            batch.decode_step()
+            a_tokens_during.append(len(sink_a.pieces) - before)
+    assert chunks == expected_chunks
+    assert len(a_tokens_during) == chunks - 1 and all(n == 1 for n in a_tokens_during), a_tokens_during
+    assert sink_b.pieces and len(batch) == 2
+    while len(batch):
+        batch.decode_step()
+    assert "".join(sink_a.pieces) == alone["a"] and "".join(sink_b.pieces) == alone["b"]
+
+
+def test_a_request_cancelled_between_chunks_runs_no_more_of_its_prefill(chunked):
+    b = request(shape_image("green", size=(200, 90)), 8)
+    batch, sink = chunked.new_batch(2), Sink()
+    assert batch.join(b, sink) is None
+    batch.prefill_step()  # one view encoded
+    calls = []
+    original = chunked.model.get_image_features
+    chunked.model.get_image_features = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    try:
+        sink.stop = True
+        returned, outcome, joined = batch.prefill_step()
+    finally:
+        del chunked.model.get_image_features
+    assert returned is sink and joined and outcome is not None and outcome.completion_tokens == 0
+    assert calls == [] and batch.joining == 0 and len(batch) == 0 and sink.pieces == []
+
+
+def test_a_failed_chunk_fails_only_its_request(chunked):
+    a = request(shape_image("red", size=(96, 64)), 30)
+    b = request(shape_image("blue", size=(200, 90)), 8)
+    batch, sink_a, sink_b = chunked.new_batch(4), Sink(), Sink()
+    batch.join(a, sink_a)
+    while batch.joining:
+        batch.prefill_step()
+    batch.join(b, sink_b)
+    batch.prefill_step()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    chunked.model.get_image_features = boom
+    try:
+        assert batch.next_joining is sink_b
+        with pytest.raises(RuntimeError, match="boom"):
+            batch.prefill_step()
+    finally:
+        del chunked.model.get_image_features
+    assert batch.joining == 0 and len(batch) == 1  # A goes on
+    before = len(sink_a.pieces)
+    batch.decode_step()
+    assert len(sink_a.pieces) == before + 1
+
+
+@pytest.fixture(scope="module")
+def chunked_server(cache_dir, noise_dir):
+    """A server whose noise model prefills in chunks, one chunk between two decode steps (budget 0)."""
+    server = ServerThread(
+        Settings(
+            models=[f"noise={noise_dir}"],
+            cache_dir=cache_dir,
+            grace_period=0.0,
+            chunked_prefill="on",
+            prefill_budget_ms=0,
+        )
+    )
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def test_on_a_server_a_new_picture_never_holds_a_running_stream_for_its_whole_prefill(chunked_server):
+    """The scheduler runs one chunk of the joining request's prefill between two decode steps of the
+    stream already running (budget 0): the running stream gets a decode step after every chunk."""
+    served = chunked_server.engine.models["noise"]
+    batch = served.scheduler.batch
+    served.backend.text_chunk_tokens = TEXT_SPAN
+    wait_idle(chunked_server.engine)
+    events: list[str] = []
+    lock = threading.Lock()
+    prefill_step, decode_step = batch.prefill_step, batch.decode_step
+
+    def recorded(name, call):
+        def wrapper():
+            result = call()
+            with lock:
+                events.append(name)
+            return result
+
+        return wrapper
+
+    batch.prefill_step, batch.decode_step = recorded("chunk", prefill_step), recorded("step", decode_step)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(run_rpc, chunked_server, caption_request(model="noise", max_new_tokens=300))
+            wait_for(lambda: events.count("step") >= 5, message="the first stream never decoded")
+            with lock:
+                mark = len(events)
+            joining = query_request(
+                "What colour is the shape? Answer in a few words.",
+                shape_image("blue", size=(200, 90)),
+                model="noise",
+                max_new_tokens=8,
+            )
+            text, last = pool.submit(run_rpc, chunked_server, joining).result(timeout=120)
+            running.result(timeout=120)
+    finally:
+        del batch.prefill_step, batch.decode_step
+    assert last.usage.completion_tokens == 8
+    after = events[mark:]
+    chunk_positions = [i for i, name in enumerate(after) if name == "chunk"]
+    question = "What colour is the shape? Answer in a few words."
+    expected = chunks_of(served.backend, request(shape_image("blue", size=(200, 90)), 8, question))
+    assert len(chunk_positions) == expected, after[:60]
+    # Between two chunks of the new request's prefill, the running stream always got its decode step.
+    for first, second in zip(chunk_positions, chunk_positions[1:], strict=False):
+        assert "step" in after[first + 1 : second], after[:60]

@@ -1,0 +1,87 @@
+"""The automatic runtime choices: the dtype a model computes in and the torch threads it gets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlm_service.backends import base
+from vlm_service.backends.base import LARGE_MODEL_PARAMETERS, Runtime, saved_dtype
+from vlm_service.engine import auto_torch_threads
+
+
+@pytest.mark.parametrize(
+    ("native", "saved", "expected"),
+    [
+        (True, torch.bfloat16, torch.bfloat16),  # the published checkpoints on a CPU with AVX512-BF16 / AMX
+        (True, torch.float32, torch.float32),  # the tiny checkpoints stay in the dtype they were trained in
+        (True, None, torch.float32),  # a checkpoint that does not say
+        (False, torch.bfloat16, torch.float32),  # bfloat16 matrices are many times slower without the instructions
+        (False, torch.float32, torch.float32),
+    ],
+)
+def test_auto_dtype_on_a_cpu_is_bfloat16_only_for_a_bfloat16_checkpoint_on_a_cpu_that_computes_it(
+    monkeypatch, native, saved, expected
+):
+    monkeypatch.setattr(base, "native_bfloat16", lambda: native)
+    assert Runtime(device="cpu").resolve(saved) == (torch.device("cpu"), expected)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_an_explicit_dtype_wins_over_auto(monkeypatch, native):
+    monkeypatch.setattr(base, "native_bfloat16", lambda: native)
+    assert Runtime(device="cpu", dtype="float32").resolve(torch.bfloat16)[1] is torch.float32
+    assert Runtime(device="cpu", dtype="bfloat16").resolve(torch.float32)[1] is torch.bfloat16
+
+
+def test_native_bfloat16_follows_the_cpus_capabilities(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": True}, raising=False)
+    assert base.native_bfloat16()
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "avx2": True}, raising=False)
+    assert not base.native_bfloat16()
+
+
+def test_saved_dtype_reads_a_config_json(tmp_path):
+    from transformers import AutoConfig, LlamaConfig
+
+    LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, dtype="bfloat16").save_pretrained(tmp_path)
+    assert saved_dtype(AutoConfig.from_pretrained(tmp_path)) is torch.bfloat16
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None)
+    config["torch_dtype"] = "float32"  # what files written by transformers 4 say
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert saved_dtype(AutoConfig.from_pretrained(tmp_path)) is torch.float32
+
+
+@pytest.mark.parametrize(
+    ("cpus", "parameters", "expected"),
+    [
+        (2, 3_000_000, 1),  # a tiny model: a core stays with the gRPC server
+        (2, LARGE_MODEL_PARAMETERS - 1, 1),
+        (2, LARGE_MODEL_PARAMETERS, 2),
+        (2, 256_484_928, 2),  # SmolVLM-256M: compute-bound, every core
+        (1, 3_000_000, 1),  # never zero
+        (16, 2_208_985_600, 16),
+    ],
+)
+def test_auto_threads_give_a_large_model_every_core_and_a_small_one_all_but_one(cpus, parameters, expected):
+    assert auto_torch_threads(cpus, parameters) == expected
+
+
+def test_the_edge_reads_image_detail_from_captions_queries_and_watch_configs(settings):
+    from vlm.v1 import vlm_service_pb2 as pb
+    from vlm_service import convert
+    from vlm_service.errors import InvalidInput
+    from vlm_service.types import ImageDetail
+
+    assert convert.caption_request(pb.CaptionRequest(), settings).detail is ImageDetail.AUTO
+    assert convert.caption_request(pb.CaptionRequest(detail=pb.IMAGE_DETAIL_LOW), settings).detail is ImageDetail.LOW
+    query = pb.QueryRequest(question="What colour?", detail=pb.IMAGE_DETAIL_HIGH)
+    assert convert.query_request(query, settings).detail is ImageDetail.HIGH
+    watch = pb.WatchRequest(config=pb.WatchConfig(question="What colour?", detail=pb.IMAGE_DETAIL_LOW))
+    assert convert.watch_config(watch, settings).request.detail is ImageDetail.LOW
+    with pytest.raises(InvalidInput) as info:
+        convert.watch_config(pb.WatchRequest(config=pb.WatchConfig(detail=7)), settings)
+    assert info.value.field == "config.detail" and "unknown image detail 7" in str(info.value)
