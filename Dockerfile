@@ -15,6 +15,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 COPY Makefile pyproject.toml README.md ./
 COPY protos ./protos
 COPY vlm_service ./vlm_service
+COPY vlm_checkpoints ./vlm_checkpoints
 COPY clients ./clients
 RUN make install VENV=/opt/venv EXTRAS= && rm -rf /root/.cache
 ENV PATH=/opt/venv/bin:$PATH

@@ -77,15 +77,16 @@ serve: install
 	$(BIN)/vlm-service serve $(ARGS)
 
 # The tiny checkpoints with their random-weights twins, and the real-size SmolVLM-256M twin that one
-# smoke test serves (about a minute; the 4.4 GB qwen2-vl-2b-shapes is never built here).
+# smoke test serves (about a minute; the 4.4 GB qwen2-vl-2b-shapes is never built here), built by the
+# code in vlm_checkpoints/.
 checkpoints: install
 	$(BIN)/vlm-service build --random-twins --cache-dir $(CHECKPOINTS)
 	$(BIN)/vlm-service build smolvlm-256m-shapes --cache-dir $(CHECKPOINTS)
 
-# Rebuild the checkpoint shipped with the package (tiny-smolvlm) from the code and commit the result:
-# the tests fail while the shipped copy's key differs from what the code gives.
+# Rebuild the checkpoint shipped with the package (tiny-smolvlm, in vlm_checkpoints/shipped/) from the
+# code and commit the result: the tests fail while the shipped copy's key differs from what the code gives.
 ship: install
-	$(BIN)/python -m vlm_service.checkpoints.ship --cache-dir $(CHECKPOINTS)
+	$(BIN)/python -m vlm_checkpoints.ship --cache-dir $(CHECKPOINTS)
 
 deploy-tools: $(DEPLOY_TOOLS)
 
@@ -127,8 +128,8 @@ accuracy: install checkpoints
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/tiny_accuracy.py $(ARGS)
 
 lint: install
-	$(BIN)/ruff check vlm_service clients tests bench
-	$(BIN)/ruff format --check vlm_service clients tests bench
+	$(BIN)/ruff check vlm_service vlm_checkpoints clients tests bench
+	$(BIN)/ruff format --check vlm_service vlm_checkpoints clients tests bench
 
 clean:
 	rm -rf $(VENV) .tools dist build clients/build .pytest_cache deploy/validate/node_modules clients/vlm/v1/*_pb2*.py clients/vlm/v1/*_pb2.pyi

@@ -284,7 +284,7 @@ def _progress(line: str) -> None:
 async def measure(args) -> dict:
     from transformers.utils import logging as hf_logging
 
-    from vlm_service.checkpoints.smolvlm_256m_shapes import ensure_smolvlm_256m_shapes
+    from vlm_checkpoints.smolvlm_256m_shapes import ensure_smolvlm_256m_shapes
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

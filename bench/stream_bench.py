@@ -338,7 +338,7 @@ class TransformersServe:
 async def measure(args) -> dict:
     from transformers.utils import logging as hf_logging
 
-    from vlm_service.checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
+    from vlm_checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

@@ -14,9 +14,9 @@ import argparse
 import random
 from pathlib import Path
 
+from vlm_checkpoints import shapes
 from vlm_service import registry
 from vlm_service.backends.base import Runtime
-from vlm_service.checkpoints import shapes
 from vlm_service.config import Settings
 from vlm_service.types import CaptionLength, GenerationRequest, SamplingParams, Task
 

@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vlm.v1 import vlm_service_pb2 as pb  # noqa: E402
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc  # noqa: E402
-from vlm_service.checkpoints.tiny_smolvlm import ensure_tiny_smolvlm  # noqa: E402
+from vlm_checkpoints.tiny_smolvlm import ensure_tiny_smolvlm  # noqa: E402
 from vlm_service.config import Settings  # noqa: E402
 from vlm_service.server import VLMServer  # noqa: E402
 

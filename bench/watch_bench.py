@@ -282,8 +282,8 @@ def summarize_feed(answers, rss, counters, count, references: list[dict], policy
 
 
 async def measure(args) -> dict:
+    from vlm_checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
     from vlm_client import AsyncVLMClient
-    from vlm_service.checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
 
     noise = ensure_tiny_smolvlm(args.cache_dir, trained=False)
     server = Server(args.cache_dir, noise)

@@ -40,8 +40,8 @@ def cache_dir() -> Path:
 def tiny_smolvlm_dir(cache_dir) -> Path:
     """tiny-smolvlm as the code builds it (not the copy shipped with the package, which
     tests/integration/test_front_door.py checks against this one)."""
-    from vlm_service.checkpoints.builder import fresh_builds
-    from vlm_service.checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
+    from vlm_checkpoints.builder import fresh_builds
+    from vlm_checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
 
     with fresh_builds():
         return ensure_tiny_smolvlm(cache_dir)
@@ -50,7 +50,7 @@ def tiny_smolvlm_dir(cache_dir) -> Path:
 @pytest.fixture(scope="session")
 def noise_dir(cache_dir) -> Path:
     """tiny-smolvlm with random weights: it writes noise and seldom ends, for long generations."""
-    from vlm_service.checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
+    from vlm_checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
 
     return ensure_tiny_smolvlm(cache_dir, trained=False)
 

@@ -60,7 +60,8 @@ def _build(args: argparse.Namespace) -> int:
     from the package where one is shipped): by default the tiny ones; the real-size twins only when named."""
     import time
 
-    from .checkpoints.builder import fresh_builds
+    from vlm_checkpoints.builder import fresh_builds
+
     from .registry import BUILTINS
 
     try:

@@ -47,37 +47,37 @@ class Builtin:
 
 
 def _tiny_smolvlm(cache_dir: Path, trained: bool = True) -> Path:
-    from .checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
+    from vlm_checkpoints.tiny_smolvlm import ensure_tiny_smolvlm
 
     return ensure_tiny_smolvlm(cache_dir, trained)
 
 
 def _tiny_qwen2_vl(cache_dir: Path, trained: bool = True) -> Path:
-    from .checkpoints.tiny_qwen2_vl import ensure_tiny_qwen2_vl
+    from vlm_checkpoints.tiny_qwen2_vl import ensure_tiny_qwen2_vl
 
     return ensure_tiny_qwen2_vl(cache_dir, trained)
 
 
 def _tiny_moondream(cache_dir: Path, trained: bool = True) -> Path:
-    from .checkpoints.tiny_moondream import ensure_tiny_moondream
+    from vlm_checkpoints.tiny_moondream import ensure_tiny_moondream
 
     return ensure_tiny_moondream(cache_dir, trained)
 
 
 def _smolvlm_256m_shapes(cache_dir: Path) -> Path:
-    from .checkpoints.smolvlm_256m_shapes import ensure_smolvlm_256m_shapes
+    from vlm_checkpoints.smolvlm_256m_shapes import ensure_smolvlm_256m_shapes
 
     return ensure_smolvlm_256m_shapes(cache_dir)
 
 
 def _qwen2_vl_2b_shapes(cache_dir: Path) -> Path:
-    from .checkpoints.qwen2_vl_2b_shapes import ensure_qwen2_vl_2b_shapes
+    from vlm_checkpoints.qwen2_vl_2b_shapes import ensure_qwen2_vl_2b_shapes
 
     return ensure_qwen2_vl_2b_shapes(cache_dir)
 
 
 def _moondream2_shapes(cache_dir: Path) -> Path:
-    from .checkpoints.moondream2_shapes import ensure_moondream2_shapes
+    from vlm_checkpoints.moondream2_shapes import ensure_moondream2_shapes
 
     return ensure_moondream2_shapes(cache_dir)
 
@@ -193,7 +193,7 @@ def backend_class(family: str) -> type[Backend]:
 def stop_builds() -> None:
     """Stop the tiny checkpoints this process is building (a shutdown while loading): each build runs
     in a child process, which is terminated; its caller gets an error at once."""
-    builder = sys.modules.get("vlm_service.checkpoints.builder")
+    builder = sys.modules.get("vlm_checkpoints.builder")
     if builder is not None:
         builder.stop_builds()
 

@@ -29,8 +29,8 @@ def stub(smolvlm_server):
 def families_server(cache_dir, noise_dir):
     """One real server with the three tiny families (the first is the default), and each family's
     random-weights twin (`noise-<family>`) for generations that must run long."""
-    from vlm_service.checkpoints.tiny_moondream import ensure_tiny_moondream
-    from vlm_service.checkpoints.tiny_qwen2_vl import ensure_tiny_qwen2_vl
+    from vlm_checkpoints.tiny_moondream import ensure_tiny_moondream
+    from vlm_checkpoints.tiny_qwen2_vl import ensure_tiny_qwen2_vl
 
     noise = {
         "noise-smolvlm": noise_dir,

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from tests.helpers import caption_request, keep_up, png_bytes, query_request
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service.checkpoints import shapes
+from vlm_checkpoints import shapes
 
 OTHER_COLOURS = {c: [o for o in shapes.COLOURS if o != c] for c in shapes.COLOURS}
 

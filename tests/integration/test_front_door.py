@@ -20,8 +20,8 @@ from tests.helpers import ServerThread, query_request
 from tests.integration.test_demo_model import held_out_accuracy
 from tests.integration.test_outside_clients import wait_serving
 from vlm.v1 import vlm_service_pb2 as pb
+from vlm_checkpoints import builder, tiny_smolvlm
 from vlm_client import Unauthenticated, VLMClient
-from vlm_service.checkpoints import builder, tiny_smolvlm
 from vlm_service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,13 +33,13 @@ BLUE_SQUARE = (ROOT / "examples" / "blue-square.png").read_bytes()
 
 def assert_shipped_copy_is_current() -> None:
     record_file = SHIPPED / builder.INPUTS_FILE
-    assert record_file.is_file(), "no shipped tiny-smolvlm: run `make ship` and commit vlm_service/checkpoints/shipped/"
+    assert record_file.is_file(), "no shipped tiny-smolvlm: run `make ship` and commit vlm_checkpoints/shipped/"
     record = json.loads(record_file.read_text())
     current = tiny_smolvlm.build_inputs(True)
     changed = sorted(part for part in current.parts if record["parts"].get(part) != current.parts[part])
     assert record["key"] == current.key, (
         f"the shipped tiny-smolvlm is stale (changed: {', '.join(changed)}): run `make ship` and commit "
-        "vlm_service/checkpoints/shipped/"
+        "vlm_checkpoints/shipped/"
     )
 
 

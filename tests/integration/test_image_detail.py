@@ -118,7 +118,7 @@ def test_an_unknown_detail_value_is_invalid_argument(stub):
 def test_qwen2_vl_low_detail_caps_the_pixels_and_so_the_image_tokens(cache_dir):
     """Qwen2-VL sees one view at any resolution: LOW keeps at most 512x512 pixels' worth. The tiny
     model's processor keeps few pixels, so the published one's limit is set on it here."""
-    from vlm_service.checkpoints.tiny_qwen2_vl import ensure_tiny_qwen2_vl
+    from vlm_checkpoints.tiny_qwen2_vl import ensure_tiny_qwen2_vl
 
     backend = Qwen2VLBackend(ModelSpec("q", str(ensure_tiny_qwen2_vl(cache_dir))), Runtime(device="cpu"))
     backend.load()

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+from vlm_checkpoints import shapes
 from vlm_service.backends import base
 from vlm_service.backends.base import ModelSpec, Runtime
 from vlm_service.backends.moondream import MoondreamBackend
 from vlm_service.backends.remote_code import bundled_hub_cache, hub_cache
-from vlm_service.checkpoints import shapes
 from vlm_service.types import CaptionLength, GenerationRequest, SamplingParams, Task
 
 CLASS = "hf_moondream.HfMoondream"
@@ -30,7 +30,7 @@ CLASS = "hf_moondream.HfMoondream"
 @pytest.fixture(scope="module")
 def checkpoint(cache_dir):
     """tiny-moondream with random weights: loading is what is tested here, not what it answers."""
-    from vlm_service.checkpoints.tiny_moondream import ensure_tiny_moondream
+    from vlm_checkpoints.tiny_moondream import ensure_tiny_moondream
 
     return str(ensure_tiny_moondream(cache_dir, trained=False))
 

@@ -12,9 +12,9 @@ from transformers import AutoProcessor
 
 from tests.helpers import ServerThread, caption_request, query_request, shape_image
 from vlm.v1 import vlm_service_pb2 as pb
+from vlm_checkpoints.smolvlm_256m_shapes import ensure_smolvlm_256m_shapes
+from vlm_checkpoints.twins import is_whole_printable
 from vlm_service.backends.smolvlm import CAPTION_PROMPTS
-from vlm_service.checkpoints.smolvlm_256m_shapes import ensure_smolvlm_256m_shapes
-from vlm_service.checkpoints.twins import is_whole_printable
 from vlm_service.config import Settings
 from vlm_service.types import CaptionLength
 

@@ -18,7 +18,7 @@ def train_a_little(directory: Path) -> None:
     one-layer model for two steps."""
     import torch
 
-    from vlm_service.checkpoints.train import train
+    from vlm_checkpoints.train import train
 
     model = torch.nn.Linear(4, 1)
     batch = (torch.ones(8, 4), torch.zeros(8, 1))

@@ -1,8 +1,9 @@
 """The import graph of the server's modules has no cycles, and the layering it promises holds.
 
-Every ``import`` statement in ``vlm_service/`` counts, wherever it is: at module level, inside a
-function (a lazy import), or under ``TYPE_CHECKING``. A cycle hidden behind a lazy or a type-only import
-is still two modules that cannot be understood one without the other.
+The graph holds the runtime (``vlm_service/``) and the offline checkpoint builders (``vlm_checkpoints/``).
+Every ``import`` statement in them counts, wherever it is: at module level, inside a function (a lazy
+import), or under ``TYPE_CHECKING``. A cycle hidden behind a lazy or a type-only import is still two
+modules that cannot be understood one without the other.
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "vlm_service"
+ROOT = Path(__file__).resolve().parents[2]
+RUNTIME = "vlm_service"
+CHECKPOINTS = "vlm_checkpoints"
 
 
 def module_name(path: Path) -> str:
-    parts = ("vlm_service", *path.relative_to(PACKAGE).with_suffix("").parts)
+    parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+    return {
+        module_name(path): path for package in (RUNTIME, CHECKPOINTS) for path in sorted((ROOT / package).rglob("*.py"))
+    }
 
 
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
@@ -86,8 +91,39 @@ def test_the_graph_is_read_whole():
     edges = graph()
     # A sample of edges the reader must see: relative, lazy (in a function) and `from . import x`.
     assert "vlm_service.backends.base" in edges["vlm_service.backends.hf"]
-    assert "vlm_service.checkpoints.tiny_smolvlm" in edges["vlm_service.registry"]
+    assert "vlm_checkpoints.tiny_smolvlm" in edges["vlm_service.registry"]
     assert "vlm_service.convert" in edges["vlm_service.servicer"]
+    assert "vlm_service.backends.smolvlm" in edges["vlm_checkpoints.tiny_smolvlm"]
+    assert {"vlm_service.registry", "vlm_service.server", "vlm_checkpoints.builder"} <= set(edges)
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """The modules named by the import statements that run when ``path`` is imported: every one
+    outside a function's body (a class body or an ``if``, ``TYPE_CHECKING`` included, counts)."""
+    found = set()
+    todo = list(ast.parse(path.read_text(), str(path)).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.add(node.module or "")
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def test_the_runtime_imports_the_checkpoint_builders_only_lazily():
+    """Importing any runtime module never imports the training code: the runtime reaches
+    ``vlm_checkpoints`` only from inside a function (to build or find a built-in checkpoint)."""
+    runtime = {name: path for name, path in modules().items() if name.partition(".")[0] == RUNTIME}
+    eager = {
+        name: sorted(found)
+        for name, path in runtime.items()
+        if (found := {m for m in module_level_imports(path) if m.partition(".")[0] == CHECKPOINTS})
+    }
+    assert not eager, f"runtime modules import {CHECKPOINTS} at module level: {eager}"
 
 
 def test_no_module_imports_itself_through_others():

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import runpy
 
-from vlm_service.checkpoints import moondream2_shapes as twin
-from vlm_service.checkpoints.builder import train_byte_level_bpe
-from vlm_service.checkpoints.corpus import tokenizer_corpus
-from vlm_service.checkpoints.moondream_remote.config import SPECIAL_TOKENS
+from vlm_checkpoints import moondream2_shapes as twin
+from vlm_checkpoints.builder import train_byte_level_bpe
+from vlm_checkpoints.corpus import tokenizer_corpus
+from vlm_checkpoints.moondream_remote.config import SPECIAL_TOKENS
 
 
 def test_the_shipped_sizes_are_the_published_ones_in_bfloat16(tmp_path):

@@ -36,9 +36,10 @@ def test_dockerfile_installs_with_the_makefile_and_copies_what_it_needs(dockerfi
     assert re.search(r"^RUN make install VENV=\S+ EXTRAS=", dockerfile, re.M)
     for path in re.findall(r"^COPY (\S+)", dockerfile, re.M):
         assert (ROOT / path).exists(), f"Dockerfile copies {path}, which does not exist"
-    # Everything the package build needs is copied: the protos (for the stubs) and both distributions.
+    # Everything the package build needs is copied: the protos (for the stubs), both distributions and
+    # both packages of the server's (the runtime and the checkpoint builders).
     copied = " ".join(re.findall(r"^COPY (.+)$", dockerfile, re.M))
-    for needed in ("protos", "vlm_service", "clients", "pyproject.toml", "Makefile"):
+    for needed in ("protos", "vlm_service", "vlm_checkpoints", "clients", "pyproject.toml", "Makefile"):
         assert needed in copied
 
 

@@ -1,4 +1,4 @@
-"""Silencing a random model's unprintable rows (checkpoints/twins.py), on a small random Llama."""
+"""Silencing a random model's unprintable rows (vlm_checkpoints/twins.py), on a small random Llama."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from vlm_service.checkpoints.builder import train_byte_level_bpe
-from vlm_service.checkpoints.corpus import tokenizer_corpus
-from vlm_service.checkpoints.twins import (
+from vlm_checkpoints.builder import train_byte_level_bpe
+from vlm_checkpoints.corpus import tokenizer_corpus
+from vlm_checkpoints.twins import (
     check_prompts_end_kept,
     is_whole_printable,
     silence_unprintable_rows,

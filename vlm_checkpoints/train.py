@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..types import CaptionLength, GenerationRequest, SamplingParams, Task
+from vlm_service.types import CaptionLength, GenerationRequest, SamplingParams, Task
+
 from . import shapes
 
 logger = logging.getLogger(__name__)

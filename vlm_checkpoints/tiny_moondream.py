@@ -26,7 +26,8 @@ TRAIN = {"steps": 2000, "distinct_batches": 300, "lr": 3e-3}
 
 def write_tokenizer_cache(directory: Path) -> None:
     """Train the tokenizer and put it in the checkpoint's own hub cache, under the code's repo name."""
-    from ..backends.remote_code import BUNDLED_HUB_CACHE, write_hub_file
+    from vlm_service.backends.remote_code import BUNDLED_HUB_CACHE, write_hub_file
+
     from .moondream_remote.config import SPECIAL_TOKENS
     from .moondream_remote.moondream import TOKENIZER_REPO
 
@@ -101,7 +102,8 @@ def training_loss(model, pixels: list, prompts: list[list[int]], answers: list[l
 def _build(directory: Path, trained: bool = True) -> None:
     import torch
 
-    from ..backends.remote_code import BUNDLED_HUB_CACHE, hub_cache
+    from vlm_service.backends.remote_code import BUNDLED_HUB_CACHE, hub_cache
+
     from .moondream_remote.hf_moondream import HfConfig, HfMoondream
 
     write_tokenizer_cache(directory)

@@ -31,7 +31,7 @@ SCALE_FACTOR = 2
 MAX_TILES_PER_SIDE = 2
 IMAGE_SEQ_LEN = (TILE // PATCH) ** 2 // SCALE_FACTOR**2
 
-#: Training on the synthetic shapes (see checkpoints/train.py); empty means random weights.
+#: Training on the synthetic shapes (see train.py); empty means random weights.
 TRAIN = {"steps": 1000, "distinct_batches": 200, "lr": 3e-3}
 # SmolVLM answers after "Assistant:" with a space, as the real model does.
 ANSWER_PREFIX = " "
@@ -122,7 +122,8 @@ def _build(directory: Path, trained: bool = True) -> None:
     model.generation_config.eos_token_id = ids["<end_of_utterance>"]
     model.generation_config.pad_token_id = ids["<|im_end|>"]
     if trained and TRAIN:
-        from ..backends.smolvlm import SmolVLMBackend
+        from vlm_service.backends.smolvlm import SmolVLMBackend
+
         from .train import train_transformers_vlm
 
         train_transformers_vlm(SmolVLMBackend.around(model, processor), answer_prefix=ANSWER_PREFIX, **TRAIN)
@@ -131,7 +132,8 @@ def _build(directory: Path, trained: bool = True) -> None:
 
 
 def _probe() -> list:
-    from ..backends.smolvlm import SmolVLMBackend
+    from vlm_service.backends.smolvlm import SmolVLMBackend
+
     from .train import probe_transformers_vlm
 
     processor, _, _ = _processor()

@@ -107,7 +107,8 @@ def _build(directory: Path) -> None:
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.initialization import no_init_weights
 
-    from ..backends.remote_code import BUNDLED_HUB_CACHE, hub_cache
+    from vlm_service.backends.remote_code import BUNDLED_HUB_CACHE, hub_cache
+
     from .tiny_moondream import REMOTE_DIR, save, write_tokenizer_cache
 
     write_tokenizer_cache(directory)

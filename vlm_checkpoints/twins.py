@@ -95,7 +95,7 @@ def check_prompts_end_kept(tokenizer, prompts: Iterable[str], silenced: Iterable
 
 def service_prompts(backend) -> list[str]:
     """The prompts the service sends through ``backend``: a Caption of every length and a Query."""
-    from ..types import CaptionLength, GenerationRequest, SamplingParams, Task
+    from vlm_service.types import CaptionLength, GenerationRequest, SamplingParams, Task
 
     requests = [
         GenerationRequest("twin", "twin", Task.CAPTION, None, SamplingParams(32), "", length)

@@ -1,7 +1,7 @@
-"""Refresh the checkpoints shipped with the package: ``python -m vlm_service.checkpoints.ship`` (``make ship``).
+"""Refresh the checkpoints shipped with the package: ``python -m vlm_checkpoints.ship`` (``make ship``).
 
 A shipped checkpoint is built by the same code, in the same child process, as a cached one
-(``vlm-service build``), then copied with its ``build-inputs.json`` into ``checkpoints/shipped/<name>/``.
+(``vlm-service build``), then copied with its ``build-inputs.json`` into ``vlm_checkpoints/shipped/<name>/``.
 The builder uses it only while its key is the one the code gives (see builder.py); the test suite
 fails while a shipped copy is stale, and says to run this.
 """
@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import load_settings
+from vlm_service.config import load_settings
+
 from .builder import SHIPPED_DIR, fresh_builds
 from .tiny_smolvlm import ensure_tiny_smolvlm
 
@@ -44,7 +45,7 @@ def ship(name: str, cache_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlm_service.checkpoints.ship", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vlm_checkpoints.ship", description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", default=list(SHIPPED), help=f"default: {', '.join(SHIPPED)}")
     parser.add_argument("--cache-dir", type=Path, help="where the build is cached (default: the server's --cache-dir)")
     args = parser.parse_args(argv)

@@ -41,7 +41,8 @@ def _build(directory: Path) -> None:
         Qwen2VLVideoProcessor,
     )
 
-    from ..backends.qwen2_vl import Qwen2VLBackend
+    from vlm_service.backends.qwen2_vl import Qwen2VLBackend
+
     from .twins import check_prompts_end_kept, save_twin, service_prompts, silence_unprintable_rows
 
     backend = train_byte_level_bpe(tokenizer_corpus(), SPECIAL_TOKENS, vocab_size=VOCAB)

@@ -118,7 +118,8 @@ def _build(directory: Path, trained: bool = True) -> None:
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = ids["<|endoftext|>"]
     if trained and TRAIN:
-        from ..backends.qwen2_vl import Qwen2VLBackend
+        from vlm_service.backends.qwen2_vl import Qwen2VLBackend
+
         from .train import train_transformers_vlm
 
         train_transformers_vlm(Qwen2VLBackend.around(model, processor), **TRAIN)
@@ -127,7 +128,8 @@ def _build(directory: Path, trained: bool = True) -> None:
 
 
 def _probe() -> list:
-    from ..backends.qwen2_vl import Qwen2VLBackend
+    from vlm_service.backends.qwen2_vl import Qwen2VLBackend
+
     from .train import probe_transformers_vlm
 
     processor, _, _ = _processor()

@@ -44,7 +44,8 @@ def _build(directory: Path) -> None:
     )
     from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
-    from ..backends.smolvlm import SmolVLMBackend
+    from vlm_service.backends.smolvlm import SmolVLMBackend
+
     from .twins import check_prompts_end_kept, save_twin, service_prompts, silence_unprintable_rows
 
     backend = train_byte_level_bpe(tokenizer_corpus(), SPECIAL_TOKENS, vocab_size=VOCAB)

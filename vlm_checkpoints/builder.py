@@ -1,19 +1,25 @@
 """Building checkpoints offline: what a build depends on (its cache key), isolated builds, atomic caching.
 
+This package (``vlm_checkpoints``) holds the offline builders and training code only; the runtime
+(``vlm_service``) imports it lazily, when it serves a built-in checkpoint or runs ``vlm-service build``.
+
 Rules:
 
 - A checkpoint's cache key is a digest of what its build depends on, declared by its builder as
   :class:`BuildInputs`: the code the build runs (its own module, the tokenizer trainer and its corpus,
   the training loop), the training recipe, and a *probe*: the chat-templated prompts and the token ids
   of a fixed set of requests encoded through the backend the model is trained through. The runtime's
-  source bytes are not part of it: a refactor of a backend that leaves prompts and encodings alone
-  keeps every checkpoint; a changed caption instruction or recipe rebuilds the ones it touches.
+  source bytes (``vlm_service``) are not part of it: a refactor of a backend that leaves prompts and
+  encodings alone keeps every checkpoint; a changed caption instruction or recipe rebuilds the ones it
+  touches.
+  A module of this package is named in the key relative to it (``source:.train``), so that moving or
+  renaming the package keeps the keys.
 - A build runs in a child process (``spawn``), never in the caller: training sets torch's thread count
   and global seed, and the caller may be a server that already serves other models.
 - A checkpoint is written beside its target and renamed into place: readers never see half of one,
   concurrent builders race safely, and a failed build leaves nothing behind. Each carries
   ``build-inputs.json`` (its key and the digest of every part), so a stale copy says what changed.
-- A checkpoint shipped with the package (``checkpoints/shipped/<name>/``, see ``ship.py``) is used
+- A checkpoint shipped with the package (``vlm_checkpoints/shipped/<name>/``, see ``ship.py``) is used
   when its key is the one the code gives now; a stale one is never used: it is rebuilt, with a log line.
 """
 
@@ -85,7 +91,7 @@ class BuildInputs:
             spec = importlib.util.find_spec(module)
             if spec is None or not spec.origin:
                 raise ValueError(f"build input {module!r} is not an importable module")
-            parts[f"source:{module}"] = _digest(Path(spec.origin).read_bytes())
+            parts[f"source:{_source_name(module)}"] = _digest(Path(spec.origin).read_bytes())
         if self.recipe:
             parts["recipe"] = _digest(_canonical(self.recipe))
         if self.probe is not None:
@@ -98,6 +104,14 @@ class BuildInputs:
 
     def record(self) -> dict[str, Any]:
         return {"key": self.key, "parts": self.parts}
+
+
+def _source_name(module: str) -> str:
+    """A source module's name in the key: relative to this package (``.train``; ``.`` the package
+    itself), else in full."""
+    if module == _PACKAGE or module.startswith(f"{_PACKAGE}."):
+        return "." + module[len(_PACKAGE) + 1 :]
+    return module
 
 
 def _canonical(value: Any) -> bytes:
@@ -118,8 +132,9 @@ def _digest(data: bytes) -> str:
 
 
 def default_inputs(build: Callable[..., None]) -> BuildInputs:
-    """For a builder that declares nothing: its own module and every module of this package (the
-    tokenizer, training and remote code it may use). Runtime modules never count."""
+    """For a builder that declares nothing: its own module and every module of this package,
+    ``vlm_checkpoints`` (the tokenizer, training and remote code it may use). Runtime modules
+    (``vlm_service``) never count: a backend it trains or probes through is not a source."""
     while isinstance(build, functools.partial):
         build = build.func
     package = Path(__file__).resolve().parent
