@@ -94,7 +94,7 @@ class StepGate:
     """Holds or observes a model's generation at its stop checks (the scheduler's ``step_gate`` seam).
 
     Installed on a scheduler, it is called in the scheduler thread at each stop check of each job (once before
-    the job's prefill, then once per decode step), before the check. While closed, the scheduler waits there,
+    each chunk of the job's prefill, once for a prefill in one piece, then once per decode step), before the check. While closed, the scheduler waits there,
     so nothing on that model moves: a test can cancel, fill the queue or scrape metrics against a frozen,
     known state, then ``open()`` it. ``trace`` records each call as (job, forward passes so far, running
     jobs). ``hold_when(job)``, if given, closes the gate at the first call for which it is true.

@@ -138,7 +138,7 @@ class Settings:
     )
     stall_timeout: float = _setting(
         300.0,
-        "Seconds a model's scheduler may work without progress (a decode step, a prefill) before the model is "
+        "Seconds a model's scheduler may work without progress (a decode step, a chunk of a prefill) before the model is "
         "declared stuck: its running requests end with ABORTED, queued and new ones with UNAVAILABLE, its health "
         "turns NOT_SERVING, and the server drains and exits with code 3 so that its supervisor restarts it.",
     )

@@ -81,7 +81,9 @@ class Engine:
                 backend = served.cls(served.spec, runtime)
                 backend.load()
                 # Before the warm-up and the scheduler's thread, which takes the count set when it starts.
-                set_torch_threads(self.settings.torch_threads, runtime, parameters(getattr(backend, "model", None)))
+                threads = set_torch_threads(
+                    self.settings.torch_threads, runtime, parameters(getattr(backend, "model", None))
+                )
                 if self.settings.warmup:
                     self._warm_up(served.spec, backend)
             except Exception:
@@ -99,6 +101,7 @@ class Engine:
                 self._fatal,
                 ModelMetrics(self.metrics, served.spec.name),
                 prefill_budget=self.settings.prefill_budget_ms / 1000,
+                torch_threads=threads,
             )
             served.load_seconds = time.monotonic() - start
             served.state = ModelState.READY
@@ -302,10 +305,11 @@ def auto_torch_threads(cpus: int, model_parameters: int) -> int:
     return cpus if model_parameters >= LARGE_MODEL_PARAMETERS else max(1, cpus - 1)
 
 
-def set_torch_threads(threads: int, runtime: Runtime, model_parameters: int) -> None:
-    """Size torch's intra-op thread pool: ``threads``, or for 0 the automatic choice for a model of
-    ``model_parameters`` (on a CPU; torch's own default on a GPU). torch applies it to this thread and
-    to threads started after (each model's scheduler thread starts after its model loads)."""
+def set_torch_threads(threads: int, runtime: Runtime, model_parameters: int) -> int | None:
+    """Size torch's intra-op thread pool for a model of ``model_parameters``: ``threads``, or for 0 the
+    automatic choice (on a CPU; torch's own default on a GPU). Sets it in this thread (the model's
+    warm-up runs here) and returns it for the model's scheduler thread, which sets it again when it
+    starts: torch keeps the count per thread, so each model's scheduler has its own. None: leave torch's."""
     import os
 
     import torch
@@ -313,12 +317,13 @@ def set_torch_threads(threads: int, runtime: Runtime, model_parameters: int) -> 
     if not threads:
         device, _ = runtime.resolve()
         if device.type != "cpu":
-            return
+            return None
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         threads = auto_torch_threads(cpus, model_parameters)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     logger.info("torch uses %d intra-op thread(s)", threads)
+    return threads
 
 
 def warmup_image() -> Image.Image:

@@ -179,7 +179,7 @@ class Job:
 
     def should_stop(self) -> bool:
         """Whether the row should end now (cancelled, interrupted, abandoned, a stop string, already
-        ended). Asked once per decode step, and once before the prefill."""
+        ended). Asked once per decode step, and once before each chunk of the prefill."""
         if self._on_check is not None:  # a sign of life for the watchdog (and the tests' step gate)
             self._on_check(self)
         now = time.monotonic()

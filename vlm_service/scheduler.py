@@ -45,7 +45,8 @@ class Scheduler:
     """Runs one model's requests, through the batch its backend made, in a dedicated thread."""
 
     #: A seam for tests: when set, it is called in the scheduler thread with the job at each of the
-    #: job's stop checks (once per decode step, and once before its prefill), before the check itself.
+    #: job's stop checks (once per decode step, and once before each chunk of its prefill: once before
+    #: a prefill in one piece), before the check itself.
     #: Tests use it to hold generation at a known step, or to pace it; the service never sets it.
     step_gate: Callable[[Job], None] | None = None
 
@@ -57,11 +58,13 @@ class Scheduler:
         on_fatal: Callable[[str], None] | None = None,
         metrics: ModelMetrics | None = None,
         prefill_budget: float = 0.25,
+        torch_threads: int | None = None,
     ):
         self.name = name
         self.batch = batch
         self.metrics = metrics
         self.prefill_budget = prefill_budget  # seconds of prefill chunks between decode steps
+        self.torch_threads = torch_threads  # this thread's intra-op threads (None: as torch has them)
         self.max_queue = max_queue
         self._on_fatal = on_fatal
         self.seconds_per_request: float | None = None  # moving average of generation times
@@ -192,6 +195,10 @@ class Scheduler:
 
     def _run(self) -> None:
         batch = self.batch
+        if self.torch_threads:  # torch keeps a thread count per thread: this model's, whatever loads after
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         try:
             while (new := self._take(batch.room)) is not None:
                 for job in new:
@@ -260,7 +267,10 @@ class Scheduler:
             failure = exc
         if failure is not None:
             # A failed step leaves no row in a known state: each gets the error, the batch starts over.
-            self._failed(self.batch.abort(), failure)
+            # Requests still joining were not in the step; they go on, unless memory ran out (then
+            # every tensor the batch holds goes, theirs too, before memory is freed).
+            oom = DeviceFailure.of(failure).out_of_memory
+            self._failed(self.batch.abort(joining=oom), failure)
             return
         for job, outcome in ended:  # each row's sink is its job
             self._finished(job, outcome)

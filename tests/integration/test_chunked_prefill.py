@@ -9,8 +9,11 @@ on from 50M parameters); its prompts are short, so the text part is cut into 48-
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import dataclasses
 import threading
 
+import grpc
 import pytest
 
 from tests.helpers import ServerThread, caption_request, query_request, run_rpc, shape_image, wait_for, wait_idle
@@ -189,7 +192,10 @@ def test_on_a_server_a_new_picture_never_holds_a_running_stream_for_its_whole_pr
     batch.prefill_step, batch.decode_step = recorded("chunk", prefill_step), recorded("step", decode_step)
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            running = pool.submit(run_rpc, chunked_server, caption_request(model="noise", max_new_tokens=300))
+            # Long enough to outlast the joining request on a loaded machine; cancelled once it answered.
+            channel = chunked_server.channel()
+            long_call = chunked_server.stub(channel).Caption(caption_request(model="noise", max_new_tokens=1500))
+            running = pool.submit(lambda: sum(1 for _ in long_call))
             wait_for(lambda: events.count("step") >= 5, message="the first stream never decoded")
             with lock:
                 mark = len(events)
@@ -200,7 +206,10 @@ def test_on_a_server_a_new_picture_never_holds_a_running_stream_for_its_whole_pr
                 max_new_tokens=8,
             )
             text, last = pool.submit(run_rpc, chunked_server, joining).result(timeout=120)
-            running.result(timeout=120)
+            long_call.cancel()
+            with contextlib.suppress(grpc.RpcError):
+                running.result(timeout=120)
+            channel.close()
     finally:
         del batch.prefill_step, batch.decode_step
     assert last.usage.completion_tokens == 8
@@ -212,3 +221,31 @@ def test_on_a_server_a_new_picture_never_holds_a_running_stream_for_its_whole_pr
     # Between two chunks of the new request's prefill, the running stream always got its decode step.
     for first, second in zip(chunk_positions, chunk_positions[1:], strict=False):
         assert "step" in after[first + 1 : second], after[:60]
+
+
+def test_a_cached_picture_evicted_before_its_first_chunk_still_prefills(chunked):
+    """X's features are cached (so its cached preprocessing has no pixels); X joins, then Y joins and its
+    preprocessing evicts X's entry (a cache of one picture) before X's first chunk runs: X still answers,
+    the same as alone, from the features it took when it joined."""
+    from vlm_service.image_cache import ImageCache
+
+    previous = chunked.images
+    chunked.images = ImageCache(1)
+    try:
+        x = dataclasses.replace(request(shape_image("red", size=(200, 90)), 12), image_digest="x")
+        y = dataclasses.replace(request(shape_image("blue", size=(90, 200)), 12), image_digest="y")
+        first = Sink()
+        run_alone(chunked.new_batch(1), x, first)  # caches X's features; its preprocessing drops the pixels
+        assert chunked.images.get(x.image_key, "features") is not None
+        batch, again, other = chunked.new_batch(2), Sink(), Sink()
+        assert batch.join(x, again) is None
+        assert batch.join(y, other) is None
+        assert chunked.images.get(x.image_key, "features") is None, "Y's preprocessing should have evicted X"
+        while batch.joining or len(batch):
+            if batch.joining:
+                batch.prefill_step()
+            else:
+                batch.decode_step()
+        assert "".join(again.pieces) == "".join(first.pieces) and other.pieces
+    finally:
+        chunked.images = previous

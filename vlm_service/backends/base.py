@@ -183,9 +183,9 @@ class Batch(abc.ABC):
         """One decode step for every row; returns the rows that ended (and left the batch), with how."""
 
     @abc.abstractmethod
-    def abort(self) -> list[TextSink]:
-        """Drop every row and every joining request (after a failed step, no row is in a known state);
-        returns their sinks."""
+    def abort(self, joining: bool = True) -> list[TextSink]:
+        """Drop every row (after a failed step, no row is in a known state), and with ``joining`` every
+        request still joining too (whose prefills the failed step did not touch); returns their sinks."""
 
 
 class WholeAnswers(Batch):
@@ -204,7 +204,7 @@ class WholeAnswers(Batch):
     def decode_step(self) -> list[tuple[TextSink, Outcome]]:
         return []
 
-    def abort(self) -> list[TextSink]:
+    def abort(self, joining: bool = True) -> list[TextSink]:
         return []
 
 

@@ -150,8 +150,8 @@ class DecodeBatch(Batch):
         """Prepare ``request``'s inputs (the processor) and queue its prefill, which
         :meth:`prefill_step` runs chunk by chunk; its first token is streamed when the last one ends.
 
-        Returns None; or, if it was cancelled while its inputs were prepared, how it ended (it is then
-        not added).
+        Returns None: a request cancelled meanwhile ends at its first :meth:`prefill_step`, before any
+        of its prefill runs.
         """
         backend = self.backend
         inputs = backend.prepare(request)
@@ -170,33 +170,28 @@ class DecodeBatch(Batch):
                 else None
             ),
         )
-        if sink.should_stop():  # cancelled while its inputs were prepared
-            self._finish(row, FinishReason.STOP)
-            return row.outcome
         self._joining.append(Joining(row, backend.prefill_steps(request, inputs)))
         return None
 
     def prefill_step(self) -> tuple[TextSink, Outcome | None, bool]:
-        """The next chunk of the oldest joining request's prefill (the whole prefill, unchunked). After
-        its last chunk the request's first token is streamed and it decodes with the others."""
-        joining = self._joining[0]
+        """The next chunk of the oldest joining request's prefill (the whole prefill, unchunked), after
+        its stop check (a request whose RPC ended runs no more of it). After its last chunk the
+        request's first token is streamed and it decodes with the others. Whatever happens, the request
+        is out of the joining queue unless it has chunks left."""
+        joining = self._joining.popleft()
         row = joining.row
-        if joining.chunks and row.sink.should_stop():  # its RPC ended between two chunks
-            self._joining.popleft()
-            joining.steps.close()
-            self._finish(row, FinishReason.STOP)
-            return row.sink, row.outcome, True
         try:
+            if row.sink.should_stop():  # its RPC ended (or its deadline passed) before this chunk
+                joining.steps.close()
+                self._finish(row, FinishReason.STOP)
+                return row.sink, row.outcome, True
             with torch.inference_mode():
                 next(joining.steps)
         except StopIteration as done:
-            self._joining.popleft()
             logits, cache, next_position = done.value
-        except BaseException:
-            self._joining.popleft()
-            raise
         else:
             joining.chunks += 1
+            self._joining.appendleft(joining)
             return row.sink, None, False
         row.position = next_position
         self._emit(row, self._choose(row, logits[0, -1].float()))
@@ -295,14 +290,17 @@ class DecodeBatch(Batch):
             for k, v in _layers(self._cache)
         )
 
-    def abort(self) -> list[TextSink]:
-        """Drop every row and every joining request (after a failed step); returns their sinks."""
+    def abort(self, joining: bool = True) -> list[TextSink]:
+        """Drop every row (after a failed step), and with ``joining`` every joining request too;
+        returns their sinks."""
         rows, self.rows = self.rows, []
-        joining, self._joining = list(self._joining), collections.deque()
-        for each in joining:
-            each.steps.close()
         self._cache, self._mask = None, None
-        return [row.sink for row in rows] + [each.row.sink for each in joining]
+        dropped = []
+        if joining:
+            dropped, self._joining = list(self._joining), collections.deque()
+            for each in dropped:
+                each.steps.close()
+        return [row.sink for row in rows] + [each.row.sink for each in dropped]
 
 
 def _left_pad(tensor: torch.Tensor, amount: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ class TransformersBackend(Backend):
         self.model = AutoModelForImageTextToText.from_pretrained(self.spec.source, dtype=dtype, **common)
         self.model.to(device).eval()
         self._device = device
-        self.chunked = self.runtime.chunked(parameters(self.model))
+        self.chunked = self.can_chunk and self.runtime.chunked(parameters(self.model))
         self.end_token_ids = self._end_token_ids()
         logger.info(
             "loaded %s (%s) on %s as %s%s",
@@ -116,9 +116,18 @@ class TransformersBackend(Backend):
         chunk. Chunked, a family that can cuts it into the vision encoder's views
         (:meth:`encode_views`) and spans of ``text_chunk_tokens`` prompt tokens (:meth:`embed_prompt`).
         Chunks depend on the request and the model only, never on timing or on other requests, so a
-        request's answer is the same however its chunks interleave with other work."""
+        request's answer is the same however its chunks interleave with other work.
+
+        The image cache is read here, when the request joins, not at its first chunk: ``inputs`` lack the
+        pixels when ``prepare`` found the picture's features cached, and other requests' chunks may evict
+        that entry before this one's first chunk runs."""
         inputs = dict(inputs.to(self._device))
         features = self.images.get(request.image_key, "features")
+        if features is None and "pixel_values" not in inputs:  # evicted since prepare(): process it afresh
+            inputs = dict(self.encode([self.prompt(request)], [request.image], request.detail).to(self._device))
+        return self._prefill_chunks(request, inputs, features)
+
+    def _prefill_chunks(self, request: GenerationRequest, inputs: dict, features: Any):
         if features is None:
             pixels = inputs["pixel_values"]
             if pixels.is_floating_point():
@@ -155,7 +164,10 @@ class TransformersBackend(Backend):
     #: Prompt tokens per chunk of a chunked prefill's text part (None: the prompt in one pass). Only for a
     #: family whose text positions follow the cache's length and that implements :meth:`embed_prompt`.
     text_chunk_tokens: ClassVar[int | None] = None
-    #: Whether this model prefills in chunks (set by ``load`` from ``--chunked-prefill`` and its size).
+    #: Whether the family can cut a prefill into chunks (it implements encode_views and embed_prompt).
+    can_chunk: ClassVar[bool] = False
+    #: Whether this model prefills in chunks (set by ``load`` from ``--chunked-prefill``, its size and
+    #: ``can_chunk``).
     chunked: bool = False
 
     def encode_views(self, vision: dict[str, torch.Tensor]) -> Generator[None, None, Any]:

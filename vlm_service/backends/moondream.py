@@ -194,7 +194,7 @@ class _AnswerStream(Batch):
         self._request, self._out, self._pieces = None, None, None
         self._held.close()
 
-    def abort(self) -> list[TextSink]:
+    def abort(self, joining: bool = True) -> list[TextSink]:
         out = self._out
         with contextlib.suppress(Exception):
             self._release()

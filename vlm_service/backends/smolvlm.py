@@ -30,6 +30,7 @@ class SmolVLMBackend(TransformersBackend):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
+    can_chunk = True
     text_chunk_tokens = 256
 
     def encode_views(self, vision):
