@@ -121,6 +121,24 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
         call.model = model or self.engine.default_model
         if self.tracing is not None:
             trace.get_current_span().set_attribute("vlm.request_id", call.request_id)
+        recorded = False
+
+        def record(code: str) -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                metrics = self.engine.metrics
+                metrics.requests.labels(method, code).inc()
+                metrics.request_duration.labels(method, code).observe(time.monotonic() - call.started)
+
+        def ended_by_client() -> str:
+            remaining = context.time_remaining()
+            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+        # A streaming handler that grpc cancels while it writes a message is left suspended at its
+        # ``yield``, and its ``finally`` runs only when the generator is collected (late, or at the
+        # next cyclic garbage collection): the RPC's end is counted when it ends, here.
+        context.add_done_callback(lambda ctx: ctx.cancelled() and record(ended_by_client()))
         code = "OK"
         try:
             yield call
@@ -128,16 +146,13 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
             code = status_code(exc).name
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            remaining = context.time_remaining()
-            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            code = ended_by_client()
             raise
         except Exception:
             code = "INTERNAL"
             raise
         finally:
-            metrics = self.engine.metrics
-            metrics.requests.labels(method, code).inc()
-            metrics.request_duration.labels(method, code).observe(time.monotonic() - call.started)
+            record(code)
 
     async def _with_image(self, request: GenerationRequest, data: bytes) -> GenerationRequest:
         """The request with its image decoded and checked (off the event loop)."""

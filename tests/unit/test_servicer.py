@@ -41,6 +41,9 @@ class FakeContext:
     def time_remaining(self):
         return None
 
+    def cancelled(self):
+        return False
+
 
 @pytest.fixture
 def fake_engine(tmp_path, settings):
