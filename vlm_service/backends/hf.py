@@ -118,16 +118,21 @@ class TransformersBackend(Backend):
         Chunks depend on the request and the model only, never on timing or on other requests, so a
         request's answer is the same however its chunks interleave with other work.
 
-        The image cache is read here, when the request joins, not at its first chunk: ``inputs`` lack the
-        pixels when ``prepare`` found the picture's features cached, and other requests' chunks may evict
-        that entry before this one's first chunk runs."""
+        The picture's features are looked up in the image cache at the first chunk (another request
+        on the same picture that joined just before may have computed them by then), except when
+        ``inputs`` lack the pixels (``prepare`` found the features cached): those are taken now, as
+        other requests' chunks may evict them before this one's first chunk runs."""
         inputs = dict(inputs.to(self._device))
-        features = self.images.get(request.image_key, "features")
-        if features is None and "pixel_values" not in inputs:  # evicted since prepare(): process it afresh
-            inputs = dict(self.encode([self.prompt(request)], [request.image], request.detail).to(self._device))
-        return self._prefill_chunks(request, inputs, features)
+        held = None
+        if "pixel_values" not in inputs:
+            held = self.images.get(request.image_key, "features")
+            if held is None:  # evicted since prepare(): process the picture afresh
+                inputs = dict(self.encode([self.prompt(request)], [request.image], request.detail).to(self._device))
+        return self._prefill_chunks(request, inputs, held)
 
     def _prefill_chunks(self, request: GenerationRequest, inputs: dict, features: Any):
+        if features is None:
+            features = self.images.get(request.image_key, "features")
         if features is None:
             pixels = inputs["pixel_values"]
             if pixels.is_floating_point():
