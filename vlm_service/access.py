@@ -53,6 +53,7 @@ class Call:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     first_text_at: float | None = None  # time.monotonic() of the first text sent
+    logged: bool = False  # its access line is written (once, however the RPC ends)
 
     def fields(self, code: str, ended: float) -> dict:
         def ms(at: float | None) -> float | None:
@@ -121,6 +122,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         def end(call: Call, token: contextvars.Token, context, error: BaseException | None) -> None:
             with contextlib.suppress(ValueError):  # a generator closed from another context
                 _current.reset(token)
+            if call.logged:
+                return
+            call.logged = True
             if self._log:
                 code = final_code(context, error).name
                 fields = call.fields(code, time.monotonic())
@@ -136,6 +140,10 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
 
                 async def stream(request_or_iterator, context):
                     call, token = begin(context)
+                    # A stream that grpc cancels while it writes a message stays suspended at its
+                    # ``yield`` until it is collected: its line is written when the RPC ends, here
+                    # (a handler that ended by itself has written it already).
+                    context.add_done_callback(lambda _: end(call, token, context, asyncio.CancelledError()))
                     error = None
                     try:
                         result = behaviour(request_or_iterator, context)

@@ -137,8 +137,10 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
 
         # A streaming handler that grpc cancels while it writes a message is left suspended at its
         # ``yield``, and its ``finally`` runs only when the generator is collected (late, or at the
-        # next cyclic garbage collection): the RPC's end is counted when it ends, here.
-        context.add_done_callback(lambda ctx: ctx.cancelled() and record(ended_by_client()))
+        # next cyclic garbage collection). When the RPC ends, a handler that ended by itself has been
+        # counted already; one that has not was stopped by its client (grpc's ``context.cancelled()``
+        # is still False then: it reads the status the server set): it is counted here, once.
+        context.add_done_callback(lambda _: record(ended_by_client()))
         code = "OK"
         try:
             yield call

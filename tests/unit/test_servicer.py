@@ -201,6 +201,27 @@ async def test_draining_refuses_new_requests(fake_engine, settings):
     assert not models[0].ready
 
 
+async def test_an_rpc_cancelled_mid_write_is_counted_when_it_ends_and_only_once(fake_engine, settings):
+    """grpc leaves a streaming handler that it cancels while writing suspended at its ``yield`` (its
+    ``finally`` runs when the generator is collected, maybe much later) and ends the RPC: the done
+    callbacks run, with ``context.cancelled()`` still False (it reads the status the server set; so in
+    grpc 1.85's aio server). The RPC is counted CANCELLED then, and not again at collection."""
+    await asyncio.to_thread(fake_engine.load_all)
+    fakes.FakeBackend.step_permits = threading.Semaphore(1)
+    servicer = VisionLanguageServicer(fake_engine, settings)
+    context = FakeContext()
+    counted = fake_engine.metrics.requests.labels("Caption", "CANCELLED")
+    before = counted._value.get()
+    stream = servicer.Caption(caption_request(), context)
+    assert (await anext(stream)).text  # suspended at its yield, as grpc leaves it
+    for callback in context.done_callbacks:  # the RPC ends
+        callback(context)
+    assert counted._value.get() == before + 1
+    await stream.aclose()  # collected at last: GeneratorExit in the handler
+    assert counted._value.get() == before + 1
+    assert fake_engine.metrics.requests.labels("Caption", "OK")._value.get() == 0
+
+
 async def test_list_models(fake_engine, settings):
     await asyncio.to_thread(fake_engine.load_all)
     servicer = VisionLanguageServicer(fake_engine, settings)
