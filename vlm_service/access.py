@@ -119,9 +119,12 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             call = Call(method, incoming or new_request_id(), context.peer(), time.monotonic())
             return call, _current.set(call)
 
-        def end(call: Call, token: contextvars.Token, context, error: BaseException | None) -> None:
+        def forget(token: contextvars.Token) -> None:
             with contextlib.suppress(ValueError):  # a generator closed from another context
                 _current.reset(token)
+
+        def end(call: Call, context, error: BaseException | None) -> None:
+            """Write the RPC's access line, once."""
             if call.logged:
                 return
             call.logged = True
@@ -143,7 +146,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     # A stream that grpc cancels while it writes a message stays suspended at its
                     # ``yield`` until it is collected: its line is written when the RPC ends, here
                     # (a handler that ended by itself has written it already).
-                    context.add_done_callback(lambda _: end(call, token, context, asyncio.CancelledError()))
+                    context.add_done_callback(lambda _: end(call, context, asyncio.CancelledError()))
                     error = None
                     try:
                         result = behaviour(request_or_iterator, context)
@@ -156,7 +159,8 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                         error = exc
                         raise
                     finally:
-                        end(call, token, context, error)
+                        forget(token)
+                        end(call, context, error)
 
                 return stream
 
@@ -169,7 +173,8 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     error = exc
                     raise
                 finally:
-                    end(call, token, context, error)
+                    forget(token)
+                    end(call, context, error)
 
             return unary
 

@@ -92,3 +92,52 @@ def test_text_records_show_the_request_id_in_brackets():
     assert first.endswith("INFO tests.observability [call-id]: hello world")
     assert second.endswith("[given-id]: from a worker")
     assert _log_through("text", None).splitlines()[0].endswith("INFO tests.observability: hello world")
+
+
+class _StreamContext:
+    """What the access interceptor reads of a grpc.aio context, and its done callbacks."""
+
+    def __init__(self):
+        self.done_callbacks = []
+
+    def add_done_callback(self, callback):
+        self.done_callbacks.append(callback)
+
+    def peer(self):
+        return "ipv4:127.0.0.1:1"
+
+    def time_remaining(self):
+        return None
+
+    def code(self):
+        return None
+
+
+async def test_a_stream_cancelled_mid_write_gets_one_access_line_when_it_ends(caplog):
+    """grpc leaves a stream that it cancels while writing suspended at its ``yield`` and runs the
+    RPC's done callbacks: the access line (CANCELLED) is written then, and not again when the
+    suspended generator is collected."""
+    import grpc
+
+    async def handler(request, context):
+        for piece in ("a", "b", "c"):
+            yield piece
+
+    method = "/vlm.v1.VisionLanguageService/Caption"
+
+    async def continuation(details):
+        return grpc.unary_stream_rpc_method_handler(handler)
+
+    details = type("Details", (), {"method": method, "invocation_metadata": ()})()
+    wrapped = await access.AccessLogInterceptor().intercept_service(continuation, details)
+    context = _StreamContext()
+    caplog.set_level(logging.INFO, logger="vlm_service.access")
+    stream = wrapped.unary_stream(object(), context)
+    assert await anext(stream) == "a"  # suspended at its yield, as grpc leaves it
+    for callback in context.done_callbacks:  # the RPC ends
+        callback(context)
+    lines = [record.getMessage() for record in caplog.records if record.name == "vlm_service.access"]
+    assert len(lines) == 1 and lines[0].startswith(f"{method} CANCELLED")
+    await stream.aclose()  # collected at last
+    lines = [record.getMessage() for record in caplog.records if record.name == "vlm_service.access"]
+    assert len(lines) == 1
