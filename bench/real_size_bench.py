@@ -277,6 +277,81 @@ async def seventeen_views(args, twin: Path, figures: Figures, images, models: di
             await service.close()
 
 
+def work_bounds(model: InProcess, threads: int, tokens: int, repeats: int) -> dict:
+    """What the one-tile rows cost in compute, in-process on the service's dtype and thread count, and
+    the bounds that puts on row 3 on this machine: the processor (one request), the vision encoder
+    (with its connector) on one picture and on four batched, the prompt's prefill alone and four
+    batched, and a decode step of one row and of four. Repeats interleave; medians.
+
+    Four requests at once need four processors, four pictures through the encoder and four prompts
+    before the last one's first text, each at its cheaper of alone or batched; the fastest four-at-once
+    run adds ``tokens - 1`` decode steps of four rows. Hence the best last-of-four / lone ratio and the
+    best aggregate any scheduling can reach here."""
+    backend = model.backend
+    torch.set_num_threads(threads)
+    prompt = backend.prompt(model.request)
+    one = backend.encode([prompt], [_image_of(model, 1)])
+    four = backend.encode([prompt] * 4, [_image_of(model, i) for i in range(2, 6)])
+    net = backend.model.model
+    dtype = backend.model.dtype
+
+    def vision(inputs):
+        return backend.model.get_image_features(
+            pixel_values=inputs["pixel_values"].to(dtype), pixel_attention_mask=inputs["pixel_attention_mask"]
+        )
+
+    def text(inputs):
+        embeds = net.text_model.get_input_embeddings()(inputs["input_ids"])
+        return net.text_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=True)
+
+    def decode_step(inputs):  # one token for every row, on the prompt's cache (a new one each time)
+        cache = text(inputs).past_key_values
+        ids = inputs["input_ids"][:, -1:]
+        mask = torch.nn.functional.pad(inputs["attention_mask"], (0, 1), value=1)
+        started = time.perf_counter()
+        backend.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - started
+
+    cases = {
+        "processor": lambda: backend.encode([prompt], [_image_of(model, 6)]),
+        "vision_1": lambda: vision(one),
+        "vision_4": lambda: vision(four),
+        "prompt_1": lambda: text(one),
+        "prompt_4": lambda: text(four),
+    }
+    times: dict[str, list[float]] = {key: [] for key in [*cases, "decode_1", "decode_4"]}
+    with torch.inference_mode():
+        for run in cases.values():  # warm-up
+            run()
+        for _ in range(repeats):
+            for key, run in cases.items():
+                started = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - started)
+            times["decode_1"].append(decode_step(one))
+            times["decode_4"].append(decode_step(four))
+    m = {key: statistics.median(values) for key, values in times.items()}
+    lone = m["processor"] + m["vision_1"] + m["prompt_1"]
+    last_of_four = 4 * m["processor"] + min(4 * m["vision_1"], m["vision_4"]) + min(4 * m["prompt_1"], m["prompt_4"])
+    return {
+        "threads": threads,
+        "dtype": str(dtype).removeprefix("torch."),
+        "seconds": m,
+        "vision_batched_per_picture_vs_alone": m["vision_4"] / 4 / m["vision_1"],
+        "prompt_batched_per_request_vs_alone": m["prompt_4"] / 4 / m["prompt_1"],
+        "lone_first_text_min_s": lone,
+        "four_last_first_text_min_s": last_of_four,
+        "four_last_vs_lone_best": last_of_four / lone,
+        "four_aggregate_max_tok_s": 4 * tokens / (last_of_four + (tokens - 1) * m["decode_4"]),
+    }
+
+
+def _image_of(model: InProcess, index: int):
+    from stream_bench import _image
+
+    return _image(1_000_000 + index, model.size)
+
+
 def _progress(line: str) -> None:
     print(f"  {line}", file=sys.stderr, flush=True)
 
@@ -302,6 +377,15 @@ async def measure(args) -> dict:
     images = Images()
     with tempfile.TemporaryDirectory(prefix="real-size-bench-") as tmp:
         models, generates = await one_tile(args, single_view_copy(twin, Path(tmp)), figures, images)
+    dtype = service_dtype(args.stall_flags, twin)
+    bounds = None
+    if dtype in models and not args.no_bounds:
+        bounds = work_bounds(models[dtype], os.cpu_count() or 1, args.tokens, args.repeats + 2)
+        _progress(
+            "bounds: vision batched x4 per picture / alone "
+            f"{bounds['vision_batched_per_picture_vs_alone']:.2f}, best last-of-four / lone "
+            f"{bounds['four_last_vs_lone_best']:.2f}x"
+        )
     if not args.no_17_views:
         await seventeen_views(args, twin, figures, images, models, generates)
     medians = {name: {key: statistics.median(v) for key, v in keys.items()} for name, keys in figures.values.items()}
@@ -323,7 +407,8 @@ async def measure(args) -> dict:
         "generate_threads": args.threads,
         "service_flags": {"service": args.stall_flags}
         | {f"service {flags}": shlex.split(flags) + args.stall_flags for flags in args.service_variant},
-        "service_dtype": {"service": service_dtype(args.stall_flags, twin)}
+        "bounds": bounds,
+        "service_dtype": {"service": dtype}
         | {f"service {flags}": service_dtype(shlex.split(flags), twin) for flags in args.service_variant},
         "figures": figures.values,
         "medians": medians,
@@ -391,15 +476,46 @@ def markdown(report: dict) -> str:
         cells = [fmt.format(med[t][key]) if key in med[t] else "" for t in targets]
         if any(cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| goal | target | " + " | ".join(head[: len(services)]) + " |", "|---|---|" + "---|" * len(services)]
+    best = bounds(report)
+    lines += [
+        "",
+        "| goal | target | " + " | ".join(head[: len(services)]) + " | best possible here |",
+        "|---|---|" + "---|" * len(services) + "---|",
+    ]
     for what, goal, values in goals(report):
         unit = "x" if goal.endswith("x") else " s"
         cells = [
             "" if value is None else f"{value:.2f}{unit} ({'met' if _met(value, goal) else 'not met'})"
             for value in values.values()
         ]
+        bound = best.get(what)
+        cells.append("" if bound is None else f"{bound:.2f}{unit}")
         lines.append(f"| {what} | {goal.replace('<=', '≤').replace('>=', '≥')} | " + " | ".join(cells) + " |")
+    work = report.get("bounds")
+    if work:
+        sec = work["seconds"]
+        lines += [
+            "",
+            f"In-process work per request ({work['dtype']}, {work['threads']} threads, medians): processor "
+            f"{sec['processor'] * 1000:.0f} ms, vision encoder {sec['vision_1'] * 1000:.0f} ms (four batched: "
+            f"{work['vision_batched_per_picture_vs_alone']:.2f}x alone per picture), prompt "
+            f"{sec['prompt_1'] * 1000:.0f} ms (four batched: {work['prompt_batched_per_request_vs_alone']:.2f}x "
+            f"per request), decode step {sec['decode_1'] * 1000:.0f} ms (four rows: {sec['decode_4'] * 1000:.0f} ms).",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def bounds(report: dict) -> dict[str, float]:
+    """The best each four-at-once goal can be on this machine, from the in-process work (:func:`work_bounds`)."""
+    work, serve = report.get("bounds"), report["medians"].get(SERVE, {})
+    if not work:
+        return {}
+    best = {"four at once: last first text vs a lone first text": work["four_last_vs_lone_best"]}
+    if serve.get("four_aggregate_tok_s"):
+        best["four at once: aggregate tok/s vs transformers serve"] = (
+            work["four_aggregate_max_tok_s"] / serve["four_aggregate_tok_s"]
+        )
+    return best
 
 
 def notes(report: dict) -> str:
@@ -423,6 +539,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="answer length")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the one-tile rows (1-3)")
     parser.add_argument("--repeats-17", type=int, default=1, help="repeats of the 17-view rows (4-5)")
+    parser.add_argument(
+        "--no-bounds", action="store_true", help="skip the in-process work measurement (the goals' best possible)"
+    )
     parser.add_argument(
         "--service-variant",
         action="append",
