@@ -506,11 +506,14 @@ def markdown(report: dict) -> str:
 
 
 def bounds(report: dict) -> dict[str, float]:
-    """The best each four-at-once goal can be on this machine, from the in-process work (:func:`work_bounds`)."""
+    """The best the first-text and four-at-once goals can be on this machine, from the in-process work
+    (:func:`work_bounds`): a service can only add to it."""
     work, serve = report.get("bounds"), report["medians"].get(SERVE, {})
     if not work:
         return {}
     best = {"four at once: last first text vs a lone first text": work["four_last_vs_lone_best"]}
+    if serve.get("first_text_s"):  # the processor, the encoder and the prompt, nothing else
+        best["first text, one tile, vs transformers serve"] = work["lone_first_text_min_s"] / serve["first_text_s"]
     if serve.get("four_aggregate_tok_s"):
         best["four at once: aggregate tok/s vs transformers serve"] = (
             work["four_aggregate_max_tok_s"] / serve["four_aggregate_tok_s"]
