@@ -70,7 +70,7 @@ class Settings:
     )
     chunked_prefill: str = _setting(
         "auto",
-        "Cut a joining request's prefill into chunks (each view of its picture through the vision encoder, then "
+        "Cut a joining request's prefill into chunks (three vision encoder layers over one view of its picture, then "
         "spans of prompt tokens) that run between the decode steps of the requests already streaming, so a new "
         "picture never freezes them for its whole prefill: on, off, or auto (on for a model of 50M parameters or "
         "more). Chunks depend on the request only, so an answer is the same whatever runs beside it. SmolVLM; "

@@ -1,10 +1,11 @@
-"""Chunked prefill: a joining request's prefill runs in chunks (each view of its picture through the
-vision encoder, then spans of prompt tokens) between the decode steps of the requests already
+"""Chunked prefill: a joining request's prefill runs in chunks (groups of vision encoder layers over
+each view of its picture, then spans of prompt tokens) between the decode steps of the requests already
 streaming, so a new picture never freezes them for its whole prefill; and a request's answer is the
 same alone as beside others, since its chunks depend on it alone.
 
 The tiny SmolVLM with random weights stands in for a large model (`chunked_prefill="on"`; auto turns it
-on from 50M parameters); its prompts are short, so the text part is cut into 48-token spans here."""
+on from 50M parameters); its prompts are short, so the text part is cut into 48-token spans here, and
+its 3-layer vision encoder into chunks of one layer."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from vlm_service.config import Settings
 from vlm_service.types import GenerationRequest, SamplingParams, Task
 
 TEXT_SPAN = 48
+VISION_LAYERS = 1
 
 
 class Sink:
@@ -43,6 +45,7 @@ def chunked(noise_dir):
     backend.load()
     assert backend.chunked
     backend.text_chunk_tokens = TEXT_SPAN
+    backend.vision_chunk_layers = VISION_LAYERS
     return backend
 
 
@@ -51,11 +54,53 @@ def request(image, tokens: int, question: str = "") -> GenerationRequest:
     return GenerationRequest("r", "noise", task, image, SamplingParams(tokens), question)
 
 
+def encoder_layers(backend):
+    return backend.model.model.vision_model.encoder.layers
+
+
 def chunks_of(backend, req: GenerationRequest) -> int:
-    """How many chunks the request's prefill takes: one per view, then one per text span."""
+    """How many chunks the request's prefill takes: one per group of encoder layers of each view, then
+    one per text span."""
     inputs = backend.prepare(req)
     views, length = inputs["pixel_values"].shape[1], inputs["input_ids"].shape[1]
-    return views + -(-length // TEXT_SPAN)
+    return views * -(-len(encoder_layers(backend)) // VISION_LAYERS) + -(-length // TEXT_SPAN)
+
+
+@contextlib.contextmanager
+def on_every_layer(backend, hook):
+    """``hook`` runs before each vision encoder layer (and can raise, failing the chunk)."""
+    handles = [layer.register_forward_pre_hook(hook) for layer in encoder_layers(backend)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_chunked_image_features_equal_the_models_own(chunked, layers, monkeypatch):
+    """The chunked path (a view at a time, ``layers`` encoder layers a chunk) gives bit for bit the
+    features of ``model.get_image_features`` over the whole picture (its views batched)."""
+    import torch
+
+    from vlm_service.types import ImageDetail
+
+    monkeypatch.setattr(chunked, "vision_chunk_layers", layers)
+    req = request(shape_image("blue", size=(200, 90)), 4)
+    inputs = chunked.encode([chunked.prompt(req)], [req.image], ImageDetail.HIGH)
+    vision = {key: inputs[key] for key in ("pixel_values", "pixel_attention_mask")}
+    steps, chunks = chunked.encode_views(vision), 0
+    with torch.inference_mode():
+        expected = torch.cat(list(chunked.model.get_image_features(**vision, return_dict=True).pooler_output))
+        while True:
+            try:
+                next(steps)
+                chunks += 1
+            except StopIteration as done:
+                features = torch.cat(list(done.value.pooler_output))
+                break
+    assert chunks == vision["pixel_values"].shape[1] * -(-len(encoder_layers(chunked)) // layers)
+    assert torch.equal(features, expected)
 
 
 def test_auto_chunks_large_models_only(noise_dir):
@@ -89,6 +134,7 @@ def test_a_joining_prefill_runs_chunk_by_chunk_while_a_running_row_decodes(chunk
     while batch.joining:
         batch.prefill_step()
     assert len(batch) == 1 and sink_a.pieces  # A streams
+    (row_a,) = batch.rows
     assert batch.join(b, sink_b) is None and batch.joining == 1 and batch.next_joining is sink_b
     chunks = 0
     a_tokens_during = []
@@ -98,9 +144,9 @@ def test_a_joining_prefill_runs_chunk_by_chunk_while_a_running_row_decodes(chunk
         assert outcome is None and joined == (batch.joining == 0)
         if not joined:
             assert not sink_b.pieces, "B wrote before its prefill ended"
-            before = len(sink_a.pieces)
+            before = len(row_a.tokens)  # tokens, not pieces: a token may hold its text back (UTF-8)
             batch.decode_step()
-            a_tokens_during.append(len(sink_a.pieces) - before)
+            a_tokens_during.append(len(row_a.tokens) - before)
     assert chunks == expected_chunks
     assert len(a_tokens_during) == chunks - 1 and all(n == 1 for n in a_tokens_during), a_tokens_during
     assert sink_b.pieces and len(batch) == 2
@@ -113,15 +159,11 @@ def test_a_request_cancelled_between_chunks_runs_no_more_of_its_prefill(chunked)
     b = request(shape_image("green", size=(200, 90)), 8)
     batch, sink = chunked.new_batch(2), Sink()
     assert batch.join(b, sink) is None
-    batch.prefill_step()  # one view encoded
+    batch.prefill_step()  # the first chunk: the first view's first encoder layer
     calls = []
-    original = chunked.model.get_image_features
-    chunked.model.get_image_features = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
-    try:
+    with on_every_layer(chunked, lambda *_: calls.append(1)):
         sink.stop = True
         returned, outcome, joined = batch.prefill_step()
-    finally:
-        del chunked.model.get_image_features
     assert returned is sink and joined and outcome is not None and outcome.completion_tokens == 0
     assert calls == [] and batch.joining == 0 and len(batch) == 0 and sink.pieces == []
 
@@ -136,20 +178,18 @@ def test_a_failed_chunk_fails_only_its_request(chunked):
     batch.join(b, sink_b)
     batch.prefill_step()
 
-    def boom(*args, **kwargs):
+    def boom(*args):
         raise RuntimeError("boom")
 
-    chunked.model.get_image_features = boom
-    try:
+    with on_every_layer(chunked, boom):
         assert batch.next_joining is sink_b
         with pytest.raises(RuntimeError, match="boom"):
             batch.prefill_step()
-    finally:
-        del chunked.model.get_image_features
     assert batch.joining == 0 and len(batch) == 1  # A goes on
-    before = len(sink_a.pieces)
+    (row_a,) = batch.rows
+    before = len(row_a.tokens)
     batch.decode_step()
-    assert len(sink_a.pieces) == before + 1
+    assert len(row_a.tokens) == before + 1
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +215,7 @@ def test_on_a_server_a_new_picture_never_holds_a_running_stream_for_its_whole_pr
     served = chunked_server.engine.models["noise"]
     batch = served.scheduler.batch
     served.backend.text_chunk_tokens = TEXT_SPAN
+    served.backend.vision_chunk_layers = VISION_LAYERS
     wait_idle(chunked_server.engine)
     events: list[str] = []
     lock = threading.Lock()

@@ -76,3 +76,30 @@ def test_a_real_size_twin_streams_whole_text_to_the_asked_length(twin_server, ki
     prompt_words = len(CAPTION_PROMPTS[CaptionLength.SHORT].split())
     assert 64 + prompt_words < final.usage.prompt_tokens < 200
     assert is_whole_printable("".join(texts))
+
+
+def test_at_real_size_the_chunked_encoder_gives_the_models_own_features(twin_server):
+    """The default layer chunks (3 of SigLIP's 12 layers over one view) give bit for bit the features of
+    the model's own ``get_image_features``, in the dtype the service chose for it (bfloat16 on a CPU with
+    bfloat16 instructions, float32 otherwise)."""
+    import torch
+
+    from vlm_service.types import GenerationRequest, SamplingParams, Task
+
+    backend = twin_server.engine.models["twin"].backend
+    assert backend.chunked, "a model of this size prefills in chunks by default"
+    request = GenerationRequest("r", "twin", Task.CAPTION, shape_image(size=(512, 512)), SamplingParams(4))
+    inputs = backend.encode([backend.prompt(request)], [request.image])
+    vision = {key: inputs[key] for key in ("pixel_values", "pixel_attention_mask")}
+    steps, chunks = backend.encode_views(vision), 0
+    with torch.inference_mode():
+        expected = torch.cat(list(backend.model.get_image_features(**vision, return_dict=True).pooler_output))
+        while True:
+            try:
+                next(steps)
+                chunks += 1
+            except StopIteration as done:
+                features = torch.cat(list(done.value.pooler_output))
+                break
+    assert chunks == 12 // backend.vision_chunk_layers
+    assert features.dtype == backend.model.dtype and torch.equal(features, expected)
