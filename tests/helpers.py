@@ -77,6 +77,17 @@ class StepCounter:
         self._handle.remove()
 
 
+def drain(steps) -> tuple[int, object]:
+    """Run a generator to its end: how many times it yielded, and what it returned."""
+    yielded = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return yielded, done.value
+        yielded += 1
+
+
 def wait_for(condition, timeout: float = 30.0, message: str = "the condition never held", every: float = 0.001):
     """Wait until ``condition()`` is true (a server-side state, polled ``every`` seconds)."""
     deadline = time.monotonic() + timeout

@@ -17,7 +17,7 @@ import threading
 import grpc
 import pytest
 
-from tests.helpers import ServerThread, caption_request, query_request, run_rpc, shape_image, wait_for, wait_idle
+from tests.helpers import ServerThread, caption_request, drain, query_request, run_rpc, shape_image, wait_for, wait_idle
 from vlm_service.backends.base import ModelSpec, Runtime, run_alone
 from vlm_service.backends.smolvlm import SmolVLMBackend
 from vlm_service.config import Settings
@@ -89,16 +89,10 @@ def test_chunked_image_features_equal_the_models_own(chunked, layers, monkeypatc
     req = request(shape_image("blue", size=(200, 90)), 4)
     inputs = chunked.encode([chunked.prompt(req)], [req.image], ImageDetail.HIGH)
     vision = {key: inputs[key] for key in ("pixel_values", "pixel_attention_mask")}
-    steps, chunks = chunked.encode_views(vision), 0
     with torch.inference_mode():
         expected = torch.cat(list(chunked.model.get_image_features(**vision, return_dict=True).pooler_output))
-        while True:
-            try:
-                next(steps)
-                chunks += 1
-            except StopIteration as done:
-                features = torch.cat(list(done.value.pooler_output))
-                break
+        chunks, output = drain(chunked.encode_views(vision))
+    features = torch.cat(list(output.pooler_output))
     assert chunks == vision["pixel_values"].shape[1] * -(-len(encoder_layers(chunked)) // layers)
     assert torch.equal(features, expected)
 

@@ -10,7 +10,7 @@ import json
 import pytest
 from transformers import AutoProcessor
 
-from tests.helpers import ServerThread, caption_request, query_request, shape_image
+from tests.helpers import ServerThread, caption_request, drain, query_request, shape_image
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_checkpoints.smolvlm_256m_shapes import ensure_smolvlm_256m_shapes
 from vlm_checkpoints.twins import is_whole_printable
@@ -91,15 +91,9 @@ def test_at_real_size_the_chunked_encoder_gives_the_models_own_features(twin_ser
     request = GenerationRequest("r", "twin", Task.CAPTION, shape_image(size=(512, 512)), SamplingParams(4))
     inputs = backend.encode([backend.prompt(request)], [request.image])
     vision = {key: inputs[key] for key in ("pixel_values", "pixel_attention_mask")}
-    steps, chunks = backend.encode_views(vision), 0
     with torch.inference_mode():
         expected = torch.cat(list(backend.model.get_image_features(**vision, return_dict=True).pooler_output))
-        while True:
-            try:
-                next(steps)
-                chunks += 1
-            except StopIteration as done:
-                features = torch.cat(list(done.value.pooler_output))
-                break
+        chunks, output = drain(backend.encode_views(vision))
+    features = torch.cat(list(output.pooler_output))
     assert chunks == 12 // backend.vision_chunk_layers
     assert features.dtype == backend.model.dtype and torch.equal(features, expected)
