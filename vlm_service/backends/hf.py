@@ -114,7 +114,8 @@ class TransformersBackend(Backend):
         """:meth:`prefill` as a generator: each ``next()`` runs one chunk and yields, and the generator
         returns what :meth:`prefill` returns. Unchunked (``self.chunked`` off) the whole prefill is one
         chunk. Chunked, a family that can cuts it into slices of the vision encoder's work
-        (:meth:`encode_views`: SmolVLM's are groups of layers over one view) and spans of ``text_chunk_tokens`` prompt tokens (:meth:`embed_prompt`).
+        (:meth:`encode_views`: SmolVLM's are groups of layers over one view) and spans of
+        ``text_chunk_tokens`` prompt tokens (:meth:`embed_prompt`).
         Chunks depend on the request and the model only, never on timing or on other requests, so a
         request's answer is the same however its chunks interleave with other work.
 

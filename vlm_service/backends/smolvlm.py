@@ -54,7 +54,7 @@ class SmolVLMBackend(TransformersBackend):
         """One view's image features, as ``model.get_image_features`` computes them for one real view
         (transformers 5's SmolVLM: patch mask, embeddings, encoder layers, post-layernorm, connector),
         with a chunk boundary after every ``vision_chunk_layers`` layers. The same operations in the
-        same order, so the same features (tests/integration/test_chunked_prefill.py compares them)."""
+        same order, so the same features (test_chunked_prefill.py and test_real_size.py compare them)."""
         base = self.model.model
         vision = base.vision_model
         pixel_values = pixels.to(dtype=base.dtype).flatten(0, 1)  # (1, channels, height, width)
