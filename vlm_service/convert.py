@@ -31,28 +31,27 @@ from .types import (
 )
 from .watch import Frame, FrameAnswered, FrameRejected, FrameText, WatchConfig, WatchEvent, WatchPolicy
 
+
+def _to_pb(from_pb: dict, unspecified: int) -> dict:
+    """The wire value of each domain value: ``from_pb`` reversed, leaving out ``UNSPECIFIED`` (read as a
+    default, never written)."""
+    return {domain: wire for wire, domain in from_pb.items() if wire != unspecified}
+
+
 _LENGTHS = {
     pb.CAPTION_LENGTH_UNSPECIFIED: CaptionLength.NORMAL,
     pb.CAPTION_LENGTH_SHORT: CaptionLength.SHORT,
     pb.CAPTION_LENGTH_NORMAL: CaptionLength.NORMAL,
     pb.CAPTION_LENGTH_LONG: CaptionLength.LONG,
 }
-_LENGTHS_TO_PB = {
-    CaptionLength.SHORT: pb.CAPTION_LENGTH_SHORT,
-    CaptionLength.NORMAL: pb.CAPTION_LENGTH_NORMAL,
-    CaptionLength.LONG: pb.CAPTION_LENGTH_LONG,
-}
+_LENGTHS_TO_PB = _to_pb(_LENGTHS, pb.CAPTION_LENGTH_UNSPECIFIED)
 _DETAILS = {
     pb.IMAGE_DETAIL_UNSPECIFIED: ImageDetail.AUTO,
     pb.IMAGE_DETAIL_AUTO: ImageDetail.AUTO,
     pb.IMAGE_DETAIL_LOW: ImageDetail.LOW,
     pb.IMAGE_DETAIL_HIGH: ImageDetail.HIGH,
 }
-_DETAILS_TO_PB = {
-    ImageDetail.AUTO: pb.IMAGE_DETAIL_AUTO,
-    ImageDetail.LOW: pb.IMAGE_DETAIL_LOW,
-    ImageDetail.HIGH: pb.IMAGE_DETAIL_HIGH,
-}
+_DETAILS_TO_PB = _to_pb(_DETAILS, pb.IMAGE_DETAIL_UNSPECIFIED)
 _FINISH_TO_PB = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
