@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 import torch
-from stream_bench import InProcess, Service, Stream, TransformersServe, _png
+from stream_bench import InProcess, Service, Stream, TransformersServe, _image, _png
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (512, 512)
@@ -290,8 +290,8 @@ def work_bounds(model: InProcess, threads: int, tokens: int, repeats: int) -> di
     backend = model.backend
     torch.set_num_threads(threads)
     prompt = backend.prompt(model.request)
-    one = backend.encode([prompt], [_image_of(model, 1)])
-    four = backend.encode([prompt] * 4, [_image_of(model, i) for i in range(2, 6)])
+    one = backend.encode([prompt], [_image(1_000_001, model.size)])
+    four = backend.encode([prompt] * 4, [_image(1_000_000 + i, model.size) for i in range(2, 6)])
     net = backend.model.model
     dtype = backend.model.dtype
 
@@ -305,7 +305,7 @@ def work_bounds(model: InProcess, threads: int, tokens: int, repeats: int) -> di
         return net.text_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=True)
 
     def decode_step(inputs):  # one token for every row, on the prompt's cache (a new one each time)
-        cache = text(inputs).past_key_values
+        cache = text(inputs).cache
         ids = inputs["input_ids"][:, -1:]
         mask = torch.nn.functional.pad(inputs["attention_mask"], (0, 1), value=1)
         started = time.perf_counter()
@@ -313,7 +313,7 @@ def work_bounds(model: InProcess, threads: int, tokens: int, repeats: int) -> di
         return time.perf_counter() - started
 
     cases = {
-        "processor": lambda: backend.encode([prompt], [_image_of(model, 6)]),
+        "processor": lambda: backend.encode([prompt], [_image(1_000_006, model.size)]),
         "vision_1": lambda: vision(one),
         "vision_4": lambda: vision(four),
         "prompt_1": lambda: text(one),
@@ -344,12 +344,6 @@ def work_bounds(model: InProcess, threads: int, tokens: int, repeats: int) -> di
         "four_last_vs_lone_best": last_of_four / lone,
         "four_aggregate_max_tok_s": 4 * tokens / (last_of_four + (tokens - 1) * m["decode_4"]),
     }
-
-
-def _image_of(model: InProcess, index: int):
-    from stream_bench import _image
-
-    return _image(1_000_000 + index, model.size)
 
 
 def _progress(line: str) -> None:
