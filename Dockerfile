@@ -1,4 +1,5 @@
-# vlm-service image: the same `make install` as a developer's checkout, into /opt/venv.
+# vlm-service image: the same `make install` as a developer's checkout, into /opt/venv, from the
+# server's lock file (requirements/runtime.lock: exact versions with hashes, no test tools).
 # One image serves both compose profiles: the torch wheel runs on CPU and, with a GPU reserved, on CUDA.
 FROM python:3.11-slim
 
@@ -13,11 +14,12 @@ ENV PIP_NO_CACHE_DIR=1 \
     VLM_CACHE_DIR=/data/vlm-service
 
 COPY Makefile pyproject.toml README.md ./
+COPY requirements ./requirements
 COPY protos ./protos
 COPY vlm_service ./vlm_service
 COPY vlm_checkpoints ./vlm_checkpoints
 COPY clients ./clients
-RUN make install VENV=/opt/venv EXTRAS= && rm -rf /root/.cache
+RUN make install VENV=/opt/venv EXTRAS= LOCK=requirements/runtime.lock && rm -rf /root/.cache
 ENV PATH=/opt/venv/bin:$PATH
 
 VOLUME ["/data"]

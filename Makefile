@@ -8,16 +8,19 @@ TOOLS := $(VENV)/.tools
 STAMP := $(VENV)/.installed
 STUBS := clients/vlm/v1/vlm_service_pb2.py
 PROTOS := $(wildcard protos/vlm/v1/*.proto)
-# torch and torchvision are pinned to the wheels this project is tested with.
-TORCH := torch==2.14.1 torchvision==0.29.1
+# Every install takes exact versions, with their hashes, from a lock file that `make lock` compiles
+# from pyproject.toml (requirements/*.in say what goes in each): dev.lock for a checkout, CI and the
+# bench (the project with every extra, on the torch 2.14.1 wheels it is tested with), runtime.lock for
+# the Docker image (the server alone). The vlm-client library itself keeps ranges for its users.
+LOCK ?= requirements/dev.lock
 ARGS ?=
-# Extras installed with the project: [dev] adds the test and lint tools; the Docker image uses none.
-EXTRAS ?= [dev]
+# Extras of the project's own install: [dev,bench] adds the test, lint and bench tools (all in
+# dev.lock); the Docker image uses none.
+EXTRAS ?= [dev,bench]
 PYTEST_ARGS ?=
 # Where the tiny checkpoints are built (the same place `make serve` uses): `make test` builds them
 # once before pytest (minutes on a 2-core CPU; cached by a digest of the code that makes them).
 CHECKPOINTS ?= $(or $(VLM_CACHE_DIR),$(HOME)/.cache/vlm-service)
-BENCH_STAMP := $(VENV)/.bench-installed
 # The validators of deploy/kubernetes' custom resources (npm packages, pinned in its package-lock.json).
 DEPLOY_TOOLS := deploy/validate/node_modules/.installed
 # buf (proto lint and breaking-change checks), from the @bufbuild/buf npm package into .tools/.
@@ -25,25 +28,37 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 # What `buf breaking` compares the working tree's protos with: the previous commit's.
 BUF_AGAINST ?= .git\#ref=HEAD~1,subdir=protos
+# `make fresh-check`: the suite in a new virtual environment made from the lock with pip's cache off.
+FRESH_VENV ?= $(or $(TMPDIR),/tmp)/vlm-service-fresh-venv
+PIP_COMPILE = $(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url \
+	--no-emit-find-links --unsafe-package vlm-client --unsafe-package vlm-service
 
-.PHONY: install proto proto-check dist checkpoints ship deploy-tools serve test lint bench bench-real bench-watch bench-tracing accuracy soak clean
+.PHONY: install proto proto-check dist checkpoints ship deploy-tools system-deps serve test fresh-check lock \
+	lint bench bench-real bench-watch bench-tracing accuracy soak clean
 
 install: $(STAMP) $(STUBS)
 
-# The virtual environment with torch and the protobuf compiler (what the stubs need).
-$(TOOLS):
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet $(TORCH) grpcio-tools==1.85.1
+# The virtual environment with every locked package (exact versions, hashes checked; nothing else is
+# resolved), then `pip check`: what the lock holds is consistent. Again whenever the lock changes.
+$(TOOLS): $(LOCK)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(PIP) check
 	touch $@
 
-# The two distributions, editable: vlm-client (clients/: the client, its CLI and the stubs, which its
-# build generates) and vlm-service (the server, which depends on vlm-client) with its dependencies.
-$(STAMP): pyproject.toml clients/pyproject.toml clients/setup.py | $(TOOLS) $(STUBS)
-	$(PIP) install --quiet -e ./clients -e '.$(EXTRAS)'
-	@# In a venv from before the split, replacing the old vlm-service removes the vlm-client script it owned.
-	test -x $(BIN)/vlm-client || $(PIP) install --quiet --no-deps --force-reinstall -e ./clients
+# The two distributions, editable and without resolving anything (their dependencies come from the
+# lock; the build runs in the venv, on the lock's setuptools and grpcio-tools): vlm-client (clients/:
+# the client, its CLI and the stubs, which its build generates) and vlm-service (the server).
+$(STAMP): pyproject.toml clients/pyproject.toml clients/setup.py $(TOOLS) | $(STUBS)
+	$(PIP) install --quiet --no-deps --no-build-isolation -e ./clients -e '.$(EXTRAS)'
+	$(PIP) check
 	touch $@
+
+# Recompile the lock files from pyproject.toml and requirements/*.in. Pins already in a lock are kept
+# unless pyproject.toml no longer allows them; `make lock ARGS=--upgrade` moves everything to the newest.
+lock: $(TOOLS)
+	$(PIP_COMPILE) $(ARGS) -o requirements/dev.lock requirements/dev.in
+	$(PIP_COMPILE) $(ARGS) -o requirements/runtime.lock requirements/runtime.in
 
 # Python stubs (+ .pyi type stubs) from the .proto files, into clients/vlm/v1 (not committed; the
 # vlm-client build generates the same files into its wheel).
@@ -94,24 +109,39 @@ $(DEPLOY_TOOLS): deploy/validate/package.json deploy/validate/package-lock.json
 	cd deploy/validate && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-test: checkpoints $(DEPLOY_TOOLS)
+# What the tests need outside Python: nginx (the balancer tests' real grpc_pass proxy) and npm (the
+# deploy validators, buf). As root with apt-get, nginx is installed; otherwise one line says what to do.
+system-deps:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "make: installing nginx-light (Debian) for the balancer tests"; \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				nginx-light >/dev/null; } || { echo "make: could not install nginx-light: install nginx (with grpc_pass) and rerun" >&2; exit 1; }; \
+		else \
+			echo "make test needs nginx (the balancer tests): sudo apt-get install nginx-light (Debian/Ubuntu), then rerun" >&2; exit 1; \
+		fi; }
+	@command -v npm >/dev/null || { echo "make test needs Node.js and npm (the deploy validators): sudo apt-get install npm, then rerun" >&2; exit 1; }
+
+test: system-deps checkpoints $(DEPLOY_TOOLS)
 	VLM_TEST_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole suite in a new virtual environment created from the lock, with pip's cache off: a check a
+# warm machine (packages installed by hand, a cache with other versions) cannot fool. CI does the same
+# on its fresh clone.
+fresh-check:
+	rm -rf $(FRESH_VENV)
+	PIP_NO_CACHE_DIR=1 $(MAKE) --no-print-directory test VENV=$(FRESH_VENV)
 
 soak: checkpoints
 	VLM_TEST_CACHE_DIR=$(CHECKPOINTS) VLM_SOAK_SECONDS=$${VLM_SOAK_SECONDS:-180} \
 		$(BIN)/python -m pytest -m soak -s tests/integration/test_soak.py
 
-# The bench also needs its peer (`transformers serve`) and the plot library: the [bench] extra.
-$(BENCH_STAMP): pyproject.toml | $(STAMP)
-	$(PIP) install --quiet -e '.[dev,bench]'
-	touch $@
-
-bench: install checkpoints $(BENCH_STAMP)
+bench: install checkpoints
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/stream_bench.py $(ARGS)
 
 # The real-size mode: the smolvlm-256m-shapes twin on 512x512 pictures, one tile and 17 views, against
 # the same two references (the issue's rows and goals; about 15 minutes on a 2-core CPU).
-bench-real: install checkpoints $(BENCH_STAMP)
+bench-real: install checkpoints
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/real_size_bench.py $(ARGS)
 
 # Watch: a 20 frames/s feed for 10 s under each policy against a lone Caption (memory, skipped frames,

@@ -7,7 +7,7 @@ SmolVLM with random weights, so every answer runs to its token budget) under tho
 tested is where calls go, and each replica answers only for the name it serves. Calls are counted by each replica itself (its Prometheus
 `vlm_requests_total`), and nginx's access log says which client connection each call came on.
 
-nginx must be installed (`.ci/run` installs it): without it these tests fail, they do not skip.
+nginx must be installed (`make test` installs it where it runs as root, or says what to install): without it these tests fail, they do not skip.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -36,7 +37,7 @@ from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 from vlm_service.server import model_health_name
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = ROOT / ".venv" / "bin"
+BIN = Path(sys.executable).parent
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 # The addresses in deploy/nginx/nginx.conf, and what stands at each in this test.
 EXAMPLE_LISTEN = "127.0.0.1:50051"
@@ -71,7 +72,7 @@ def free_port() -> int:
 def nginx_binary() -> str:
     path = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
     if path is None:
-        pytest.fail("nginx is not installed: `apt-get install nginx-light` (Debian); .ci/run installs it")
+        pytest.fail("nginx is not installed: `apt-get install nginx-light` (Debian); `make test` installs it as root")
     return path
 
 

@@ -4,11 +4,13 @@ against the Makefile, the settings declaration and the CLI they call."""
 from __future__ import annotations
 
 import re
-import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from vlm_service.cli import build_parser
 from vlm_service.config import Settings, settings_table
@@ -27,7 +29,7 @@ def dockerfile():
 
 
 def makefile_variable(name: str) -> str:
-    match = re.search(rf"^{name} :?= (.+)$", (ROOT / "Makefile").read_text(), re.M)
+    match = re.search(rf"^{name} [:?]?= (.+)$", (ROOT / "Makefile").read_text(), re.M)
     assert match, f"Makefile has no {name}"
     return match.group(1).strip()
 
@@ -97,10 +99,13 @@ def test_gpu_variant_reserves_a_gpu(compose):
 
 def test_makefile_targets_exist():
     text = (ROOT / "Makefile").read_text()
-    for target in ("install", "proto", "serve", "test", "lint", "bench"):
+    for target in ("install", "proto", "serve", "test", "lint", "bench", "lock", "fresh-check"):
         assert re.search(rf"^{target}:", text, re.M), f"make {target} is missing"
     assert "--pyi_out" in text
-    assert shlex.split(makefile_variable("TORCH"))[0].startswith("torch==")
+    assert makefile_variable("LOCK") == "requirements/dev.lock"
+    # The torch wheels the project is tested with are what the dev lock is compiled with.
+    dev_in = (ROOT / "requirements" / "dev.in").read_text()
+    assert lock_pins(ROOT / "requirements" / "dev.lock")["torch"] == re.search(r"^torch==(\S+)$", dev_in, re.M).group(1)
 
 
 def test_readme_configuration_table_lists_every_setting():
@@ -109,3 +114,78 @@ def test_readme_configuration_table_lists_every_setting():
         assert f"| `{spec.flag}` | `{spec.env}` |" in readme, f"README misses {spec.flag}"
     for command in ("make serve", "make test", "grpcurl -plaintext", "vlm-client caption", "docker compose up"):
         assert command in readme
+
+
+# --- the lock files --------------------------------------------------------------------------------
+
+#: Each lock file and the extras of the project it was compiled with (requirements/*.in).
+LOCKS = {"dev.lock": ("dev", "bench"), "runtime.lock": ()}
+#: This checkout's own distributions: installed from the tree, never from the lock.
+OWN = {"vlm-client", "vlm-service"}
+
+
+def lock_pins(path: Path) -> dict[str, str]:
+    """``{canonical name: version}`` of a pip-compile lock file (``name==version \\`` lines)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9._-]+)==(\S+)", line)
+        if match:
+            pins[canonicalize_name(match.group(1))] = match.group(2)
+    return pins
+
+
+def lock_disagreements(lock: Path, pyprojects: list[Path], extras: tuple[str, ...]) -> list[str]:
+    """What ``lock`` lacks or pins outside a range that ``pyprojects`` ask for (with ``extras``); every
+    pin must carry hashes."""
+    pins = lock_pins(lock)
+    text = lock.read_text()
+    problems = [f"{name} has no --hash" for name in pins if not re.search(rf"(?im)^{name}==\S+ \\\n\s+--hash=", text)]
+    for pyproject in pyprojects:
+        project = tomllib.loads(pyproject.read_text())["project"]
+        wanted = list(project.get("dependencies", []))
+        for extra in extras:
+            wanted += project.get("optional-dependencies", {}).get(extra, [])
+        for spec in wanted:
+            requirement = Requirement(spec)
+            name = canonicalize_name(requirement.name)
+            if name in OWN or (requirement.marker is not None and not requirement.marker.evaluate({"extra": ""})):
+                continue
+            if name not in pins:
+                problems.append(f"{lock.name} lacks {spec} ({pyproject.relative_to(pyproject.parents[1])})")
+            elif not requirement.specifier.contains(pins[name], prereleases=True):
+                problems.append(f"{lock.name} pins {name}=={pins[name]}, outside {spec}")
+    return problems
+
+
+@pytest.mark.parametrize("lock", sorted(LOCKS))
+def test_the_lock_pins_every_requirement_of_pyproject_within_its_range(lock):
+    problems = lock_disagreements(
+        ROOT / "requirements" / lock, [ROOT / "pyproject.toml", ROOT / "clients" / "pyproject.toml"], LOCKS[lock]
+    )
+    assert not problems, "the lock and pyproject.toml disagree (run `make lock`): " + "; ".join(problems)
+
+
+def test_a_requirement_the_lock_lacks_or_pins_outside_its_range_is_reported(tmp_path):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pyproject = tmp_path / "project" / "pyproject.toml"
+    pyproject.parent.mkdir()
+    deps = [*project["dependencies"], "a-package-nobody-locked>=1", "torch>=99"]
+    pyproject.write_text("[project]\ndependencies = [" + ", ".join(f'"{d}"' for d in deps) + "]\n")
+    problems = lock_disagreements(ROOT / "requirements" / "runtime.lock", [pyproject], ())
+    assert len(problems) == 2, problems
+    assert "lacks a-package-nobody-locked>=1" in problems[0]
+    assert "pins torch==2.14.1, outside torch>=99" in problems[1]
+
+
+def test_the_runtime_lock_takes_the_dev_locks_versions():
+    """The Docker image runs the versions the tests ran."""
+    dev, runtime = lock_pins(ROOT / "requirements" / "dev.lock"), lock_pins(ROOT / "requirements" / "runtime.lock")
+    assert runtime.keys() <= dev.keys()
+    assert {name: version for name, version in runtime.items() if dev[name] != version} == {}
+
+
+def test_every_install_goes_through_a_lock(dockerfile):
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--require-hashes --no-deps -r $(LOCK)" in makefile
+    assert re.search(r"--no-deps --no-build-isolation -e \./clients", makefile)
+    assert "LOCK=requirements/runtime.lock" in dockerfile and "COPY requirements" in dockerfile
