@@ -34,7 +34,7 @@ PIP_COMPILE = $(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-e
 	--no-emit-find-links --unsafe-package vlm-client --unsafe-package vlm-service
 
 .PHONY: install proto proto-check dist checkpoints ship deploy-tools system-deps serve test fresh-check lock \
-	lint bench bench-real bench-watch bench-tracing accuracy soak clean
+	lint bench bench-real bench-flood bench-load bench-watch bench-tracing accuracy soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -143,6 +143,15 @@ bench: install checkpoints
 # the same two references (the issue's rows and goals; about 15 minutes on a 2-core CPU).
 bench-real: install checkpoints
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/real_size_bench.py $(ARGS)
+
+# Big pictures against a running stream and health, with a real model in a real server: 4 Captions of
+# new 36-megapixel PNGs at once (ARGS="--twin real" for the SmolVLM-256M twin; minutes on a 2-core CPU).
+bench-flood: install checkpoints
+	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/flood_bench.py $(ARGS)
+
+# How the service degrades beside another busy process, by thread setting (the SmolVLM-256M twin).
+bench-load: install checkpoints
+	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/load_bench.py $(ARGS)
 
 # Watch: a 20 frames/s feed for 10 s under each policy against a lone Caption (memory, skipped frames,
 # time to first text after an answer ends or after an interrupt).

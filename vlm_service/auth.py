@@ -1,4 +1,4 @@
-"""Bearer-token authentication, checked before any handler runs.
+"""Bearer-token authentication, checked before any handler runs and before the request is parsed.
 
 A client sends ``authorization: Bearer TOKEN`` metadata. The token is compared in constant time.
 Health checks are always open (orchestrators probe without credentials); whether reflection needs
@@ -17,6 +17,11 @@ _REFLECTION_PREFIXES = (f"/{reflection.SERVICE_NAME}/", "/grpc.reflection.v1.Ser
 _HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
 
 
+def _unparsed(data: bytes) -> None:
+    """Stands in for the request's deserializer in a denied call: nothing is parsed."""
+    return None
+
+
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED."""
 
@@ -27,10 +32,8 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    # The request's bytes are never parsed for a caller that is not authenticated.
+    kwargs = {"request_deserializer": _unparsed, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)
     if handler.request_streaming:

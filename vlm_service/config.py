@@ -106,7 +106,9 @@ class Settings:
         20 * 1024 * 1024, "Largest accepted image file in bytes; larger is INVALID_ARGUMENT."
     )
     max_image_pixels: int = _setting(
-        40_000_000, "Largest accepted image in pixels (width x height), checked before decoding."
+        40_000_000,
+        "Largest accepted image in pixels (width x height), checked from the header before decoding; the only "
+        "limit (Pillow's own, about 89.5 million, is off), so a larger value is honoured.",
     )
     max_question_chars: int = _setting(4000, "Longest accepted question, in characters.")
     max_stop_sequences: int = _setting(8, "How many stop strings a request may give.")

@@ -77,6 +77,10 @@ class DeadlineUnmeetable(ServiceError):
     """The request's deadline would pass before its turn comes (DEADLINE_EXCEEDED, refused at once)."""
 
 
+class DeadlineExpired(ServiceError):
+    """The request's deadline passed while it waited in the queue; it never started (DEADLINE_EXCEEDED)."""
+
+
 class GenerationStalled(ServiceError):
     """The model made no progress for the stall timeout (ABORTED); the generation was stopped."""
 

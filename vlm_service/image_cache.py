@@ -53,6 +53,7 @@ class ImageCache:
         self.bytes = 0  # bytes of every entry's tensors
         self._lock = threading.Lock()
         self._current = threading.local()  # the digest of the image being preprocessed, per thread
+        self._flights: dict[tuple[str, str], threading.Event] = {}  # computations under way (get_or_compute)
         self.hits = collections.Counter()  # by kind: "preprocessing", "features"
         self.misses = collections.Counter()
 
@@ -68,6 +69,37 @@ class ImageCache:
             self._entries.move_to_end(digest)
             self.hits[kind] += 1
             return value
+
+    def get_or_compute(self, digest: str, kind: str, compute) -> Any:
+        """The cached ``kind`` of the image, or ``compute()`` cached. Requests on one picture prepared at
+        once (in several threads) compute it once: the others wait for that one and take its result (a
+        hit each), or compute it themselves if it failed or was not kept."""
+        if not self.capacity or not digest:
+            return compute()
+        while True:
+            with self._lock:
+                entry = self._entries.get(digest)
+                value = entry.get(kind) if entry is not None else None
+                if value is not None:
+                    self._entries.move_to_end(digest)
+                    self.hits[kind] += 1
+                    return value
+                flight = self._flights.get((digest, kind))
+                owner = flight is None
+                if owner:
+                    flight = self._flights[(digest, kind)] = threading.Event()
+                    self.misses[kind] += 1
+            if not owner:
+                flight.wait()
+                continue
+            try:
+                value = compute()
+                self.put(digest, kind, value)
+                return value
+            finally:
+                with self._lock:
+                    del self._flights[(digest, kind)]
+                flight.set()
 
     def put(self, digest: str, kind: str, value: Any) -> None:
         if not self.capacity or not digest:
@@ -121,8 +153,10 @@ class ImageCache:
         if not self.capacity or not digest:
             yield
             return
-        if not getattr(processor, "_vlm_image_cache", None):
-            self._hook(processor)
+        if getattr(processor, "_vlm_image_cache", None) is None:  # (not truthiness: that is len(), under the lock)
+            with self._lock:  # requests are prepared in several threads at once: hook it once
+                if getattr(processor, "_vlm_image_cache", None) is None:
+                    self._hook(processor)
         self._current.digest = digest
         try:
             yield
@@ -134,13 +168,7 @@ class ImageCache:
 
         def process_images(images, **kwargs):
             digest = getattr(self._current, "digest", None)
-            cached = self.get(digest, "preprocessing") if digest else None
-            if cached is not None:
-                return cached
-            result = original(images, **kwargs)
-            if digest:
-                self.put(digest, "preprocessing", result)
-            return result
+            return self.get_or_compute(digest, "preprocessing", lambda: original(images, **kwargs))
 
         processor._process_images = process_images
         processor._vlm_image_cache = self

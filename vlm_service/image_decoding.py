@@ -1,7 +1,8 @@
 """Image decoding off the event loop, with bounded concurrency.
 
-Everything whose cost a request chooses (decoding, the header and pixel checks, EXIF rotation, alpha
-compositing, hashing the bytes for the image cache) runs in a small pool of threads, never on the
+Everything whose cost a request chooses (decoding, the header and pixel checks, EXIF rotation, the
+reduction to the largest picture the model uses, alpha compositing, hashing the bytes for the image
+cache) runs in a small pool of threads, never on the
 event loop: a flood of big pictures cannot delay health checks or the messages of running streams.
 At most ``workers`` images are decoded at once, so at most that many decoded pictures are being made;
 up to ``max_waiting`` more requests wait for a thread (holding only the bytes they arrived with), and a
@@ -23,6 +24,7 @@ from PIL import Image
 
 from .errors import QueueFull
 from .images import decode_image
+from .types import ImageBound
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +49,9 @@ class ImageDecoder:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=THREAD_PREFIX)
         self.admitted = 0  # requests decoding or waiting for a thread (touched on the event loop only)
 
-    async def decode(self, data: bytes) -> tuple[Image.Image, str]:
-        """The decoded RGB image and its digest, or InvalidInput; QueueFull at once when too many wait."""
+    async def decode(self, data: bytes, bound: ImageBound | None = None) -> tuple[Image.Image, str]:
+        """The decoded RGB image (reduced to within ``bound``, the largest picture its model uses) and
+        the digest of its bytes, or InvalidInput; QueueFull at once when too many wait."""
         if self.admitted >= self._limit:
             raise QueueFull(
                 f"{self.admitted} images are being decoded or wait for it (the limit); retry shortly", retry_after=0.5
@@ -56,12 +59,12 @@ class ImageDecoder:
         self.admitted += 1
         try:
             # Cancelling the RPC cancels a decode that has not started; one that has runs to its end.
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self._decode, data)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._decode, data, bound)
         finally:
             self.admitted -= 1
 
-    def _decode(self, data: bytes) -> tuple[Image.Image, str]:
-        image = decode_image(data, max_bytes=self._max_bytes, max_pixels=self._max_pixels)
+    def _decode(self, data: bytes, bound: ImageBound | None) -> tuple[Image.Image, str]:
+        image = decode_image(data, max_bytes=self._max_bytes, max_pixels=self._max_pixels, bound=bound)
         return image, image_digest(data)
 
     def close(self) -> None:

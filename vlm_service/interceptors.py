@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 from . import access
 from .errors import (
+    DeadlineExpired,
     DeadlineUnmeetable,
     GenerationFailed,
     GenerationStalled,
@@ -47,6 +48,7 @@ STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     GenerationFailed: grpc.StatusCode.INTERNAL,
     DeadlineUnmeetable: grpc.StatusCode.DEADLINE_EXCEEDED,
+    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     GenerationStalled: grpc.StatusCode.ABORTED,
     ReaderStalled: grpc.StatusCode.ABORTED,
     OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,

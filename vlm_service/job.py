@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .backends.base import Outcome
 from .errors import ReaderStalled, ServiceError
@@ -81,6 +81,11 @@ class Job:
         # Set by the scheduler that queues it: called at each stop check, and to take it out of the queue
         # (whether it was still there: then it never starts).
         self._on_check: Callable[[Job], None] | None = None
+        self._on_wait: Callable[[], None] | None = None
+        # What its batch's ``prepare`` made for it off the model's thread, or what preparing raised
+        # (set by the scheduler before the job reaches the model).
+        self.prepared: Any = None
+        self.preparation_failure: Exception | None = None
         self._on_withdraw: Callable[[Job], bool] | None = None
         self._metrics = metrics
         self._steps = 0  # decode steps so far (scheduler thread)
@@ -176,6 +181,14 @@ class Job:
     def backlog(self) -> int:
         """Events sent and not yet taken by the RPC (what piles up while its client lags)."""
         return self._sent - self._taken
+
+    def waiting(self) -> bool:
+        """A sign of life while its row waits for something other than the model (another model's
+        lock), for the watchdog; whether to stop waiting: its RPC ended or something newer replaced it.
+        Not a stop check: it counts no step and records no latency."""
+        if self._on_wait is not None:
+            self._on_wait()
+        return self._cancelled.is_set() or self._interrupted or self._ended
 
     def should_stop(self) -> bool:
         """Whether the row should end now (cancelled, interrupted, abandoned, a stop string, already

@@ -70,6 +70,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.queue_expired = Counter(
+            "vlm_queue_expired",
+            "Requests whose deadline passed while they waited in the queue: they never started (DEADLINE_EXCEEDED).",
+            ["model"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "vlm_batch_size", "Requests in each decode step.", ["model"], buckets=_BATCH_BUCKETS, registry=r
         )
@@ -164,6 +170,7 @@ class ModelMetrics:
         self.time_to_first_token = metrics.time_to_first_token.labels(model)
         self.inter_token_latency = metrics.inter_token_latency.labels(model)
         self.queue_time = metrics.queue_time.labels(model)
+        self.queue_expired = metrics.queue_expired.labels(model)
         self.batch_size = metrics.batch_size.labels(model)
         self.tokens = metrics.tokens.labels(model)
         self.prompt_tokens = metrics.prompt_tokens.labels(model)

@@ -130,8 +130,9 @@ def parse_model_arg(arg: str, settings=None) -> ModelSpec:
     if not sep:
         builtin = BUILTINS.get(name)
         if builtin is None:
-            if Path(name).expanduser().is_dir() or "/" in name:
-                return _spec_for_source(Path(name).name if Path(name).is_dir() else name, name)
+            path = Path(name).expanduser()
+            if path.is_dir() or "/" in name:
+                return _spec_for_source(path.name if path.is_dir() else name, name)
             raise UnsupportedModel(
                 f"--model {arg!r}: unknown built-in name; built-ins are {', '.join(BUILTINS)}, "
                 "or give NAME=SOURCE with a repo id or a local directory"

@@ -1,7 +1,11 @@
 """The scheduler: one per served model, a bounded queue and the one thread that runs the model.
 
+A queued job is first prepared (:meth:`Batch.prepare`: the processor's work on its picture and prompt)
+in the engine's preparation threads, never in the model's thread, so a big picture arriving costs
+the streams already running nothing there; it waits for the model only once prepared.
+
 Its thread drives the :class:`~vlm_service.backends.base.Batch` that the model's backend made, the
-same loop for every family: take waiting jobs while the batch has room (each joins it: its prompt is
+same loop for every family: take waiting (prepared) jobs while the batch has room (each joins it: its prompt is
 processed alone and its first output written; a batch that processes prompts in chunks runs them for
 up to ``prefill_budget`` seconds, then the rows already decoding get their step), then one decode
 step for every row; a row leaves the
@@ -14,7 +18,7 @@ Rules:
   refuses at once (:class:`QueueFull`, :class:`ShuttingDown`).
 - The model runs only in this thread: families that keep per-instance state (Moondream's KV cache) are
   never entered twice.
-- One failure path: a join or a decode step that raises ends every request it touched (one, or every
+- One failure path: a preparation, a join or a decode step that raises ends every request it touched (one, or every
   row of the batch) with the error the client sees; device_failures.py says what the error means for
   the device (out of memory: memory freed; fatal: the model stops serving).
 - A job whose RPC has ended never starts; a running one stops at its next decode step (its batch row
@@ -31,10 +35,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 
 from .backends.base import Batch, Outcome
 from .device_failures import DeviceFailure, recover
-from .errors import GenerationFailed, OutOfMemory, QueueFull, ServiceError, ShuttingDown
+from .errors import DeadlineExpired, GenerationFailed, OutOfMemory, QueueFull, ServiceError, ShuttingDown
 from .job import Job
 from .metrics import ModelMetrics
 
@@ -59,6 +64,7 @@ class Scheduler:
         metrics: ModelMetrics | None = None,
         prefill_budget: float = 0.25,
         torch_threads: int | None = None,
+        preparation: Executor | None = None,
     ):
         self.name = name
         self.batch = batch
@@ -68,7 +74,10 @@ class Scheduler:
         self.max_queue = max_queue
         self._on_fatal = on_fatal
         self.seconds_per_request: float | None = None  # moving average of generation times
-        self._pending: collections.deque[Job] = collections.deque()
+        # Where jobs are prepared (None: in join, on this model's thread), and the jobs being prepared.
+        self._preparation = preparation
+        self._preparing: list[Job] = []
+        self._pending: collections.deque[Job] = collections.deque()  # prepared, waiting for the model
         self._lock = threading.Condition()
         self._closed = False
         self._active: list[Job] = []  # started and not ended
@@ -90,8 +99,9 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
+        """Requests waiting: being prepared, or prepared and waiting for the model."""
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + len(self._preparing)
 
     @property
     def running(self) -> int:
@@ -102,26 +112,49 @@ class Scheduler:
         """Seconds until a request queued now would start, from recent generation times."""
         if self.seconds_per_request is None:
             return None
-        with self._lock:
-            ahead = len(self._pending) + len(self._active)
+        with self._lock:  # a cancelled job runs no more (or at most one more step): it is not ahead of anyone
+            ahead = sum(
+                1 for queue in (self._preparing, self._pending, self._active) for job in queue if not job.cancelled
+            )
         return ahead // self.slots * self.seconds_per_request  # a slot frees about every request's time
 
     @property
     def busy(self) -> bool:
         """Whether it has work that a drain should wait for (a stuck one has none it will finish)."""
         with self._lock:
-            return not self.stuck and (bool(self._active) or bool(self._pending))
+            return not self.stuck and bool(self._active or self._pending or self._preparing)
 
     def enqueue(self, job: Job) -> None:
         """Queue a job, or raise QueueFull / ShuttingDown at once. Never blocks on the model."""
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(
-                    f"model {self.name!r} has {len(self._pending)} requests waiting (the limit); retry later"
-                )
-            job._on_check, job._on_withdraw = self._checked, self.withdraw
+            waiting = len(self._pending) + len(self._preparing)
+            if waiting >= self.max_queue:
+                raise QueueFull(f"model {self.name!r} has {waiting} requests waiting (the limit); retry later")
+            job._on_check, job._on_wait, job._on_withdraw = self._checked, self._alive, self.withdraw
+            if self._preparation is None:
+                self._pending.append(job)
+                self._lock.notify()
+                return
+            self._preparing.append(job)
+        self._preparation.submit(self._prepare, job)
+
+    def _prepare(self, job: Job) -> None:
+        """Prepare ``job`` (a preparation thread), then queue it for the model; a job withdrawn or ended
+        meanwhile is dropped. What preparing raised is the job's failure when the model thread takes it."""
+        prepared = failure = None
+        if not job.cancelled:
+            try:
+                prepared = self.batch.prepare(job.request)
+            except Exception as exc:
+                failure = exc
+        with self._lock:
+            try:
+                self._preparing.remove(job)
+            except ValueError:  # withdrawn, or failed by a stuck model, meanwhile
+                return
+            job.prepared, job.preparation_failure = prepared, failure
             self._pending.append(job)
             self._lock.notify()
 
@@ -129,11 +162,14 @@ class Scheduler:
         """Remove a job that has not started (its RPC ended, or something newer replaced it); whether it
         was still waiting (then it never starts)."""
         with self._lock:
-            try:
-                self._pending.remove(job)
-            except ValueError:
+            queue = next((queue for queue in (self._pending, self._preparing) if job in queue), None)
+            if queue is None:
                 return False
-            return True
+            queue.remove(job)
+        deadline = job.request.deadline
+        if deadline is not None and time.monotonic() >= deadline:  # its RPC ended at its deadline, queued
+            self._expired(job, time.monotonic())
+        return True
 
     def close(self) -> None:
         """Refuse new jobs; the thread exits once the queue is empty and the batch has ended."""
@@ -159,8 +195,9 @@ class Scheduler:
         its running jobs end with ``stalled``, the queued ones with ``unavailable``, and it takes no more."""
         with self._lock:
             self.stuck = self._closed = True
-            running, queued = list(self._active), list(self._pending)
+            running, queued = list(self._active), [*self._pending, *self._preparing]
             self._pending.clear()
+            self._preparing.clear()
         for job in running:
             job.fail(stalled)
         for job in queued:
@@ -175,23 +212,44 @@ class Scheduler:
             gate(job)
         self.progress = time.monotonic()
 
+    def _alive(self) -> None:
+        """A sign of life from a job waiting for something other than the model (see ``Job.waiting``)."""
+        self.progress = time.monotonic()
+
     def _take(self, room: int) -> list[Job] | None:
-        """Up to ``room`` jobs that should start (waits for one if nothing runs); None: closed and done."""
+        """Up to ``room`` prepared jobs that should start (waits for one if nothing runs); None: closed
+        and done. A job whose deadline passed while it waited ends here (DEADLINE_EXCEEDED)."""
         with self._lock:
             self.working = False
-            while not self._pending and not self._active and not self._closed:
+            while not self._pending and not self._active and not (self._closed and not self._preparing):
                 self._lock.wait()
             if self.stuck or (not self._pending and not self._active):
                 return None
             self.working, self.progress = True, time.monotonic()
-            taken = []
+            taken, expired = [], []
             while self._pending and len(taken) < room:
                 job = self._pending.popleft()
-                expired = job.request.deadline is not None and time.monotonic() >= job.request.deadline
-                if not job.cancelled and not expired:
+                if job.cancelled:
+                    continue
+                if job.request.deadline is not None and self.progress >= job.request.deadline:
+                    expired.append(job)
+                else:
                     taken.append(job)
                     self._active.append(job)
-            return taken
+        for job in expired:
+            self._expired(job, self.progress)
+        return taken
+
+    def _expired(self, job: Job, now: float) -> None:
+        """``job``'s deadline passed before it started (seen here, or its RPC ended at the deadline and
+        withdrew it): it ends with DEADLINE_EXCEEDED, counted and traced, once."""
+        waited = now - job.request.arrival
+        error = DeadlineExpired(f"the deadline passed after {waited:.2f} s in the queue of model {self.name!r}")
+        if self.metrics is not None:
+            self.metrics.queue_expired.inc()
+        if job.trace is not None:
+            job.trace.expired(now, error)
+        job.fail(error)
 
     def _run(self) -> None:
         batch = self.batch
@@ -216,12 +274,14 @@ class Scheduler:
             self.metrics.queue_time.observe(job.started_at - job.request.arrival)
         if job.trace is not None:
             job.trace.started(job.started_at)
-        failure = None
+        failure = job.preparation_failure
         joining_before = self.batch.joining
-        try:
-            outcome = self.batch.join(job.request, job)
-        except Exception as exc:
-            failure = exc
+        if failure is None:
+            try:
+                outcome = self.batch.join(job.request, job, job.prepared)
+            except Exception as exc:
+                failure = exc
+            job.prepared = None  # the batch holds what it needs of it now
         if failure is not None:  # handled outside the except block, so its frames can be let go
             self._failed([job], failure)
             return

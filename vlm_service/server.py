@@ -146,8 +146,9 @@ class VLMServer:
         self._owns_tracer_provider = tracer_provider is None
         provider = tracer_provider or otlp_tracer_provider(settings)
         self.tracing = Tracing(provider) if provider is not None else None
-        # Outermost first: the RPC span, the request id and access line, then the checks, then the
-        # mapping of errors to statuses (so the span and the access line see the final status).
+        # Outermost first: the RPC span, the request id and access line, then the checks (the token
+        # before anything parses the request's bytes), then the mapping of errors to statuses (so the
+        # span and the access line see the final status).
         interceptors: list[grpc.aio.ServerInterceptor] = [
             AccessLogInterceptor(settings.access_log),
             MalformedRequestInterceptor(),
@@ -155,7 +156,7 @@ class VLMServer:
         ]
         token = settings.bearer_token
         if token:
-            interceptors.insert(2, BearerTokenInterceptor(token, settings.reflection_requires_auth))
+            interceptors.insert(1, BearerTokenInterceptor(token, settings.reflection_requires_auth))
         if self.tracing is not None:
             interceptors.insert(0, self.tracing.interceptor())
         self._server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))

@@ -157,8 +157,10 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
             record(code)
 
     async def _with_image(self, request: GenerationRequest, data: bytes) -> GenerationRequest:
-        """The request with its image decoded and checked (off the event loop)."""
-        image, digest = await self.decoder.decode(data)
+        """The request with its image decoded, checked and reduced to the largest picture its model uses
+        (off the event loop)."""
+        bound = self.engine.image_bound(request.model or self.engine.default_model, request.detail)
+        image, digest = await self.decoder.decode(data, bound)
         return dataclasses.replace(request, image=image, image_digest=digest)
 
     @staticmethod

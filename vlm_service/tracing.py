@@ -139,6 +139,14 @@ class GenerationTrace:
         self._span("queue", self._arrival).end(self._ns(at))
         self._open = self._span("prefill", at)
 
+    def expired(self, at: float, error: BaseException) -> None:
+        """The deadline passed at ``at`` while the request was queued: the queue span ends with the error
+        and no other phase opens."""
+        span = self._span("queue", self._arrival)
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        span.end(self._ns(at))
+
     def first_token(self, at: float) -> None:
         """The prompt is processed and the first token chosen: the decode phase opens."""
         if self._open is not None:

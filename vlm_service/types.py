@@ -38,6 +38,27 @@ class ImageTiling:
     max_image_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class ImageBound:
+    """The largest picture a model uses at one detail level: its processor shrinks anything bigger to
+    within it anyway, so a picture is reduced to it as soon as it is decoded (images.py) and nothing
+    downstream touches more pixels. None means no bound of that kind."""
+
+    longest_edge: int | None = None  # pixels along the longer side
+    pixels: int | None = None  # width x height
+
+    def fit(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` scaled down, aspect ratio kept, to within the bound (unchanged if it is)."""
+        scale = 1.0
+        if self.longest_edge:
+            scale = min(scale, self.longest_edge / max(width, height))
+        if self.pixels:
+            scale = min(scale, (self.pixels / (width * height)) ** 0.5)
+        if scale >= 1.0:
+            return width, height
+        return max(1, int(width * scale)), max(1, int(height * scale))
+
+
 class FinishReason(enum.Enum):
     STOP = "stop"  # the model wrote its end-of-sequence token
     LENGTH = "length"  # max_new_tokens reached

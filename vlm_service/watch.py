@@ -152,6 +152,7 @@ class WatchSession:
         self.request_id = request_id
         self._template = engine.check(config.request)  # NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE
         self.model = self._template.model or engine.default_model
+        self._image_bound = engine.image_bound(self.model, self._template.detail)  # every frame's reduction
         self._deadline = deadline
         self._tracing = tracing
         metrics = engine.metrics
@@ -289,7 +290,7 @@ class WatchSession:
 
     async def _decode(self, waiting: _Waiting) -> None:
         try:
-            waiting.image, waiting.digest = await self.decoder.decode(waiting.frame.data)
+            waiting.image, waiting.digest = await self.decoder.decode(waiting.frame.data, self._image_bound)
         except InvalidInput as exc:
             self._reject(waiting.frame.frame_id, exc.under("frame"), waiting.superseded)
         except QueueFull as exc:  # too many images wait to be decoded, server-wide

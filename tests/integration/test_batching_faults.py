@@ -112,7 +112,7 @@ def test_out_of_memory_in_a_batch_step_fails_every_row_with_retry_info_and_the_n
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with ForwardFault(model, decode_step_of(2), error=oom) as fault:
         errors = together(server, [caption_request(max_new_tokens=1500) for _ in range(2)])
-    assert fault.fired.is_set(), "the two rows never shared a decode step"
+    assert fault.fired.is_set(), ("the two rows never shared a decode step", [(e.code(), e.details()) for e in errors])
     for error in errors:  # the step failed for both rows: each gets the error (batch.abort)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "out of memory" in error.details()
         assert retry_info(error).retry_delay.ToMilliseconds() >= 1000
@@ -153,7 +153,7 @@ def test_a_fatal_device_error_in_a_batch_fails_every_row_and_stops_the_model(noi
     fatal = RuntimeError("CUDA error: device-side assert triggered")
     with ForwardFault(model, decode_step_of(2), error=fatal) as fault:
         errors = together(server, [caption_request(max_new_tokens=1500) for _ in range(2)])
-    assert fault.fired.is_set(), "the two rows never shared a decode step"
+    assert fault.fired.is_set(), ("the two rows never shared a decode step", [(e.code(), e.details()) for e in errors])
     for error in errors:
         assert error.code() == grpc.StatusCode.INTERNAL and "CUDA" not in error.details()
     wait_for(

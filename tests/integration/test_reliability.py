@@ -18,7 +18,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests import fakes
-from tests.helpers import ServerThread, StepGate, caption_request, png_bytes, shape_image, wait_for, wait_idle
+from tests.helpers import (
+    ServerThread,
+    StepGate,
+    caption_request,
+    png_bytes,
+    sample,
+    shape_image,
+    wait_for,
+    wait_idle,
+)
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service import job as job_module
 from vlm_service.config import Settings
@@ -104,6 +113,106 @@ def test_a_deadline_that_the_queue_cannot_meet_is_refused_at_once(fake):
         assert all(list(call)[-1].finish_reason == pb.FINISH_REASON_STOP for call in running)
         # With time enough, the same request is accepted.
         assert list(stub.Caption(caption_request(), timeout=30))[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_a_deadline_that_passes_in_the_queue_ends_it_counted_and_traced_once(tmp_path, cache_dir):
+    """A request queued behind a long one whose deadline passes before its turn ends with
+    DEADLINE_EXCEEDED, is counted once in ``vlm_queue_expired`` and has a queue span that ends in an error
+    (it never gets a prefill or decode span)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    from tests.integration.test_observability import RecordedSpans
+
+    fakes.FakeBackend.reset()
+    spans, provider = RecordedSpans(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    checkpoint = fakes.register(tmp_path)
+    server = ServerThread(Settings(models=[f"fake={checkpoint}"], cache_dir=cache_dir), tracer_provider=provider)
+    try:
+        server.wait_ready()
+        fakes.FakeBackend.pieces = ["x"] * 2000
+        fakes.FakeBackend.step_delay = 0.01
+        with server.channel() as channel:
+            stub = server.stub(channel)
+            running = stub.Caption(caption_request(max_new_tokens=2000))
+            next(running)  # it holds the fake's one slot for about 20 s
+            metadata = (("x-request-id", "expires-in-queue"),)
+            error = rpc_error(stub.Caption(caption_request(max_new_tokens=2), timeout=0.5, metadata=metadata))
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            running.cancel()
+            wait_idle(server.engine)
+
+        def expired(found):
+            return [s for s in found if s.attributes.get("vlm.request_id") == "expires-in-queue" and s.name == "queue"]
+
+        (queue,) = expired(spans.wait_for(expired))
+        assert queue.status.status_code is StatusCode.ERROR and queue.status.description == "DeadlineExpired"
+        mine = [s for s in spans.get_finished_spans() if s.attributes.get("vlm.request_id") == "expires-in-queue"]
+        assert {s.name for s in mine if s.kind is SpanKind.INTERNAL} == {"queue"}  # no prefill, no decode
+        assert sample(server.engine, "vlm_queue_expired_total", model="fake") == 1
+    finally:
+        server.stop()
+        provider.shutdown()
+        fakes.FakeBackend.reset()
+
+
+def test_a_cancelled_request_still_running_is_not_counted_in_the_wait_estimate(fake):
+    """The estimate behind refusing unmeetable deadlines counts only the requests that will still run:
+    one whose RPC ended stops at its next step, however long it was."""
+    server = fake()
+    fakes.FakeBackend.pieces = ["x"] * 2000
+    scheduler = server.engine.models["fake"].scheduler
+    with StepGate(scheduler) as gate, server.channel() as channel:
+        stub = server.stub(channel)
+        call = stub.Caption(caption_request(max_new_tokens=2000))
+        gate.close()
+        job = gate.wait_held()
+        scheduler.seconds_per_request = 10.0
+        assert scheduler.estimated_wait() == 10.0  # the running request is ahead of a new one
+        call.cancel()
+        wait_for(lambda: job.cancelled, timeout=10, message="the cancel never reached the job")
+        assert scheduler.estimated_wait() == 0.0
+        # A new request is admitted and answered once the cancelled one has stopped.
+        gate.open()
+        assert list(stub.Caption(caption_request(max_new_tokens=3), timeout=30))[-1].usage.completion_tokens == 3
+
+
+def test_two_moondream_models_sampling_at_once_never_trip_the_watchdog(cache_dir):
+    """Moondream's remote code samples from torch's global generator, so a sampled generation holds a
+    process-wide lock for its whole answer, and a second Moondream model's sampled request waits for it.
+    That wait is a sign of life, not a stuck model: with a 1 s stall timeout, the second request waits
+    about 4 s (the first one's steps paced to 40 ms) and both answer; the models stay SERVING."""
+    from vlm_checkpoints.tiny_moondream import ensure_tiny_moondream
+
+    noise = ensure_tiny_moondream(cache_dir, trained=False)
+    server = ServerThread(
+        Settings(models=[f"first={noise}", f"second={noise}"], cache_dir=cache_dir, stall_timeout=1.0, grace_period=0.0)
+    )
+    try:
+        server.wait_ready()
+        first = server.engine.models["first"].scheduler
+        first.step_gate = lambda job: time.sleep(0.04)
+        sampled = {"temperature": 0.1, "seed": 7, "max_new_tokens": 100}
+        with server.channel() as channel:
+            stub = server.stub(channel)
+            one = stub.Caption(caption_request(model="first", **sampled), timeout=120)
+            first_messages = [next(one)]  # it samples: it holds the lock now
+            started = time.monotonic()
+            two = list(stub.Caption(caption_request(model="second", **sampled), timeout=120))
+            waited = time.monotonic() - started
+            first_messages += list(one)
+        usage = first_messages[-1].usage
+        assert usage.completion_tokens * 0.04 >= 2.0, "the first answer was too short to test the wait"
+        assert waited >= 2.0, f"the second request did not wait for the first ({waited:.1f} s)"
+        assert two[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+        assert all(
+            served.scheduler is not None and not served.scheduler.stuck for served in server.engine.models.values()
+        )
+        assert server.engine.ready
+    finally:
+        server.stop()
 
 
 def test_cancel_before_the_first_token_never_runs_a_step(fake):

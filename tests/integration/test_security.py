@@ -168,6 +168,39 @@ def test_bearer_token(fake_model, cache_dir, reflection_requires_auth):
         server.stop()
 
 
+#: Bytes that are not a valid request of any of the service's methods (a truncated varint).
+NOT_A_MESSAGE = b"\xff\xff\xff\x0f not protobuf"
+
+
+def raw_call(channel, method: str, data: bytes, metadata=()):
+    """``method`` called with ``data`` as the request's bytes (unparsed by the client); its last reply."""
+    path = f"/vlm.v1.VisionLanguageService/{method}"
+    if method == "ListModels":
+        return channel.unary_unary(path)(data, timeout=10, metadata=metadata)
+    if method == "Watch":
+        return list(channel.stream_stream(path)(iter([data]), timeout=10, metadata=metadata))
+    return list(channel.unary_stream(path)(data, timeout=10, metadata=metadata))
+
+
+@pytest.mark.parametrize("method", ["Caption", "Query", "Watch", "ListModels"])
+def test_the_token_is_checked_before_the_request_is_parsed(fake_model, cache_dir, method):
+    """A caller without the token who sends bytes that are not a message learns only that it is not
+    authenticated (not that its bytes are malformed): nothing is parsed for it. With the token, the same
+    bytes are INVALID_ARGUMENT."""
+    server = serve(fake_model, cache_dir, auth_token=TOKEN)
+    try:
+        with server.channel() as channel:
+            for metadata in ((), (("authorization", "Bearer wrong"),)):
+                with pytest.raises(grpc.RpcError) as info:
+                    raw_call(channel, method, NOT_A_MESSAGE, metadata)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+            with pytest.raises(grpc.RpcError) as info:
+                raw_call(channel, method, NOT_A_MESSAGE, (("authorization", f"Bearer {TOKEN}"),))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    finally:
+        server.stop()
+
+
 def test_overall_stream_limit_is_resource_exhausted_with_retry_info(fake_model, cache_dir):
     server = serve(fake_model, cache_dir, max_streams=2, max_queue=8)
     gate = threading.Event()

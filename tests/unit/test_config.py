@@ -104,3 +104,14 @@ def test_the_auth_token_file_is_read_stripped_and_checked_at_start(tmp_path):
     token_file.write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigError, match="cannot read"):
         parse(["--auth-token-file", str(token_file)])
+
+
+def test_a_model_given_as_a_home_relative_directory_is_named_after_it(tmp_path, monkeypatch):
+    """`--model ~/ckpt` serves the directory ~/ckpt under the name `ckpt`, not `~/ckpt`."""
+    from vlm_service.registry import parse_model_arg
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ckpt").mkdir()
+    spec = parse_model_arg("~/ckpt")
+    assert spec.name == "ckpt"
+    assert spec.source == str((tmp_path / "ckpt").resolve())

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy
+
 from vlm_service.image_cache import ImageCache
 
 
@@ -64,3 +69,57 @@ def test_the_cache_is_bounded_in_bytes_of_the_tensors_it_keeps():
     cache.put("huge", "features", torch.zeros(4 * 256))  # larger than the whole budget: not kept
     assert cache.get("huge", "features") is None and cache.get("three", "features") is not None
     assert cache.bytes == 2 * 1024
+
+
+def test_requests_prepared_in_several_threads_at_once_hook_the_processor_once_and_never_deadlock():
+    """Requests are prepared in several threads: on an empty cache they race to hook the processor. It is
+    hooked once (every image processed once, each miss counted once), and nothing waits on itself."""
+    cache = ImageCache(8)
+    barrier = threading.Barrier(4)
+
+    class Processor:
+        calls = 0
+
+        def _process_images(self, images, **kwargs):
+            Processor.calls += 1
+            return {"pixel_values": images}, ["<image>"]
+
+    processor = Processor()
+
+    def prepare(i: int):
+        barrier.wait(10)
+        with cache.preprocessing(processor, f"digest-{i}"):
+            return processor._process_images([i])
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [future.result(timeout=30) for future in [pool.submit(prepare, i) for i in range(4)]]
+    assert [result[0]["pixel_values"] for result in results] == [[0], [1], [2], [3]]
+    assert Processor.calls == 4 and cache.misses["preprocessing"] == 4
+    with cache.preprocessing(processor, "digest-2"):
+        assert processor._process_images([9]) == results[2]  # from the cache
+    assert Processor.calls == 4 and cache.hits["preprocessing"] == 1
+
+
+def test_a_processor_is_hooked_once_while_the_cache_stays_empty():
+    """An entry larger than the byte budget is not kept, so the cache stays empty: later requests still
+    find the processor hooked (an empty cache is falsy; asking its length takes the cache's lock, which
+    the hooking code holds: a check by truthiness would wait on itself)."""
+    cache = ImageCache(8, max_bytes=16)
+
+    class Processor:
+        calls = 0
+
+        def _process_images(self, images, **kwargs):
+            Processor.calls += 1
+            return {"pixel_values": numpy.zeros(1024, dtype=numpy.uint8)}, ["<image>"]
+
+    processor = Processor()
+
+    def prepare(i: int):
+        with cache.preprocessing(processor, f"digest-{i}"):
+            return processor._process_images([i])
+
+    with ThreadPoolExecutor(1) as pool:
+        for i in range(3):
+            pool.submit(prepare, i).result(timeout=10)
+    assert len(cache) == 0 and Processor.calls == 3 and cache.misses["preprocessing"] == 3

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
+from PIL.JpegImagePlugin import JpegImageFile
 
 from vlm_service.errors import InvalidInput
 from vlm_service.images import decode_image
+from vlm_service.types import ImageBound
 
 LIMITS = {"max_bytes": 5_000_000, "max_pixels": 10_000_000}
 
@@ -80,3 +84,90 @@ def test_other_modes_become_rgb(mode):
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     image = Image.new(mode, (8, 8))
     assert decode_image(encode(image, fmt), **LIMITS).mode == "RGB"
+
+
+# --- reduction to the model's bound, and the pixel limit -------------------------------------------
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that is only its header (IHDR, then IEND): the size is known without any pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("bound", "size"),
+    [(ImageBound(longest_edge=1000), (1000, 666)), (ImageBound(pixels=300_000), (670, 447))],
+)
+def test_a_picture_over_its_models_bound_is_reduced_to_it(bound, size):
+    image = Image.new("RGB", (3000, 2000), "white")
+    ImageDraw.Draw(image).ellipse((1000, 500, 2000, 1500), fill=(200, 10, 10))
+    decoded = decode_image(encode(image, "PNG"), **LIMITS, bound=bound)
+    assert decoded.size == size and decoded.mode == "RGB"
+    assert decoded.getpixel((size[0] // 2, size[1] // 2)) == (200, 10, 10)  # the shape is where it was
+    assert decoded.getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_a_picture_within_its_bound_is_left_as_it_is():
+    data = encode(Image.effect_noise((300, 200), 60).convert("RGB"), "PNG")
+    alone = decode_image(data, **LIMITS)
+    bounded = decode_image(data, **LIMITS, bound=ImageBound(longest_edge=300, pixels=60_000))
+    assert bounded.size == (300, 200) and bounded.tobytes() == alone.tobytes()
+
+
+def test_a_big_jpeg_is_decoded_at_a_reduced_scale(monkeypatch):
+    """Pillow's draft: the JPEG decoder itself produces 1/8 of each side when that still covers the bound,
+    so the full-size picture is never made."""
+    decoded_sizes = []
+    real_draft = JpegImageFile.draft
+
+    def draft(self, mode, size):
+        result = real_draft(self, mode, size)
+        decoded_sizes.append(self.size)  # what load() will decode
+        return result
+
+    monkeypatch.setattr(JpegImageFile, "draft", draft)
+    data = encode(Image.new("RGB", (4000, 3000), (10, 200, 10)), "JPEG")
+    decoded = decode_image(data, max_bytes=5_000_000, max_pixels=20_000_000, bound=ImageBound(longest_edge=500))
+    assert decoded_sizes == [(500, 375)]
+    assert decoded.size == (500, 375)
+
+
+def test_reduction_keeps_the_orientation_and_composites_alpha():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    rotated = decode_image(
+        encode(Image.new("RGB", (2000, 1000), "blue"), "JPEG", exif=exif), **LIMITS, bound=ImageBound(longest_edge=400)
+    )
+    assert rotated.size == (200, 400)
+    clear = decode_image(
+        encode(Image.new("RGBA", (2000, 1000), (255, 0, 0, 0)), "PNG"), **LIMITS, bound=ImageBound(longest_edge=400)
+    )
+    assert clear.size == (400, 200) and clear.getpixel((100, 100)) == (255, 255, 255)
+    palette = Image.new("P", (2000, 1000))
+    palette.putpalette([0, 0, 255] * 256)
+    assert decode_image(encode(palette, "PNG"), **LIMITS, bound=ImageBound(longest_edge=400)).getpixel((9, 9)) == (
+        0,
+        0,
+        255,
+    )
+
+
+def test_a_pixel_limit_above_pillows_own_is_honoured():
+    """Pillow refuses pictures of more than about 89.5 megapixels on its own; the service's limit is the
+    one that counts: 95 megapixels under a 100-megapixel limit decode (reduced to the model's bound)."""
+    data = encode(Image.new("L", (10_000, 9_500), 128), "PNG")
+    decoded = decode_image(data, max_bytes=5_000_000, max_pixels=100_000_000, bound=ImageBound(longest_edge=1000))
+    assert decoded.size == (1000, 950) and decoded.getpixel((10, 10)) == (128, 128, 128)
+
+
+def test_a_picture_over_the_limit_is_refused_with_its_size_and_the_limit_that_refused_it():
+    """Even past twice Pillow's own bomb limit (where Pillow raises rather than warns), the refusal is
+    the service's, from the header alone, and says which limit refused it."""
+    with pytest.raises(InvalidInput) as info:
+        decode_image(png_header(20_000, 10_000), max_bytes=5_000_000, max_pixels=150_000_000)
+    assert str(info.value).endswith("the image is 20000x10000 = 200000000 pixels; the limit is 150000000")

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from ..image_cache import ImageCache
-from ..types import CaptionLength, FinishReason, GenerationRequest, ImageDetail, ImageTiling
+from ..types import CaptionLength, FinishReason, GenerationRequest, ImageBound, ImageDetail, ImageTiling
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,12 @@ class TextSink(Protocol):
 
     def should_stop(self) -> bool: ...
 
+    def waiting(self) -> bool:
+        """A sign of life while the row waits for something other than its model (a lock that another
+        model's thread holds), so the watchdog does not take the wait for a stuck model; returns whether
+        to stop waiting (its RPC ended). Not a stop check: no step is counted."""
+        ...
+
 
 class Batch(abc.ABC):
     """The rows one model decodes together. Made by :meth:`Backend.new_batch`, driven by the model's
@@ -154,11 +160,19 @@ class Batch(abc.ABC):
         """Requests that may join now."""
         return self.max_rows - len(self) - self.joining
 
+    def prepare(self, request: GenerationRequest) -> Any:
+        """What :meth:`join` needs of ``request`` that does not need the model (the processor's work on
+        its picture and prompt), handed to :meth:`join` as ``prepared``. The scheduler calls it in its
+        preparation threads, before the request reaches the model's thread, for several requests at
+        once: it must not touch the model or the batch's state. Default: nothing to prepare."""
+        return None
+
     @abc.abstractmethod
-    def join(self, request: GenerationRequest, out: TextSink) -> Outcome | None:
-        """Start ``request``: process its prompt and write its first output. Returns its outcome if it
-        has already ended (it is then not in the batch), else None. If it raises, the request is not in
-        the batch and the other rows are untouched."""
+    def join(self, request: GenerationRequest, out: TextSink, prepared: Any = None) -> Outcome | None:
+        """Start ``request``: process its prompt and write its first output. ``prepared`` is what
+        :meth:`prepare` returned for it (None: not prepared; join prepares it itself). Returns its outcome
+        if it has already ended (it is then not in the batch), else None. If it raises, the request is
+        not in the batch and the other rows are untouched."""
 
     @property
     def joining(self) -> int:
@@ -198,7 +212,7 @@ class WholeAnswers(Batch):
     def __len__(self) -> int:
         return 0
 
-    def join(self, request: GenerationRequest, out: TextSink) -> Outcome:
+    def join(self, request: GenerationRequest, out: TextSink, prepared: Any = None) -> Outcome:
         return self._backend.generate(request, out)
 
     def decode_step(self) -> list[tuple[TextSink, Outcome]]:
@@ -270,6 +284,11 @@ class Backend(abc.ABC):
         """Answer ``request`` alone, streaming raw text into ``out`` as the model writes it and checking
         ``out.should_stop()`` between decode steps. Default: a batch of one row."""
         return run_alone(self.new_batch(1), request, out)
+
+    def image_bound(self, detail: ImageDetail) -> ImageBound | None:
+        """The largest picture this model uses at ``detail`` (its processor shrinks a bigger one anyway);
+        a picture is reduced to it as soon as it is decoded. Default: None, the picture as sent."""
+        return None
 
     def image_tilings(self) -> dict[ImageDetail, ImageTiling]:
         """The image detail levels this model offers (AUTO first), with what each does to a picture;

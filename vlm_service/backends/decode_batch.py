@@ -146,15 +146,20 @@ class DecodeBatch(Batch):
     def next_joining(self) -> TextSink | None:
         return self._joining[0].row.sink if self._joining else None
 
-    def join(self, request: GenerationRequest, sink: TextSink) -> Outcome | None:
-        """Prepare ``request``'s inputs (the processor) and queue its prefill, which
-        :meth:`prefill_step` runs chunk by chunk; its first token is streamed when the last one ends.
+    def prepare(self, request: GenerationRequest) -> Mapping[str, torch.Tensor]:
+        """The processor's outputs for ``request`` (any thread: the backend's ``prepare`` touches no model)."""
+        return self.backend.prepare(request)
+
+    def join(self, request: GenerationRequest, sink: TextSink, prepared: Any = None) -> Outcome | None:
+        """Queue ``request``'s prefill, which :meth:`prefill_step` runs chunk by chunk, on its processor
+        outputs (``prepared``, made off this thread; made here if None); its first token is streamed
+        when the last chunk ends.
 
         Returns None: a request cancelled meanwhile ends at its first :meth:`prefill_step`, before any
         of its prefill runs.
         """
         backend = self.backend
-        inputs = backend.prepare(request)
+        inputs = prepared if prepared is not None else backend.prepare(request)
         prompt_ids = inputs["input_ids"][0].tolist()
         params = request.params
         row = Row(

@@ -33,10 +33,11 @@ import logging
 import secrets
 import threading
 from collections.abc import Generator
+from typing import Any
 
 import torch
 
-from ..types import CaptionLength, FinishReason, GenerationRequest, Task
+from ..types import CaptionLength, FinishReason, GenerationRequest, ImageBound, ImageDetail, Task
 from .base import Backend, Batch, Outcome, TextSink
 from .remote_code import cast_weights, load_remote_model, weights_dtype
 
@@ -45,6 +46,18 @@ logger = logging.getLogger(__name__)
 LENGTHS = {CaptionLength.SHORT: "short", CaptionLength.NORMAL: "normal", CaptionLength.LONG: "long"}
 
 _GLOBAL_RNG = threading.Lock()
+#: Seconds between the signs of life of a request waiting for ``_GLOBAL_RNG``.
+_RNG_WAIT_POLL = 0.25
+
+
+def _wait_for_global_rng(out: TextSink) -> bool:
+    """Take ``_GLOBAL_RNG``, which a sampled generation on another Moondream model may hold for its
+    whole answer. The wait is a sign of life for the watchdog (``out.waiting()``), not a stuck model;
+    False (the lock not taken) if the request's RPC ended meanwhile."""
+    while not _GLOBAL_RNG.acquire(timeout=_RNG_WAIT_POLL):
+        if out.waiting():
+            return False
+    return True
 
 
 class _Stopped(Exception):
@@ -97,6 +110,13 @@ class MoondreamBackend(Backend):
         inner = getattr(getattr(getattr(self.model, "model", None), "config", None), "text", None)
         return int(getattr(inner, "max_context", 0) or getattr(self.model.config, "max_context", 0) or 2048)
 
+    def image_bound(self, detail: ImageDetail) -> ImageBound | None:
+        """At most ``max_crops`` crops of ``crop_size`` pixels along an edge (the remote code's vision
+        config): its tiling never uses a longer edge. None if the code does not say."""
+        vision = getattr(getattr(getattr(self.model, "model", None), "config", None), "vision", None)
+        crop, crops = getattr(vision, "crop_size", 0), getattr(vision, "max_crops", 0)
+        return ImageBound(longest_edge=crop * crops) if crop and crops else None
+
     def new_batch(self, max_rows: int) -> Batch:
         """One row at a time (the model keeps one KV cache), whatever ``max_rows`` allows."""
         return _AnswerStream(self)
@@ -129,12 +149,15 @@ class _AnswerStream(Batch):
     def __len__(self) -> int:
         return 0 if self._request is None else 1
 
-    def join(self, request: GenerationRequest, out: TextSink) -> Outcome | None:
+    def join(self, request: GenerationRequest, out: TextSink, prepared: Any = None) -> Outcome | None:
         backend, params = self._backend, request.params
         self._request, self._out, self._text = request, out, []
         try:
             if not params.greedy:
-                self._held.enter_context(_GLOBAL_RNG)
+                if not _wait_for_global_rng(out):  # its RPC ended while another model sampled
+                    self._release()
+                    return Outcome(0, 0, FinishReason.STOP)
+                self._held.callback(_GLOBAL_RNG.release)
                 self._held.enter_context(torch.random.fork_rng(devices=backend._rng_devices()))
                 torch.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
             encoded = backend.images.get(request.image_key, "encoded")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..types import CaptionLength, GenerationRequest, ImageDetail, ImageTiling, Task
+from ..types import CaptionLength, GenerationRequest, ImageBound, ImageDetail, ImageTiling, Task
 from .hf import TransformersBackend
 
 #: The instruction sent for each caption length.
@@ -52,6 +52,15 @@ class Qwen2VLBackend(TransformersBackend):
         images = self.processor.image_processor
         fewest, most = images.size["shortest_edge"], images.size["longest_edge"]
         return fewest, most, (images.patch_size * images.merge_size) ** 2
+
+    def image_bound(self, detail: ImageDetail) -> ImageBound:
+        """The most pixels the processor keeps at ``detail``, and a quarter more: the processor then still
+        makes its own last resize (to multiples of 28 px, rounding down as it does for any bigger
+        picture), so a reduced picture gets the same grid, and image tokens, as the full one."""
+        _, most, _ = self._pixel_range()
+        if detail is ImageDetail.LOW:
+            most = min(most, LOW_DETAIL_PIXELS)
+        return ImageBound(pixels=most * 5 // 4)
 
     def image_tilings(self) -> dict[ImageDetail, ImageTiling]:
         """One view at any resolution: HIGH (and AUTO) keeps up to the processor's most pixels, LOW up to

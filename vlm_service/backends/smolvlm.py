@@ -10,7 +10,7 @@ import torch
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..types import CaptionLength, GenerationRequest, ImageDetail, ImageTiling, Task
+from ..types import CaptionLength, GenerationRequest, ImageBound, ImageDetail, ImageTiling, Task
 from .hf import TransformersBackend
 
 #: The instruction sent for each caption length.
@@ -86,6 +86,11 @@ class SmolVLMBackend(TransformersBackend):
         image = torch.cat(list(features.pooler_output)).to(dtype=embeds.dtype, device=embeds.device)
         mask = base.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image)
         return embeds.masked_scatter(mask, image)
+
+    def image_bound(self, detail: ImageDetail) -> ImageBound:
+        """The processor's longest edge, whatever the detail: it first scales every picture to it (and
+        never above transformers' 4,096-px cap), then tiles or squares that."""
+        return ImageBound(longest_edge=min(self.processor.image_processor.size["longest_edge"], 4096))
 
     def image_tilings(self) -> dict[ImageDetail, ImageTiling]:
         """LOW: one view at the tile size; HIGH: the picture resized to the processor's longest edge and
