@@ -61,14 +61,19 @@ class ImageCache:
         if not self.capacity or not digest:
             return None
         with self._lock:
-            entry = self._entries.get(digest)
-            value = entry.get(kind) if entry is not None else None
+            value = self._cached(digest, kind)
             if value is None:
                 self.misses[kind] += 1
-                return None
+            return value
+
+    def _cached(self, digest: str, kind: str) -> Any | None:
+        """The entry's ``kind`` (a hit, counted, and the entry made most recent), or None (the lock held)."""
+        entry = self._entries.get(digest)
+        value = entry.get(kind) if entry is not None else None
+        if value is not None:
             self._entries.move_to_end(digest)
             self.hits[kind] += 1
-            return value
+        return value
 
     def get_or_compute(self, digest: str, kind: str, compute) -> Any:
         """The cached ``kind`` of the image, or ``compute()`` cached. Requests on one picture prepared at
@@ -78,11 +83,8 @@ class ImageCache:
             return compute()
         while True:
             with self._lock:
-                entry = self._entries.get(digest)
-                value = entry.get(kind) if entry is not None else None
+                value = self._cached(digest, kind)
                 if value is not None:
-                    self._entries.move_to_end(digest)
-                    self.hits[kind] += 1
                     return value
                 flight = self._flights.get((digest, kind))
                 owner = flight is None
