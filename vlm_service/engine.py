@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
@@ -36,11 +35,6 @@ if TYPE_CHECKING:
     from .tracing import GenerationTrace
 
 logger = logging.getLogger(__name__)
-
-
-#: The name prefix of the threads that prepare requests (the pool starts them as load needs, up to
-#: ``--max-image-decodes``).
-PREPARE_THREAD_PREFIX = "vlm-prepare"
 
 
 class Engine:
@@ -63,11 +57,6 @@ class Engine:
         self.metrics = Metrics()
         self.metrics.watch(self.snapshot)
         self._closed = threading.Event()
-        # Where queued requests are prepared (the processor's work on pictures already reduced to their
-        # model's bound), off every model's thread; as many threads as pictures are decoded at once. Their
-        # torch thread count is left alone: torch.set_num_threads in one thread also reaches the models'
-        # threads (measured: a scheduler set to 2 then ran its model on one, 1.9x slower at real size).
-        self._preparation = ThreadPoolExecutor(settings.max_image_decodes, thread_name_prefix=PREPARE_THREAD_PREFIX)
         self._watchdog = threading.Thread(target=self._watch, name="vlm-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -113,7 +102,9 @@ class Engine:
                 ModelMetrics(self.metrics, served.spec.name),
                 prefill_budget=self.settings.prefill_budget_ms / 1000,
                 torch_threads=threads,
-                preparation=self._preparation,
+                # No preparation pool: the processor runs in join, on pictures already reduced to the
+                # model's bound. Torch ops in another thread slowed this model's decode to 0.76x at
+                # SmolVLM-256M size (OpenMP teams of two masters on two cores; see the README).
             )
             served.load_seconds = time.monotonic() - start
             served.state = ModelState.READY
@@ -210,7 +201,6 @@ class Engine:
             scheduler.close()
         for scheduler in schedulers:
             scheduler.join(timeout)
-        self._preparation.shutdown(wait=False, cancel_futures=True)
 
     # --- requests -----------------------------------------------------------------------------
 

@@ -59,11 +59,11 @@ def encoder_layers(backend):
 
 
 def chunks_of(backend, req: GenerationRequest) -> int:
-    """How many chunks the request's prefill takes: one per group of encoder layers of each view, then
-    one per text span."""
+    """How many chunks the request's prefill takes in a batch: one for the processor, one per group of
+    encoder layers of each view, then one per text span."""
     inputs = backend.prepare(req)
     views, length = inputs["pixel_values"].shape[1], inputs["input_ids"].shape[1]
-    return views * -(-len(encoder_layers(backend)) // VISION_LAYERS) + -(-length // TEXT_SPAN)
+    return 1 + views * -(-len(encoder_layers(backend)) // VISION_LAYERS) + -(-length // TEXT_SPAN)
 
 
 @contextlib.contextmanager
@@ -242,8 +242,10 @@ def test_on_a_server_a_new_picture_never_holds_a_running_stream_for_its_whole_pr
             )
             text, last = pool.submit(run_rpc, chunked_server, joining).result(timeout=120)
             long_call.cancel()
-            with contextlib.suppress(grpc.RpcError):
+            try:
                 running.result(timeout=120)
+            except grpc.RpcError as error:  # the test's own cancel; any other end is a failure
+                assert error.code() == grpc.StatusCode.CANCELLED, error
             channel.close()
     finally:
         del batch.prefill_step, batch.decode_step
@@ -259,9 +261,9 @@ def test_on_a_server_a_new_picture_never_holds_a_running_stream_for_its_whole_pr
 
 
 def test_a_cached_picture_evicted_before_its_first_chunk_still_prefills(chunked):
-    """X's features are cached (so its cached preprocessing has no pixels); X joins, then Y joins and its
-    preprocessing evicts X's entry (a cache of one picture) before X's first chunk runs: X still answers,
-    the same as alone, from the features it took when it joined."""
+    """X's features are cached (so its cached preprocessing has no pixels); X joins and its first chunk
+    (the processor) runs, then Y's preprocessing evicts X's entry (a cache of one picture) before X's
+    first model chunk: X still answers, the same as alone, from the features it took once prepared."""
     from vlm_service.image_cache import ImageCache
 
     previous = chunked.images
@@ -274,7 +276,9 @@ def test_a_cached_picture_evicted_before_its_first_chunk_still_prefills(chunked)
         assert chunked.images.get(x.image_key, "features") is not None
         batch, again, other = chunked.new_batch(2), Sink(), Sink()
         assert batch.join(x, again) is None
+        batch.prefill_step()  # X's processor
         assert batch.join(y, other) is None
+        chunked.prepare(y)  # Y's preprocessing, as its own first chunk would run it
         assert chunked.images.get(x.image_key, "features") is None, "Y's preprocessing should have evicted X"
         while batch.joining or len(batch):
             if batch.joining:

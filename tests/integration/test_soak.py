@@ -17,7 +17,6 @@ import pytest
 from tests.helpers import ServerThread, caption_request, query_request, shape_image, wait_for, wait_idle
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service.config import Settings
-from vlm_service.engine import PREPARE_THREAD_PREFIX
 from vlm_service.image_decoding import THREAD_PREFIX
 
 pytestmark = pytest.mark.soak
@@ -32,11 +31,11 @@ MEMORY_BOUND_MB = 300
 
 
 def threads() -> tuple[int, int]:
-    """(threads outside the pools that decode pictures and prepare requests, threads in them). Each pool
-    starts threads as the load needs them, up to --max-image-decodes: growth there is bounded by design,
-    so it is checked against that bound, not counted as a leak."""
+    """(threads outside the image decoders' pools, threads in them). A pool starts threads as the load
+    needs them, up to --max-image-decodes: growth there is bounded by design, so it is checked against
+    that bound, not counted as a leak."""
     names = [thread.name for thread in threading.enumerate()]
-    pool = sum(name.startswith((THREAD_PREFIX, PREPARE_THREAD_PREFIX)) for name in names)
+    pool = sum(name.startswith(THREAD_PREFIX) for name in names)
     return len(names) - pool, pool
 
 
@@ -150,7 +149,7 @@ def test_soak(cache_dir, tiny_smolvlm_dir, noise_dir):
             assert server.engine.open_streams == 0, "a stream slot leaked"
             assert all(m.scheduler.queue_depth == 0 for m in server.engine.models.values())
             assert threads_after <= threads_before + 2, "threads leaked"
-            # Other servers of the test session may hold pool threads too; this one's two pools add at most their bounds.
+            # Other servers of the test session may hold decode threads too; this one's pool adds at most its bound.
             assert decode_threads - decode_threads_before <= 2 * server.settings.max_image_decodes, (
                 "pool threads leaked"
             )

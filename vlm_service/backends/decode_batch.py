@@ -151,22 +151,21 @@ class DecodeBatch(Batch):
         return self.backend.prepare(request)
 
     def join(self, request: GenerationRequest, sink: TextSink, prepared: Any = None) -> Outcome | None:
-        """Queue ``request``'s prefill, which :meth:`prefill_step` runs chunk by chunk, on its processor
-        outputs (``prepared``, made off this thread; made here if None); its first token is streamed
-        when the last chunk ends.
+        """Queue ``request``'s prefill, which :meth:`prefill_step` runs chunk by chunk; its first token is
+        streamed when the last chunk ends. Without ``prepared`` (its processor outputs), the processor is
+        the prefill's first chunk: joining itself costs the model's thread nothing, and the processor's
+        work counts against the prefill budget like any chunk.
 
         Returns None: a request cancelled meanwhile ends at its first :meth:`prefill_step`, before any
         of its prefill runs.
         """
         backend = self.backend
-        inputs = prepared if prepared is not None else backend.prepare(request)
-        prompt_ids = inputs["input_ids"][0].tolist()
         params = request.params
         row = Row(
             request=request,
             sink=sink,
             detokenizer=IncrementalDetokenizer(backend.tokenizer),
-            prompt_ids=prompt_ids,
+            prompt_ids=[],  # known once the processor has run
             position=0,
             sampler=None if params.greedy else SeededSampler(params, self.device),
             penalty=(
@@ -175,8 +174,18 @@ class DecodeBatch(Batch):
                 else None
             ),
         )
-        self._joining.append(Joining(row, backend.prefill_steps(request, inputs)))
+        self._joining.append(Joining(row, self._prefill_steps(row, prepared)))
         return None
+
+    def _prefill_steps(self, row: Row, inputs: Any):
+        """The processor (unless ``inputs`` are given) as a chunk of its own, then the backend's prefill."""
+        if inputs is None:
+            inputs = self.backend.prepare(row.request)
+            row.prompt_ids = inputs["input_ids"][0].tolist()
+            yield
+        else:
+            row.prompt_ids = inputs["input_ids"][0].tolist()
+        return (yield from self.backend.prefill_steps(row.request, inputs))
 
     def prefill_step(self) -> tuple[TextSink, Outcome | None, bool]:
         """The next chunk of the oldest joining request's prefill (the whole prefill, unchunked), after
