@@ -102,8 +102,8 @@ class Engine:
                 ModelMetrics(self.metrics, served.spec.name),
                 prefill_budget=self.settings.prefill_budget_ms / 1000,
                 torch_threads=threads,
-                # No preparation pool: the processor runs in join, on pictures already reduced to the
-                # model's bound. Torch ops in another thread slowed this model's decode to 0.76x at
+                # No preparation pool: the processor runs on this model's thread as the first chunk of a
+                # request's prefill (DecodeBatch.join), on pictures already reduced to the model's bound. Torch ops in another thread slowed this model's decode to 0.76x at
                 # SmolVLM-256M size (OpenMP teams of two masters on two cores; see the README).
             )
             served.load_seconds = time.monotonic() - start
