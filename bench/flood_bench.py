@@ -175,7 +175,9 @@ def one_flood(target: str, tokens: int, pictures: list[bytes]) -> dict:
         still_streaming = reader.is_alive()
         stream.cancel()
         reader.join()
-    gaps = [b - a for a, b in zip(stream_times, stream_times[1:], strict=False) if b > start and a < end]
+    spans = [(a, b) for a, b in zip(stream_times, stream_times[1:], strict=False) if b > start and a < end]
+    gaps = [b - a for a, b in spans]
+    longest = sorted(spans, key=lambda span: span[0] - span[1])[:3]
     answers = [seconds for asked, seconds in health_times if start <= asked <= end]
     return {
         "flood_seconds": end - start,
@@ -184,6 +186,8 @@ def one_flood(target: str, tokens: int, pictures: list[bytes]) -> dict:
         "health_checks": len(answers),
         "gap_max_ms": 1000 * max(gaps) if gaps else None,
         "stream_messages_during_flood": len(gaps),
+        # when the three longest gaps began, in seconds from the flood's start, and how long they were (ms)
+        "longest_gaps_at_seconds": [[round(a - start, 2), round(1000 * (b - a))] for a, b in longest],
         "stream_outlasted_flood": still_streaming,
         "first_text_seconds": sorted(first_texts),
     }

@@ -92,8 +92,8 @@ class Settings:
     )
     max_image_decodes: int = _setting(
         4,
-        "Images decoded at once (in threads, never on the event loop); more requests wait for a slot, counted "
-        "against --max-streams, and beyond that get RESOURCE_EXHAUSTED at once.",
+        "Images decoded at once (in processes at a lower CPU priority, never on the event loop); more requests "
+        "wait for a slot, counted against --max-streams, and beyond that get RESOURCE_EXHAUSTED at once.",
     )
     metrics_port: int = _setting(0, "Port for the Prometheus metrics endpoint (HTTP /metrics); 0 turns it off.")
     default_max_new_tokens: int = _setting(

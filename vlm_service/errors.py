@@ -31,6 +31,9 @@ class InvalidInput(ServiceError):
         self.field, self.description = field, description
         self.violations = (FieldViolation(field, description),)
 
+    def __reduce__(self):  # raised in a decoding process, it crosses to the server by pickle
+        return type(self), (self.field, self.description)
+
     def under(self, parent: str) -> InvalidInput:
         """The same error for the field as a part of ``parent`` (``options.top_p`` in ``config``)."""
         return InvalidInput(f"{parent}.{self.field}", self.description)

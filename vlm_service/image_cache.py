@@ -76,8 +76,8 @@ class ImageCache:
         return value
 
     def get_or_compute(self, digest: str, kind: str, compute) -> Any:
-        """The cached ``kind`` of the image, or ``compute()`` cached. Requests on one picture prepared at
-        once (in several threads) compute it once: the others wait for that one and take its result (a
+        """The cached ``kind`` of the image, or ``compute()`` cached. Callers on one picture in several
+        threads at once compute it once: the others wait for that one and take its result (a
         hit each), or compute it themselves if it failed or was not kept."""
         if not self.capacity or not digest:
             return compute()
@@ -156,7 +156,7 @@ class ImageCache:
             yield
             return
         if getattr(processor, "_vlm_image_cache", None) is None:  # (not truthiness: that is len(), under the lock)
-            with self._lock:  # requests are prepared in several threads at once: hook it once
+            with self._lock:  # callers in several threads at once: hook it once
                 if getattr(processor, "_vlm_image_cache", None) is None:
                     self._hook(processor)
         self._current.digest = digest

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .backends.base import Outcome
 from .errors import ReaderStalled, ServiceError
@@ -82,10 +82,6 @@ class Job:
         # (whether it was still there: then it never starts).
         self._on_check: Callable[[Job], None] | None = None
         self._on_wait: Callable[[], None] | None = None
-        # What its batch's ``prepare`` made for it off the model's thread, or what preparing raised
-        # (set by the scheduler before the job reaches the model).
-        self.prepared: Any = None
-        self.preparation_failure: Exception | None = None
         self._on_withdraw: Callable[[Job], bool] | None = None
         self._metrics = metrics
         self._steps = 0  # decode steps so far (scheduler thread)

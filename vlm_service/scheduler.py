@@ -1,11 +1,7 @@
 """The scheduler: one per served model, a bounded queue and the one thread that runs the model.
 
-A queued job is first prepared (:meth:`Batch.prepare`: the processor's work on its picture and prompt)
-in the engine's preparation threads, never in the model's thread, so a big picture arriving costs
-the streams already running nothing there; it waits for the model only once prepared.
-
 Its thread drives the :class:`~vlm_service.backends.base.Batch` that the model's backend made, the
-same loop for every family: take waiting (prepared) jobs while the batch has room (each joins it: its prompt is
+same loop for every family: take waiting jobs while the batch has room (each joins it: its prompt is
 processed alone and its first output written; a batch that processes prompts in chunks runs them for
 up to ``prefill_budget`` seconds, then the rows already decoding get their step), then one decode
 step for every row; a row leaves the
@@ -18,7 +14,7 @@ Rules:
   refuses at once (:class:`QueueFull`, :class:`ShuttingDown`).
 - The model runs only in this thread: families that keep per-instance state (Moondream's KV cache) are
   never entered twice.
-- One failure path: a preparation, a join or a decode step that raises ends every request it touched (one, or every
+- One failure path: a join, a chunk of a prefill or a decode step that raises ends every request it touched (one, or every
   row of the batch) with the error the client sees; device_failures.py says what the error means for
   the device (out of memory: memory freed; fatal: the model stops serving).
 - A job whose RPC has ended never starts; a running one stops at its next decode step (its batch row
@@ -35,7 +31,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 
 from .backends.base import Batch, Outcome
 from .device_failures import DeviceFailure, recover
@@ -64,7 +59,6 @@ class Scheduler:
         metrics: ModelMetrics | None = None,
         prefill_budget: float = 0.25,
         torch_threads: int | None = None,
-        preparation: Executor | None = None,
     ):
         self.name = name
         self.batch = batch
@@ -74,10 +68,7 @@ class Scheduler:
         self.max_queue = max_queue
         self._on_fatal = on_fatal
         self.seconds_per_request: float | None = None  # moving average of generation times
-        # Where jobs are prepared (None: in join, on this model's thread), and the jobs being prepared.
-        self._preparation = preparation
-        self._preparing: list[Job] = []
-        self._pending: collections.deque[Job] = collections.deque()  # prepared, waiting for the model
+        self._pending: collections.deque[Job] = collections.deque()  # waiting for the model
         self._lock = threading.Condition()
         self._closed = False
         self._active: list[Job] = []  # started and not ended
@@ -99,9 +90,9 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting: being prepared, or prepared and waiting for the model."""
+        """Requests waiting for the model."""
         with self._lock:
-            return len(self._pending) + len(self._preparing)
+            return len(self._pending)
 
     @property
     def running(self) -> int:
@@ -113,48 +104,24 @@ class Scheduler:
         if self.seconds_per_request is None:
             return None
         with self._lock:  # a cancelled job runs no more (or at most one more step): it is not ahead of anyone
-            ahead = sum(
-                1 for queue in (self._preparing, self._pending, self._active) for job in queue if not job.cancelled
-            )
+            ahead = sum(1 for queue in (self._pending, self._active) for job in queue if not job.cancelled)
         return ahead // self.slots * self.seconds_per_request  # a slot frees about every request's time
 
     @property
     def busy(self) -> bool:
         """Whether it has work that a drain should wait for (a stuck one has none it will finish)."""
         with self._lock:
-            return not self.stuck and bool(self._active or self._pending or self._preparing)
+            return not self.stuck and bool(self._active or self._pending)
 
     def enqueue(self, job: Job) -> None:
         """Queue a job, or raise QueueFull / ShuttingDown at once. Never blocks on the model."""
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
-            waiting = len(self._pending) + len(self._preparing)
+            waiting = len(self._pending)
             if waiting >= self.max_queue:
                 raise QueueFull(f"model {self.name!r} has {waiting} requests waiting (the limit); retry later")
             job._on_check, job._on_wait, job._on_withdraw = self._checked, self._alive, self.withdraw
-            if self._preparation is None:
-                self._pending.append(job)
-                self._lock.notify()
-                return
-            self._preparing.append(job)
-        self._preparation.submit(self._prepare, job)
-
-    def _prepare(self, job: Job) -> None:
-        """Prepare ``job`` (a preparation thread), then queue it for the model; a job withdrawn or ended
-        meanwhile is dropped. What preparing raised is the job's failure when the model thread takes it."""
-        prepared = failure = None
-        if not job.cancelled:
-            try:
-                prepared = self.batch.prepare(job.request)
-            except Exception as exc:
-                failure = exc
-        with self._lock:
-            try:
-                self._preparing.remove(job)
-            except ValueError:  # withdrawn, or failed by a stuck model, meanwhile
-                return
-            job.prepared, job.preparation_failure = prepared, failure
             self._pending.append(job)
             self._lock.notify()
 
@@ -162,10 +129,9 @@ class Scheduler:
         """Remove a job that has not started (its RPC ended, or something newer replaced it); whether it
         was still waiting (then it never starts)."""
         with self._lock:
-            queue = next((queue for queue in (self._pending, self._preparing) if job in queue), None)
-            if queue is None:
+            if job not in self._pending:
                 return False
-            queue.remove(job)
+            self._pending.remove(job)
         deadline = job.request.deadline
         if deadline is not None and time.monotonic() >= deadline:  # its RPC ended at its deadline, queued
             self._expired(job, time.monotonic())
@@ -195,9 +161,8 @@ class Scheduler:
         its running jobs end with ``stalled``, the queued ones with ``unavailable``, and it takes no more."""
         with self._lock:
             self.stuck = self._closed = True
-            running, queued = list(self._active), [*self._pending, *self._preparing]
+            running, queued = list(self._active), list(self._pending)
             self._pending.clear()
-            self._preparing.clear()
         for job in running:
             job.fail(stalled)
         for job in queued:
@@ -217,11 +182,11 @@ class Scheduler:
         self.progress = time.monotonic()
 
     def _take(self, room: int) -> list[Job] | None:
-        """Up to ``room`` prepared jobs that should start (waits for one if nothing runs); None: closed
+        """Up to ``room`` waiting jobs that should start (waits for one if nothing runs); None: closed
         and done. A job whose deadline passed while it waited ends here (DEADLINE_EXCEEDED)."""
         with self._lock:
             self.working = False
-            while not self._pending and not self._active and not (self._closed and not self._preparing):
+            while not self._pending and not self._active and not self._closed:
                 self._lock.wait()
             if self.stuck or (not self._pending and not self._active):
                 return None
@@ -274,14 +239,12 @@ class Scheduler:
             self.metrics.queue_time.observe(job.started_at - job.request.arrival)
         if job.trace is not None:
             job.trace.started(job.started_at)
-        failure = job.preparation_failure
+        failure = None
         joining_before = self.batch.joining
-        if failure is None:
-            try:
-                outcome = self.batch.join(job.request, job, job.prepared)
-            except Exception as exc:
-                failure = exc
-            job.prepared = None  # the batch holds what it needs of it now
+        try:
+            outcome = self.batch.join(job.request, job)
+        except Exception as exc:
+            failure = exc
         if failure is not None:  # handled outside the except block, so its frames can be let go
             self._failed([job], failure)
             return
@@ -295,7 +258,9 @@ class Scheduler:
     def _prefill(self) -> None:
         """Chunks of the joining requests' prefills, oldest first, until they are all in or, while
         other requests are decoding, ``prefill_budget`` seconds have run (at least one chunk): the
-        streams already running wait for one slice of a new request's prefill, never all of it."""
+        streams already running wait for one slice of a new request's prefill, never all of it.
+        (Tried: stopping before a chunk that would overrun the budget. At SmolVLM-256M size it gave the
+        running streams more steps and no shorter longest gap, and a flood's captions came 18% later.)"""
         batch = self.batch
         until = time.monotonic() + self.prefill_budget
         while batch.joining:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
 import zlib
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 from PIL import Image, ImageDraw
 from PIL.JpegImagePlugin import JpegImageFile
 
+from tests.helpers import wait_for
 from vlm_service.errors import InvalidInput
 from vlm_service.images import decode_image
 from vlm_service.types import ImageBound
@@ -171,3 +174,63 @@ def test_a_picture_over_the_limit_is_refused_with_its_size_and_the_limit_that_re
     with pytest.raises(InvalidInput) as info:
         decode_image(png_header(20_000, 10_000), max_bytes=5_000_000, max_pixels=150_000_000)
     assert str(info.value).endswith("the image is 20000x10000 = 200000000 pixels; the limit is 150000000")
+
+
+# --- the decoding processes (image_decoding.ImageDecoder) ---------------------------------------
+
+
+@pytest.fixture
+def decoder():
+    from vlm_service.image_decoding import ImageDecoder
+
+    decoder = ImageDecoder(workers=2, max_waiting=4, **LIMITS)
+    yield decoder
+    decoder.close()
+
+
+async def test_pictures_are_decoded_in_other_processes_at_a_lower_cpu_priority(decoder):
+    """A big picture's decoding must neither hold the server's GIL nor take a core from the model's
+    torch threads: it runs in a process of its own, niced below the server (see image_decoding.py)."""
+    import os
+
+    from vlm_service.image_decoding import NICENESS
+
+    pid, niceness = await asyncio.wrap_future(decoder._processes.submit(_pid_and_niceness))
+    assert pid != os.getpid()
+    assert niceness == min(19, os.nice(0) + NICENESS)
+    image, digest = await decoder.decode(encode(Image.new("RGB", (40, 30), (200, 10, 10)), "PNG"))
+    assert image.size == (40, 30) and image.getpixel((0, 0)) == (200, 10, 10) and digest
+
+
+async def test_a_refusal_in_a_decoding_process_reaches_the_caller_whole(decoder):
+    """InvalidInput crosses the process boundary by pickle with its field and description intact."""
+    with pytest.raises(InvalidInput) as refused:
+        await decoder.decode(b"not a picture at all")
+    assert refused.value.field == "image.data" and "not a supported image" in refused.value.description
+
+
+async def test_a_decoding_process_that_dies_fails_one_request_and_the_next_ones_are_decoded(decoder):
+    """A killed decoding process (out of memory, a signal) breaks its pool: the request that meets it
+    fails (an internal error for the client), and new processes decode the requests after it."""
+    import os
+    import signal
+
+    picture = encode(Image.new("RGB", (40, 30), (10, 200, 10)), "PNG")
+    pid, _ = await asyncio.wrap_future(decoder._processes.submit(_pid_and_niceness))
+    broken = decoder._processes
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: broken._broken, message="the pool never noticed its dead process")
+    outcomes = []
+    for _ in range(3):
+        try:
+            outcomes.append((await decoder.decode(picture))[0].getpixel((0, 0)))
+        except BrokenProcessPool:
+            outcomes.append("broken")
+    assert decoder._processes is not broken
+    assert outcomes == ["broken", (10, 200, 10), (10, 200, 10)]
+
+
+def _pid_and_niceness() -> tuple[int, int]:
+    import os
+
+    return os.getpid(), os.nice(0)

@@ -160,17 +160,9 @@ class Batch(abc.ABC):
         """Requests that may join now."""
         return self.max_rows - len(self) - self.joining
 
-    def prepare(self, request: GenerationRequest) -> Any:
-        """What :meth:`join` needs of ``request`` that does not need the model (the processor's work on
-        its picture and prompt), handed to :meth:`join` as ``prepared``. The scheduler calls it in its
-        preparation threads, before the request reaches the model's thread, for several requests at
-        once: it must not touch the model or the batch's state. Default: nothing to prepare."""
-        return None
-
     @abc.abstractmethod
-    def join(self, request: GenerationRequest, out: TextSink, prepared: Any = None) -> Outcome | None:
-        """Start ``request``: process its prompt and write its first output. ``prepared`` is what
-        :meth:`prepare` returned for it (None: not prepared; join prepares it itself). Returns its outcome
+    def join(self, request: GenerationRequest, out: TextSink) -> Outcome | None:
+        """Start ``request``: process its prompt and write its first output. Returns its outcome
         if it has already ended (it is then not in the batch), else None. If it raises, the request is
         not in the batch and the other rows are untouched."""
 
@@ -212,7 +204,7 @@ class WholeAnswers(Batch):
     def __len__(self) -> int:
         return 0
 
-    def join(self, request: GenerationRequest, out: TextSink, prepared: Any = None) -> Outcome:
+    def join(self, request: GenerationRequest, out: TextSink) -> Outcome:
         return self._backend.generate(request, out)
 
     def decode_step(self) -> list[tuple[TextSink, Outcome]]:

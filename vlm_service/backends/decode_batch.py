@@ -146,15 +146,11 @@ class DecodeBatch(Batch):
     def next_joining(self) -> TextSink | None:
         return self._joining[0].row.sink if self._joining else None
 
-    def prepare(self, request: GenerationRequest) -> Mapping[str, torch.Tensor]:
-        """The processor's outputs for ``request`` (any thread: the backend's ``prepare`` touches no model)."""
-        return self.backend.prepare(request)
-
-    def join(self, request: GenerationRequest, sink: TextSink, prepared: Any = None) -> Outcome | None:
+    def join(self, request: GenerationRequest, sink: TextSink) -> Outcome | None:
         """Queue ``request``'s prefill, which :meth:`prefill_step` runs chunk by chunk; its first token is
-        streamed when the last chunk ends. Without ``prepared`` (its processor outputs), the processor is
-        the prefill's first chunk: joining itself costs the model's thread nothing, and the processor's
-        work counts against the prefill budget like any chunk.
+        streamed when the last chunk ends. The processor is the prefill's first chunk: joining itself
+        costs the model's thread nothing, and the processor's work counts against the prefill budget
+        like any chunk (its picture arrives reduced to the model's bound, so it is a small one).
 
         Returns None: a request cancelled meanwhile ends at its first :meth:`prefill_step`, before any
         of its prefill runs.
@@ -174,17 +170,14 @@ class DecodeBatch(Batch):
                 else None
             ),
         )
-        self._joining.append(Joining(row, self._prefill_steps(row, prepared)))
+        self._joining.append(Joining(row, self._prefill_steps(row)))
         return None
 
-    def _prefill_steps(self, row: Row, inputs: Any):
-        """The processor (unless ``inputs`` are given) as a chunk of its own, then the backend's prefill."""
-        if inputs is None:
-            inputs = self.backend.prepare(row.request)
-            row.prompt_ids = inputs["input_ids"][0].tolist()
-            yield
-        else:
-            row.prompt_ids = inputs["input_ids"][0].tolist()
+    def _prefill_steps(self, row: Row):
+        """The processor as a chunk of its own, then the backend's prefill."""
+        inputs = self.backend.prepare(row.request)
+        row.prompt_ids = inputs["input_ids"][0].tolist()
+        yield
         return (yield from self.backend.prefill_steps(row.request, inputs))
 
     def prefill_step(self) -> tuple[TextSink, Outcome | None, bool]:

@@ -33,7 +33,6 @@ import logging
 import secrets
 import threading
 from collections.abc import Generator
-from typing import Any
 
 import torch
 
@@ -149,7 +148,7 @@ class _AnswerStream(Batch):
     def __len__(self) -> int:
         return 0 if self._request is None else 1
 
-    def join(self, request: GenerationRequest, out: TextSink, prepared: Any = None) -> Outcome | None:
+    def join(self, request: GenerationRequest, out: TextSink) -> Outcome | None:
         backend, params = self._backend, request.params
         self._request, self._out, self._text = request, out, []
         try:

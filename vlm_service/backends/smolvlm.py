@@ -33,7 +33,7 @@ class SmolVLMBackend(TransformersBackend):
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     can_chunk = True
-    text_chunk_tokens = 256
+    text_chunk_tokens = 128
     #: Vision encoder layers per chunk of a chunked prefill: a 512-px view (1,024 patches at
     #: SmolVLM-256M size) through SigLIP's 12 layers took 0.6 s on the project's 2-core CPU, so a chunk
     #: of 3 layers holds the streams already running for about 0.15 s.
