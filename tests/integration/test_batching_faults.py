@@ -23,9 +23,11 @@ from tests.helpers import (
     caption_request,
     request_id,
     run_rpc,
+    shape_image,
     wait_for,
     wait_idle,
 )
+from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service.backends.decode_batch import DecodeBatch
 from vlm_service.config import Settings
 
@@ -190,8 +192,9 @@ def test_a_deadline_the_batch_cannot_meet_from_the_queue_is_refused_at_once(nois
     server = noise_server(max_batch_size=2, max_queue=8)
     scheduler = server.engine.models["noise"].scheduler
     run_rpc(server, caption_request(max_new_tokens=200))  # the scheduler learns how long a request takes
-    per_request = scheduler.seconds_per_request
-    assert per_request is not None
+    assert scheduler.seconds_per_request is not None
+    # Pinned, so the deadline below is far from the transport's own timing on a loaded machine.
+    scheduler.seconds_per_request = per_request = 10.0
     with StepGate(scheduler, closed=True) as gate, server.channel() as channel:
         stub = server.stub(channel)
         ahead = [stub.Caption(caption_request(max_new_tokens=40)) for _ in range(6)]
@@ -247,3 +250,54 @@ def test_a_full_queue_is_refused_with_retry_info_and_a_cancelled_queued_request_
     ran = {job.request.request_id for job in gate.jobs()}
     assert queued_ids[0] in ran and queued_ids[1] not in ran, "the cancelled queued request was admitted"
     assert queued[1].code() == grpc.StatusCode.CANCELLED
+
+
+def test_a_generation_that_reaches_the_models_context_length_ends_there_with_length(noise_server):
+    """A row stops at the model's context length (prompt + generated tokens), not only at its token
+    budget: finish reason LENGTH, its usage counting what it wrote. The context length is lowered to a
+    few tokens past the prompt (the tiny model's own is far beyond the budget limit)."""
+    server = noise_server()
+    batch = server.engine.models["noise"].scheduler.batch
+    _, alone = run_rpc(server, caption_request(max_new_tokens=100))
+    assert alone.finish_reason == pb.FINISH_REASON_LENGTH and alone.usage.completion_tokens == 100
+    prompt = alone.usage.prompt_tokens
+    batch._context_length = prompt + 5  # the first token is written at position `prompt`
+    _, short = run_rpc(server, caption_request(max_new_tokens=100))
+    assert short.finish_reason == pb.FINISH_REASON_LENGTH
+    assert short.usage.prompt_tokens == prompt and short.usage.completion_tokens == 6
+
+
+def test_a_decode_step_that_fails_while_a_request_joins_fails_the_rows_and_the_joining_request_goes_on(
+    noise_server, monkeypatch
+):
+    """A decode step raises while another request is between the chunks of its prefill (one chunk per
+    step: --prefill-budget-ms 0, and the processor is a chunk of its own): the rows in the step end with
+    INTERNAL; the joining request was not in the step, so it goes on and gets its whole answer, the same
+    as alone."""
+    server = noise_server(prefill_budget_ms=0)
+    scheduler = server.engine.models["noise"].scheduler
+    batch = scheduler.batch
+    joiner = caption_request(shape_image("blue"), max_new_tokens=20)
+    alone = run_rpc(server, joiner)[0]
+    real_step = batch.decode_step
+    failed = threading.Event()
+
+    def decode_step():
+        if batch.joining and not failed.is_set():
+            failed.set()
+            raise RuntimeError("boom in /secret/path/model.py")
+        return real_step()
+
+    monkeypatch.setattr(batch, "decode_step", decode_step)
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        running = stub.Caption(caption_request(max_new_tokens=1500))
+        assert next(running).text  # decoding
+        text, last = run_rpc(server, joiner)
+        with pytest.raises(grpc.RpcError) as ended:
+            list(running)
+        error = ended.value
+    assert failed.is_set(), "no step ran while the request was joining"
+    assert error.code() == grpc.StatusCode.INTERNAL and "secret" not in error.details()
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 20
+    assert text == alone

@@ -17,7 +17,17 @@ import threading
 import grpc
 import pytest
 
-from tests.helpers import ServerThread, caption_request, drain, query_request, run_rpc, shape_image, wait_for, wait_idle
+from tests.helpers import (
+    ServerThread,
+    StepGate,
+    caption_request,
+    drain,
+    query_request,
+    run_rpc,
+    shape_image,
+    wait_for,
+    wait_idle,
+)
 from vlm_service.backends.base import ModelSpec, Runtime, run_alone
 from vlm_service.backends.smolvlm import SmolVLMBackend
 from vlm_service.config import Settings
@@ -288,3 +298,47 @@ def test_a_cached_picture_evicted_before_its_first_chunk_still_prefills(chunked)
         assert "".join(again.pieces) == "".join(first.pieces) and other.pieces
     finally:
         chunked.images = previous
+
+
+def test_a_grpc_cancel_during_a_chunked_prefill_runs_no_more_of_it(chunked_server):
+    """Through gRPC: the client cancels while its request is between two chunks of its prefill (held at
+    the stop check before its third chunk); the RPC ends CANCELLED, no further chunk of it runs, no
+    first token is written, and the model serves the next request."""
+    served = chunked_server.engine.models["noise"]
+    served.backend.text_chunk_tokens = TEXT_SPAN
+    served.backend.vision_chunk_layers = VISION_LAYERS
+    wait_idle(chunked_server.engine)
+    batch = served.scheduler.batch
+    chunks = []
+    prefill_step = batch.prefill_step
+
+    def counted():
+        result = prefill_step()
+        chunks.append(result)
+        return result
+
+    batch.prefill_step = counted
+    gate = StepGate(served.scheduler, hold_when=lambda job: len(chunks) == 2)
+    try:
+        with gate, chunked_server.channel() as channel:
+            call = chunked_server.stub(channel).Caption(
+                caption_request(shape_image("green", size=(200, 90)), model="noise", max_new_tokens=8)
+            )
+            job = gate.wait_held()
+            assert len(chunks) == 2, "held at the stop check of its third prefill step (popped from the queue)"
+            call.cancel()
+            wait_for(lambda: job.cancelled, timeout=30, message="the cancel never reached the job")
+            gate.open()
+            wait_idle(chunked_server.engine)
+            with pytest.raises(grpc.RpcError) as ended:
+                list(call)
+        assert ended.value.code() == grpc.StatusCode.CANCELLED
+        ran = len(chunks)
+        assert ran == 3, f"{ran} prefill steps: the stop check after the cancel ends it, running none of its chunks"
+        assert chunks[-1][2] is True and chunks[-1][1].reason.name == "STOP"
+        assert chunks[-1][1].completion_tokens == 0, "no first token was written"
+        assert batch.joining == 0 and len(batch) == 0
+    finally:
+        del batch.prefill_step
+    text, last = run_rpc(chunked_server, caption_request(model="noise", max_new_tokens=4))
+    assert last.usage.completion_tokens == 4

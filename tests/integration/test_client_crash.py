@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -50,13 +49,13 @@ def test_a_call_survives_a_server_killed_and_restarted_on_the_same_port(cache_di
             assert next(chunks)
             servers[0].send_signal(signal.SIGKILL)
             assert servers[0].wait(10) == -signal.SIGKILL
-            killed = time.monotonic()
-            with pytest.raises(Unavailable):
+            with pytest.raises(Unavailable) as lost:
                 for _ in chunks:
                     pass
-            # The kernel closes the dead process's sockets: the client learns of it at once, not after
-            # a keepalive timeout (30 s + 10 s by default).
-            assert time.monotonic() - killed < 5
+            # The kernel closes the dead process's sockets: the client learns of it from the closed
+            # connection at once, not from a keepalive timeout (30 s + 10 s by default).
+            print(f"the client's error: {lost.value.details!r}")
+            assert "keepalive" not in lost.value.details.lower() and "timeout" not in lost.value.details.lower()
 
             # A call made while nothing listens on the port waits for a server that reports SERVING...
             answer: dict = {}

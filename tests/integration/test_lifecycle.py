@@ -238,9 +238,8 @@ def test_image_decodes_beyond_the_limit_get_resource_exhausted_at_once(fake, mon
         while decoder.admitted < 4:
             assert time.monotonic() < deadline, "the four requests never reached the decoder"
             time.sleep(0.005)
-        started = time.monotonic()
         error = rpc_error(stub.Caption(caption_request()))
-        assert time.monotonic() - started < 5, "refused at once, not after the held decode (20 s)"
+        assert decoder.admitted == 4, "refused while the four held decodes still hold the decoder"
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "being decoded" in error.details()
         assert retry_delay(error) == 0.5
         gate.set()
@@ -269,15 +268,13 @@ def test_a_stuck_model_stops_serving_and_its_requests_end_at_once(fake):
             time.sleep(0.005)
         queued = stub.Caption(caption_request(), timeout=30)
         queued.initial_metadata()
-        started = time.monotonic()
+        # The watchdog ends both (ABORTED, UNAVAILABLE), not their 30 s deadlines (DEADLINE_EXCEEDED).
         error = rpc_error(running)
         assert error.code() == grpc.StatusCode.ABORTED and "stalled" in error.details()
         error = rpc_error(queued)
         assert error.code() == grpc.StatusCode.UNAVAILABLE and "stuck" in error.details()
-        assert time.monotonic() - started < 5, "the watchdog acts within the stall timeout and its period"
-        started = time.monotonic()
         error = rpc_error(stub.Caption(caption_request(), timeout=30))
-        assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 5  # at once, not at 30 s
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and "stuck" in error.details()
         assert health(channel) == NOT_SERVING
         assert not stub.ListModels(pb.ListModelsRequest()).models[0].ready
     assert server.server.stuck_models == ["fake"]
@@ -404,11 +401,9 @@ def test_a_second_signal_exits_at_once(tmp_path):
             call.initial_metadata()  # a generation runs (and hangs): the drain would wait 60 s for it
             process.send_signal(signal.SIGTERM)
             wait_for_health(address, NOT_SERVING, timeout=10)
-            started = time.monotonic()
             process.send_signal(signal.SIGTERM)
-            code = process.wait(timeout=10)
-            assert time.monotonic() - started < 3
-        assert code == 128 + signal.SIGTERM
+            code = process.wait(timeout=10)  # a hang guard: the drain alone would wait 60 s
+        assert code == 128 + signal.SIGTERM, "the second signal's immediate exit, not the drain's (0)"
     finally:
         stop_process(process)
 
@@ -427,8 +422,7 @@ def test_sigterm_while_a_model_call_never_returns_exits_after_the_grace_period(t
             code = process.wait(timeout=15)
             elapsed = time.monotonic() - started
         print(f"SIGTERM with a model call that never returns: exited {code} after {elapsed:.1f} s")
-        assert code == 0 and elapsed < 1 + 2 + 3
-        assert "exiting without waiting" in process.stderr.read()
+        assert code == 0 and "exiting without waiting" in process.stderr.read()
     finally:
         stop_process(process)
 
@@ -531,19 +525,18 @@ def test_a_reader_that_resumes_gets_its_true_outcome(fake):
     with server.channel() as channel:
         call = server.stub(channel).Caption(caption_request(max_new_tokens=2000), timeout=30)
         assert next(call).text
-        time.sleep(2.5)  # stop reading
+        scheduler = server.engine.models["fake"].scheduler
+        wait_for(lambda: scheduler.running == 0, timeout=30, message="the generation never ended while nobody read")
         steps = backend.steps
         assert steps < 2000, "the guard should have stopped the generation while nobody read"
-        started = time.monotonic()
         received = 1
         with pytest.raises(grpc.RpcError) as info:
             for message in call:
                 received += bool(message.text)
-        elapsed = time.monotonic() - started
     error = info.value
+    # Why it ended, as the guard recorded it: not "stalled" (the watchdog, after the stall timeout).
     assert error.code() == grpc.StatusCode.ABORTED
     assert "read nothing" in error.details() and "stalled" not in error.details()
-    assert elapsed < 1.0, "the outcome is there when the reader comes back"
     assert received <= steps
 
 

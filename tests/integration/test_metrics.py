@@ -80,7 +80,8 @@ def test_metrics_count_requests_tokens_latencies_and_batches(metered):
     assert count("vlm_requests_total", method="Caption", code="INVALID_ARGUMENT") == 1
     assert count("vlm_requests_total", method="Caption", code="CANCELLED") == 1
     generated = count("vlm_generated_tokens_total", model="noise")
-    assert tokens < generated < tokens + 100, "the cancelled stream's few tokens count too"
+    # The cancelled stream's tokens count too, and it stopped short of its 2,000-token budget.
+    assert tokens < generated < tokens + 2000, "the cancelled stream's tokens count, up to its cancel"
     assert count("vlm_tokens_after_rpc_end_total", model="noise") <= 2
     # Six generations started: each has a queue time and a first token.
     assert count("vlm_queue_time_seconds_count", model="noise") == 6

@@ -255,6 +255,12 @@ def test_json_log_has_one_access_line_per_call(cache_dir, noise_dir):
             ok = list(stub.Caption(caption_request(image, max_new_tokens=6), metadata=(("x-request-id", "json-ok"),)))
             with pytest.raises(grpc.RpcError):
                 list(stub.Caption(caption_request(image, top_p=2.0), metadata=(("x-request-id", "json-bad"),)))
+            # A real grpc cancel from the client, mid-stream.
+            cancelled = stub.Caption(
+                caption_request(image, max_new_tokens=1500), metadata=(("x-request-id", "json-cancel"),)
+            )
+            assert next(cancelled).text
+            cancelled.cancel()
         server.send_signal(signal.SIGTERM)
         assert server.wait(60) == 0
     finally:
@@ -265,7 +271,7 @@ def test_json_log_has_one_access_line_per_call(cache_dir, noise_dir):
     records = [json.loads(line) for line in lines]
     assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
     access = {r["request_id"]: r for r in records if r["logger"] == "vlm_service.access"}
-    assert set(access) == {"json-ok", "json-bad"}, "one access line per call (health checks have none)"
+    assert set(access) == {"json-ok", "json-bad", "json-cancel"}, "one access line per call (health checks have none)"
 
     good, bad = access["json-ok"], access["json-bad"]
     usage = ok[-1].usage
@@ -277,3 +283,8 @@ def test_json_log_has_one_access_line_per_call(cache_dir, noise_dir):
     assert bad["code"] == "INVALID_ARGUMENT" and bad["model"] == "noise"
     assert bad["prompt_tokens"] is None and bad["completion_tokens"] is None
     assert bad["time_to_first_text_ms"] is None and bad["total_ms"] > 0
+    gone = access["json-cancel"]
+    assert gone["code"] == "CANCELLED" and gone["model"] == "noise" and gone["level"] == "INFO"
+    assert gone["peer"].startswith("ipv4:127.0.0.1:") and 0 < gone["time_to_first_text_ms"] <= gone["total_ms"]
+    # Not yet: the tokens it wrote before the cancel. The line is written when the handler ends, at the
+    # cancel, before the model's next step ends the job with its counts (issue 26's request timeline).

@@ -289,6 +289,80 @@ def test_serve_process_drains_on_sigterm_and_exits_zero(cache_dir, noise_dir, im
     assert "Traceback" not in server.stderr.read()
 
 
+def test_sigterm_with_an_open_watch_stream_ends_it_with_unavailable_at_its_next_frame_and_exits_zero(
+    cache_dir, noise_dir
+):
+    """A Watch stream is open (a frame answered, the client idle between frames) when SIGTERM comes: the
+    drain does not wait for the grace period on it; its next frame ends it with UNAVAILABLE (the client
+    reconnects elsewhere), and the process exits 0."""
+    import queue
+
+    from vlm.v1 import vlm_service_pb2 as pb
+    from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "VLM_CACHE_DIR": str(cache_dir),
+        "VLM_PORT": str(port),
+        "VLM_HOST": "127.0.0.1",
+        "VLM_GRACE_PERIOD": "60",
+        "VLM_MODELS": f"noise={noise_dir}",
+    }
+    server = subprocess.Popen(
+        [str(BIN / "vlm-service"), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    target = f"127.0.0.1:{port}"
+    frames: queue.Queue = queue.Queue()
+
+    def requests():
+        while (message := frames.get()) is not None:
+            yield message
+
+    picture = pb.Image(data=png_bytes(shape_image("red")))
+    try:
+        wait_serving(target)
+        with grpc.insecure_channel(target) as channel:
+            frames.put(pb.WatchRequest(config=pb.WatchConfig(options=pb.GenerationOptions(max_new_tokens=4))))
+            frames.put(pb.WatchRequest(frame=pb.Frame(frame_id=1, image=picture)))
+            stream = pb_grpc.VisionLanguageServiceStub(channel).Watch(requests(), timeout=120)
+            answer = []
+            for message in stream:
+                answer.append(message)
+                if message.finish_reason:
+                    break
+            assert answer[-1].frame_id == 1 and answer[-1].usage.completion_tokens == 4
+            server.send_signal(signal.SIGTERM)  # the stream is open and idle
+            wait_for_health(target, health_pb2.HealthCheckResponse.NOT_SERVING)
+            frames.put(pb.WatchRequest(frame=pb.Frame(frame_id=2, image=picture)))
+            with pytest.raises(grpc.RpcError) as ended:
+                for message in stream:
+                    assert message.frame_id == 2 and message.HasField("error") is False
+            frames.put(None)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
+        assert server.wait(30) == 0, "the drain ended with the stream, well before the 60 s grace period"
+    finally:
+        frames.put(None)
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+    assert "Traceback" not in server.stderr.read()
+
+
+def wait_for_health(target: str, status, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == status:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, f"health never reached {status}"
+            time.sleep(0.05)
+
+
 def test_serve_rejects_bad_configuration_before_binding():
     result = run([str(BIN / "vlm-service"), "serve", "--model", "no-such-builtin"])
     assert result.returncode == 2

@@ -89,12 +89,10 @@ def test_stalled_generation_is_aborted(fake):
     server = fake(stall_timeout=0.5)
     fakes.FakeBackend.step_gate = threading.Event()  # the model hangs before its first step
     with server.channel() as channel:
-        started = time.monotonic()
+        # The watchdog's ABORTED, not the client's 20 s deadline (DEADLINE_EXCEEDED), ends it.
         error = rpc_error(server.stub(channel).Caption(caption_request(), timeout=20))
-        elapsed = time.monotonic() - started
     fakes.FakeBackend.step_gate.set()
     assert error.code() == grpc.StatusCode.ABORTED and "stalled" in error.details()
-    assert elapsed < 5
 
 
 def test_a_deadline_that_the_queue_cannot_meet_is_refused_at_once(fake):
@@ -106,10 +104,10 @@ def test_a_deadline_that_the_queue_cannot_meet_is_refused_at_once(fake):
         running = [stub.Caption(caption_request()) for _ in range(3)]
         for call in running:
             call.initial_metadata()
-        started = time.monotonic()
         error = rpc_error(stub.Caption(caption_request(), timeout=0.6))
+        # Refused at admission ("cannot be met"), not expired at its deadline (grpc's own "Deadline
+        # Exceeded", or the queue's "the deadline passed after ... in the queue"): it never queued.
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "cannot be met" in error.details()
-        assert time.monotonic() - started < 0.3, "refused at once, not at the deadline"
         assert all(list(call)[-1].finish_reason == pb.FINISH_REASON_STOP for call in running)
         # With time enough, the same request is accepted.
         assert list(stub.Caption(caption_request(), timeout=30))[-1].finish_reason == pb.FINISH_REASON_STOP
@@ -277,8 +275,8 @@ def test_image_byte_cap_and_transport_limit(fake):
 
 def test_health_list_models_and_reflection_answer_under_a_flood_of_streams(cache_dir, noise_dir):
     """64 concurrent streams on a real model: health, ListModels and reflection are never queued behind
-    generation. They are probed while the flood runs (health's median latency is the README's figure),
-    then with generation frozen in the middle of a decode step (the scheduler held at its step gate):
+    generation. They are probed while the flood runs (their latencies are printed, not asserted: a
+    latency is a benchmark's claim), then with generation frozen in the middle of a decode step (the scheduler held at its step gate):
     anything that waited for generation would not answer then."""
     server = ServerThread(
         Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir, max_queue=64, max_streams=64, grace_period=0)
@@ -311,7 +309,6 @@ def test_health_list_models_and_reflection_answer_under_a_flood_of_streams(cache
         for name, values in latencies.items():
             values.sort()
             print(f"{name} under 64 streams: median {values[10] * 1000:.1f} ms, max {values[-1] * 1000:.1f} ms")
-        assert latencies["health"][10] < 0.1
         wait_idle(server.engine)
     finally:
         server.stop()
@@ -348,7 +345,9 @@ def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path, 
         client.send_signal(signal.SIGSTOP)
         started = time.monotonic()
         if keepalive > 30:
-            time.sleep(6)
+            # Nothing stops it: the generation runs to its end (2,000 steps, about 10 s) with its stream
+            # still open, its output unread.
+            wait_for(lambda: backend.steps >= 2000, timeout=120, message="the generation never reached its end")
             assert server.engine.open_streams == 1, "without keepalive the frozen client's stream should still be open"
             return
         wait_idle(server.engine, timeout=15)
@@ -358,3 +357,44 @@ def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path, 
         client.wait()
     print(f"frozen client: generation stopped after {stopped_after:.1f} s, {backend.steps} steps")
     assert backend.steps < 1500, "the generation ran on for a client that stopped reading"
+
+
+def test_a_reader_that_resumes_on_a_real_models_batch_gets_its_true_outcome(cache_dir, noise_dir):
+    """The resumed-reader path on a real model, in a real batch: a client with a small receive window
+    (1 KB, no window growth) reads one message and then nothing, so the model's text piles up on the
+    server; the back-pressure guard (keepalive 0.25 s + 0.25 s) stops its row while another stream in
+    the batch goes on to its whole answer. When the client reads again it gets the text sent so far and
+    then why it ended (ABORTED, "read nothing"), not the watchdog's "stalled"."""
+    server = ServerThread(
+        Settings(
+            models=[f"noise={noise_dir}"],
+            cache_dir=cache_dir,
+            keepalive_time=0.25,
+            keepalive_timeout=0.25,
+            max_new_tokens_limit=4096,
+            grace_period=0,
+        )
+    )
+    small_window = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    try:
+        server.wait_ready()
+        job_of = {}
+        scheduler = server.engine.models["noise"].scheduler
+        with grpc.insecure_channel(server.target, options=small_window) as slow, server.channel() as channel:
+            paused = server.stub(slow).Caption(caption_request(max_new_tokens=4000), timeout=120)
+            assert next(paused).text
+            wait_for(lambda: scheduler.running == 1, timeout=30)
+            job_of["paused"] = scheduler._active[0]
+            beside = list(server.stub(channel).Caption(caption_request(shape_image("blue"), max_new_tokens=64)))
+            assert beside[-1].usage.completion_tokens == 64, "the other row got its whole answer"
+            wait_for(lambda: job_of["paused"].abandoned, timeout=60, message="the guard never stopped the row")
+            wait_idle(server.engine, timeout=60)
+            received = 1
+            with pytest.raises(grpc.RpcError) as ended:
+                for message in paused:
+                    received += bool(message.text)
+        assert ended.value.code() == grpc.StatusCode.ABORTED, ended.value
+        assert "read nothing" in ended.value.details() and "stalled" not in ended.value.details()
+        assert received > 1 and job_of["paused"].backlog == 0, "the text sent so far was read, then the outcome"
+    finally:
+        server.stop()

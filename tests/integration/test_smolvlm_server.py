@@ -273,12 +273,12 @@ def test_health_answers_while_a_model_generates(smolvlm_server, stub):
     next(iter(call))
     with smolvlm_server.channel() as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        started = time.monotonic()
         reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-        latency = time.monotonic() - started
+        # Answered while the generation still runs: health never waits for the model.
+        still_running = smolvlm_server.engine.models["noise"].scheduler.running
     call.cancel()
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    assert latency < 1.0
+    assert still_running == 1
 
 
 def test_client_disconnect_stops_generation(smolvlm_server):

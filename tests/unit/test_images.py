@@ -89,6 +89,37 @@ def test_other_modes_become_rgb(mode):
     assert decode_image(encode(image, fmt), **LIMITS).mode == "RGB"
 
 
+def test_a_truncated_jpeg_is_rejected_not_served_half_grey():
+    """Pillow can fill a cut JPEG's missing rows with grey (LOAD_TRUNCATED_IMAGES); the service refuses it."""
+    data = encode(Image.effect_noise((128, 128), 60).convert("RGB"), "JPEG", quality=90)
+    with pytest.raises(InvalidInput, match="JPEG image is truncated or corrupt"):
+        decode_image(data[: len(data) * 2 // 3], **LIMITS)
+
+
+def test_an_animated_gif_is_its_first_frame():
+    frames = [Image.new("RGB", (16, 12), colour) for colour in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    decoded = decode_image(buffer.getvalue(), **LIMITS)
+    assert decoded.size == (16, 12) and decoded.getpixel((8, 6)) == (200, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "fmt", "expected"),
+    [
+        ("I;16", 0xFFFF, "PNG", (255, 255, 255)),  # 16-bit white stays white (not clipped to 255/65535)
+        ("I;16", 0x8000, "PNG", (128, 128, 128)),  # the top 8 bits
+        ("L", 77, "PNG", (77, 77, 77)),
+        ("CMYK", (0, 255, 255, 0), "JPEG", (255, 0, 0)),  # no cyan and black, full magenta and yellow: red
+    ],
+)
+def test_the_pixel_values_of_16_bit_grayscale_and_cmyk_pictures(mode, value, fmt, expected):
+    decoded = decode_image(encode(Image.new(mode, (8, 8), value), fmt), **LIMITS)
+    assert all(abs(got - want) <= 3 for got, want in zip(decoded.getpixel((4, 4)), expected, strict=True)), (
+        decoded.getpixel((4, 4))
+    )
+
+
 # --- reduction to the model's bound, and the pixel limit -------------------------------------------
 
 

@@ -143,6 +143,18 @@ async def test_bad_requests_raise_typed_errors(fake_engine, settings, request_, 
         assert info.value.violations[0].field == field
 
 
+async def test_exactly_the_limit_of_stop_strings_is_accepted_and_each_of_them_stops(fake_engine, settings):
+    """Eight stop strings (the limit; nine are refused above), each 64 characters or fewer: accepted,
+    and the one the text meets (the last of the eight) stops it."""
+    await asyncio.to_thread(fake_engine.load_all)
+    servicer = VisionLanguageServicer(fake_engine, settings)
+    stops = [f"never-{i}" for i in range(settings.max_stop_sequences - 1)] + ["wor"]
+    assert len(stops) == settings.max_stop_sequences == 8
+    messages = await collect(servicer.Query(query_request("hi?", stop=stops), FakeContext()))
+    assert "".join(m.text for m in messages) == "Hello,"
+    assert messages[-1].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+
+
 async def test_requests_before_load_are_unavailable(fake_engine, settings):
     servicer = VisionLanguageServicer(fake_engine, settings)
     with pytest.raises(ModelNotReady):
