@@ -73,20 +73,9 @@ def test_pictures_over_the_byte_or_pixel_cap_are_refused_over_the_wire_before_an
     says it is over --max-image-pixels (a PNG of 20,000 x 10,000 that is only its header, 57 bytes: a
     full decode would fail as truncated, not name the pixel cap), get INVALID_ARGUMENT naming their cap,
     and the model's processor never runs for either."""
-    import struct
-    import zlib
-
     import grpc
 
-    def png_header(width: int, height: int) -> bytes:
-        def chunk(kind: bytes, body: bytes) -> bytes:
-            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-        return (
-            b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IEND", b"")
-        )
+    from tests.unit.test_images import png_header
 
     server = ServerThread(
         Settings(
