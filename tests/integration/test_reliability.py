@@ -137,7 +137,10 @@ def test_a_deadline_that_passes_in_the_queue_ends_it_counted_and_traced_once(tmp
             running = stub.Caption(caption_request(max_new_tokens=2000))
             next(running)  # it holds the fake's one slot for about 20 s
             metadata = (("x-request-id", "expires-in-queue"),)
-            error = rpc_error(stub.Caption(caption_request(max_new_tokens=2), timeout=0.5, metadata=metadata))
+            # 3 s: long enough to be decoded and queued on a loaded machine, far short of the running one's
+            # 20 s. (grpc ended such an RPC 6 ms before the deadline the servicer computed: scheduler.py's
+            # DEADLINE_SLACK; without it this request was taken for a plain cancel.)
+            error = rpc_error(stub.Caption(caption_request(max_new_tokens=2), timeout=3, metadata=metadata))
             assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             running.cancel()
             wait_idle(server.engine)
