@@ -174,6 +174,11 @@ class Job:
             self._send(TextDelta(delta))
 
     @property
+    def steps(self) -> int:
+        """Decode steps taken so far."""
+        return self._steps
+
+    @property
     def backlog(self) -> int:
         """Events sent and not yet taken by the RPC (what piles up while its client lags)."""
         return self._sent - self._taken

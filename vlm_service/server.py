@@ -102,6 +102,10 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", 4 * 1024 * 1024),
         ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+        # grpc-core (1.85) times an unanswered keepalive ping by this ping timeout (60 s by default),
+        # not by keepalive_timeout: without it a frozen client whose output still fit in the
+        # transport's buffers was never cut (measured). The same bound holds for every ping.
+        ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         # Let the server's own pings go out at that pace even while no data flows (a frozen client
         # stops reading, so flow control stops the data).

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -322,30 +323,46 @@ CLIENT = textwrap.dedent(
     import sys
     from vlm_client import VLMClient
     with VLMClient(sys.argv[1]) as client:
-        for text in client.caption(sys.argv[2], max_new_tokens=2000):
+        for text in client.caption(sys.argv[2], max_new_tokens=int(sys.argv[3])):
             print(text, flush=True)
     """
 )
 
 
-@pytest.mark.parametrize("keepalive", [0.5, 60.0], ids=["short-keepalive", "control-long-keepalive"])
-def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path, keepalive, monkeypatch):
-    """A frozen client (SIGSTOP: no FIN, no reads, no ping answers) does not hold the model: the
-    server's keepalive ping goes unanswered, the connection is dropped, which cancels the RPC and stops
-    the generation. The control run with a long keepalive shows that keepalive is what finds it. The
-    server's second line of defence (a backlog of unread output stops the generation after keepalive
-    time + timeout) is given a limit no stream reaches here, so it cannot be what stops it."""
+def frozen_client(target: str, image: Path, max_new_tokens: int) -> subprocess.Popen:
+    """A client process that reads the first text of a Caption, then is frozen with SIGSTOP: no FIN,
+    no reads, no answers to the server's pings. The caller kills it."""
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, target, str(image), str(max_new_tokens)], stdout=subprocess.PIPE
+    )
+    assert client.stdout.readline()  # streaming
+    client.send_signal(signal.SIGSTOP)
+    return client
+
+
+@pytest.mark.parametrize(
+    ("keepalive", "piece"),
+    [(0.5, "x"), (0.5, "x" * 200), (60.0, "x")],
+    ids=["short-keepalive-small-output", "short-keepalive-large-output", "control-long-keepalive"],
+)
+def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path, keepalive, piece, monkeypatch):
+    """A frozen client does not hold the model: the server's keepalive ping goes unanswered, the
+    connection is dropped, which cancels the RPC and stops the generation. With 1-character pieces the
+    whole answer fits in the transport's buffers, so the server's writes never block: only the ping
+    can find it (grpc-core timed that ping by its 60 s ping timeout until the server set it to the
+    keepalive timeout; the small-output case ran all 2,000 steps then). The control run with a long
+    keepalive shows that keepalive is what finds it. The server's second line of defence (a backlog
+    of unread output stops the generation after keepalive time + timeout) is given a limit no stream
+    reaches here, so it cannot be what stops it."""
     monkeypatch.setattr(job_module, "_BACKLOG", 10**9)
     server = fake(keepalive_time=keepalive, keepalive_timeout=keepalive)
-    fakes.FakeBackend.pieces = ["x" * 200] * 2000  # large messages fill the transport's buffers fast
+    fakes.FakeBackend.pieces = [piece] * 2000
     fakes.FakeBackend.step_delay = 0.005  # 10 s of generation if nobody stops it
     backend = fakes.FakeBackend.instances[-1]
     image = tmp_path / "image.png"
     image.write_bytes(png_bytes(shape_image()))
-    client = subprocess.Popen([sys.executable, "-c", CLIENT, server.target, str(image)], stdout=subprocess.PIPE)
+    client = frozen_client(server.target, image, 2000)
     try:
-        assert client.stdout.readline()  # streaming
-        client.send_signal(signal.SIGSTOP)
         started = time.monotonic()
         if keepalive > 30:
             # Nothing stops it: the generation runs to its end (2,000 steps, about 10 s) with its stream
@@ -360,6 +377,45 @@ def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path, 
         client.wait()
     print(f"frozen client: generation stopped after {stopped_after:.1f} s, {backend.steps} steps")
     assert backend.steps < 1500, "the generation ran on for a client that stopped reading"
+
+
+def test_a_frozen_client_on_a_real_model_has_its_generation_stopped(cache_dir, noise_dir, tmp_path, monkeypatch):
+    """The frozen-client path on a real model: the tiny SmolVLM writes a few bytes per token, so its
+    whole answer (4,000 tokens) would fit in the transport's buffers and the server's writes never
+    block. The unanswered keepalive ping (0.5 s + 0.5 s) must drop the connection and stop the
+    generation long before its budget; before the ping timeout was set it ran to the end of its
+    context and the RPC ended OK. The back-pressure guard is given a limit it cannot reach."""
+    monkeypatch.setattr(job_module, "_BACKLOG", 10**9)
+    server = ServerThread(
+        Settings(
+            models=[f"noise={noise_dir}"],
+            cache_dir=cache_dir,
+            keepalive_time=0.5,
+            keepalive_timeout=0.5,
+            max_new_tokens_limit=4096,
+            grace_period=0,
+        )
+    )
+    image = tmp_path / "image.png"
+    image.write_bytes(png_bytes(shape_image()))
+    try:
+        server.wait_ready()
+        scheduler = server.engine.models["noise"].scheduler
+        client = frozen_client(server.target, image, 4000)
+        try:
+            wait_for(lambda: scheduler.running == 1 or not server.engine.open_streams, timeout=30)
+            job = scheduler._active[0] if scheduler.running else None
+            wait_idle(server.engine, timeout=60)
+            cancelled = job is not None and job.cancelled  # before the kill, which would cancel it too
+        finally:
+            client.kill()
+            client.wait()
+        assert job is not None, "the generation ended before the test could watch it"
+        print(f"frozen client on a real model: stopped after {job.steps} decode steps")
+        assert cancelled, "the frozen client's RPC was not cancelled while the client was still frozen"
+        assert job.steps < 3000, "the generation ran on for a client that stopped reading"
+    finally:
+        server.stop()
 
 
 def test_a_reader_that_resumes_on_a_real_models_batch_gets_its_true_outcome(cache_dir, noise_dir):
