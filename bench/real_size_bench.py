@@ -91,7 +91,7 @@ def service_dtype(flags: list[str], twin: Path) -> str:
     a CPU with bfloat16 instructions, else float32)."""
     from transformers import AutoConfig
 
-    from vlm_service.backends.base import Runtime, saved_dtype
+    from vlm_service.backends.runtime import Runtime, saved_dtype
 
     dtype = os.environ.get("VLM_DTYPE", "auto")
     for i, flag in enumerate(flags):
@@ -564,7 +564,7 @@ def main() -> None:
         type=float,
         default=900,
         help="--stall-timeout of every service (0: the service's default, 300 s, which a 17-view prefill on a busy "
-        "2-core CPU can exceed: the README's twin section measured 276 s; the guard only aborts, it never speeds up)",
+        "2-core CPU can exceed: docs/models.md's twin section measured 276 s; the guard only aborts, it never speeds up)",
     )
     parser.add_argument("--start-timeout", type=float, default=900, help="seconds a server may take to start")
     parser.add_argument("--settle", type=float, default=0.5, help="seconds of pause before each run")

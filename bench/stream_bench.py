@@ -125,7 +125,7 @@ class InProcess:
     name = "in-process"
 
     def __init__(self, checkpoint: Path, dtype: str = "float32", size: tuple[int, int] = SIZE):
-        from vlm_service.backends.base import ModelSpec, Runtime
+        from vlm_service.backends.runtime import ModelSpec, Runtime
         from vlm_service.backends.smolvlm import SmolVLMBackend
         from vlm_service.types import GenerationRequest, SamplingParams, Task
 
@@ -462,7 +462,7 @@ def table(report: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The same table and goals as Markdown (what the README shows)."""
+    """The same table and goals as Markdown (what docs/performance.md shows)."""
     lines = [
         "| target | tokens | streams | first text p50 (ms) | p95 | gap p50 (ms) | p95 | tok/s per stream | tok/s total |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -1,4 +1,4 @@
-"""How often the tiny demo checkpoints describe held-out pictures right (the README's accuracy figures).
+"""How often the tiny demo checkpoints describe held-out pictures right (the accuracy figures of docs/models.md).
 
 For each model: captions of every length of ``--count`` held-out pictures (seeded, drawn like the
 training pictures but never trained on), and the colour question on the same pictures. A caption
@@ -15,8 +15,8 @@ import random
 from pathlib import Path
 
 from vlm_checkpoints import shapes
-from vlm_service import registry
-from vlm_service.backends.base import Runtime
+from vlm_service.backends import catalogue, registry
+from vlm_service.backends.runtime import Runtime
 from vlm_service.config import Settings
 from vlm_service.types import CaptionLength, GenerationRequest, SamplingParams, Task
 
@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     cache_dir = Path(Settings().cache_dir)
     for name in args.models:
-        spec = registry.resolve(registry.parse_model_arg(name), cache_dir)
+        spec = catalogue.resolve(catalogue.parse_model_arg(name), cache_dir)
         backend = registry.backend_class(spec.family)(spec, Runtime(device="cpu", dtype="float32"))
         backend.load()
         for seed in args.seeds:

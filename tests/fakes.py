@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from vlm_service import registry
+from vlm_service.backends import registry
 from vlm_service.backends.base import Backend, Outcome, TextSink
 from vlm_service.types import FinishReason, GenerationRequest
 

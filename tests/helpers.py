@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
 from vlm_service.config import Settings
-from vlm_service.job import Job
+from vlm_service.core.job import Job
 from vlm_service.server import VLMServer
 
 

@@ -7,13 +7,13 @@ import asyncio
 import os
 import sys
 
-from . import logs
-from .config import ConfigError, add_arguments, load_settings
+from vlm_service.config import ConfigError, add_arguments, load_settings
+from vlm_service.observability import logs
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .registry import UnsupportedModel
-    from .server import StartupError, serve
+    from vlm_service.backends.registry import UnsupportedModel
+    from vlm_service.server import StartupError, serve
 
     try:
         settings = load_settings(args)
@@ -61,8 +61,7 @@ def _build(args: argparse.Namespace) -> int:
     import time
 
     from vlm_checkpoints.builder import fresh_builds
-
-    from .registry import BUILTINS
+    from vlm_service.backends.catalogue import BUILTINS
 
     try:
         cache_dir = load_settings(args).cache_dir

@@ -1,7 +1,7 @@
 """Server configuration, declared once.
 
 Every setting is one field of :class:`Settings` with its type, default, help text, command-line flag
-and environment-variable twin. The CLI, the README's configuration table and the docker-compose file
+and environment-variable twin. The CLI, the docs' configuration page (generated from it) and the docker-compose file
 all derive from (or are tested against) this one declaration. Values are validated at start-up so a
 misconfigured server fails before it binds a port, with a message naming the setting.
 """

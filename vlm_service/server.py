@@ -17,17 +17,19 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
-
-from . import registry
-from .access import AccessLogInterceptor
-from .auth import BearerTokenInterceptor
-from .config import Settings
-from .engine import Engine
-from .image_decoding import ImageDecoder
-from .interceptors import ErrorInterceptor, MalformedRequestInterceptor
-from .registry import UnsupportedModel
-from .servicer import VisionLanguageServicer
-from .tracing import Tracing, exporter_endpoint, otlp_tracer_provider
+from vlm_service.api.interceptors import (
+    AccessLogInterceptor,
+    BearerTokenInterceptor,
+    ErrorInterceptor,
+    MalformedRequestInterceptor,
+)
+from vlm_service.api.servicer import VisionLanguageServicer
+from vlm_service.backends import catalogue
+from vlm_service.backends.registry import UnsupportedModel
+from vlm_service.config import Settings
+from vlm_service.core.engine import Engine
+from vlm_service.images.decode import ImageDecoder
+from vlm_service.observability.tracing import Tracing, exporter_endpoint, otlp_tracer_provider
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +166,7 @@ class VLMServer:
         if self.tracing is not None:
             interceptors.insert(0, self.tracing.interceptor())
         self._server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
-        self.decoder = ImageDecoder(
-            workers=settings.max_image_decodes,
-            max_waiting=settings.max_streams,
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-        )
+        self.decoder = ImageDecoder.from_settings(settings)
         servicer = VisionLanguageServicer(self.engine, settings, self.tracing, self.decoder)
         pb_grpc.add_VisionLanguageServiceServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -296,7 +293,7 @@ class VLMServer:
         await self._server.stop(max(0.0, deadline - loop.time()))
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
-            registry.stop_builds()  # a first-use build would otherwise hold the exit for minutes
+            catalogue.stop_builds()  # a first-use build would otherwise hold the exit for minutes
         # Every RPC has ended, so running generations are cancelled and stop within a decode step.
         # A scheduler inside a call that cannot be interrupted (a long prefill) gets 2 s more, no longer.
         await _in_daemon_thread(lambda: self.engine.close(timeout=2.0), "vlm-close")

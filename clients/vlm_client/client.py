@@ -21,7 +21,8 @@ target resolves to and a retry policy for ``UNAVAILABLE``; client-side health ch
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 import grpc
 
@@ -33,6 +34,8 @@ from .errors import VLMError, from_rpc_error, from_status
 from .images import ImageLike
 
 Metadata = Sequence[tuple[str, str]]
+S = TypeVar("S")  # a client's text stream type
+W = TypeVar("W")  # a client's Watch stream type
 
 #: The metadata key that carries the request's model, so a proxy (an Envoy/Gateway API GRPCRoute, nginx)
 #: can route by model without parsing the message. Sent when the request names a model.
@@ -467,7 +470,14 @@ def _open(api, target: str, credentials, options, health_check: bool):
     return api.insecure_channel(target, options=options)
 
 
-class _ClientBase:
+class _ClientBase(Generic[S, W]):
+    """What the blocking and the asyncio client share: their calls are built the same way and differ
+    only in the stream types that wrap them (``_text_stream``, ``_watch_stream``) and in how a Watch
+    stream reads its frames (``_frames``)."""
+
+    _text_stream: Callable[[object], S]
+    _watch_stream: Callable[[object, _FrameFeed], W]
+
     def __init__(
         self,
         target: str,
@@ -492,8 +502,71 @@ class _ClientBase:
             "wait_for_ready": self.wait_for_ready,
         }
 
+    def caption(
+        self,
+        image: ImageLike,
+        *,
+        model: str = "",
+        length: str | None = None,
+        language: str = "",
+        detail: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options,
+    ) -> S:
+        """Stream a caption of ``image``. ``detail``: "auto", "low" (one view, the fastest first text)
+        or "high" (the model's full tiling); ``ModelInfo.image_details`` says what each does on a
+        model. ``options``: max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed."""
+        request = m.caption_request(image, model, length, language, detail, **options)
+        return self._text_stream(self._stub.Caption(request, **self._call_args(timeout, metadata, model)))
 
-class VLMClient(_ClientBase):
+    def query(
+        self,
+        image: ImageLike,
+        question: str,
+        *,
+        model: str = "",
+        language: str = "",
+        detail: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options,
+    ) -> S:
+        """Stream the answer to ``question`` about ``image``."""
+        request = m.query_request(image, question, model, language, detail, **options)
+        return self._text_stream(self._stub.Query(request, **self._call_args(timeout, metadata, model)))
+
+    def watch(
+        self,
+        frames: Iterable | AsyncIterable,
+        question: str = "",
+        *,
+        policy: str | None = None,
+        model: str = "",
+        length: str | None = None,
+        language: str = "",
+        detail: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options,
+    ) -> W:
+        """Answer ``question`` (empty: a caption of ``length``) about each frame of a live feed, as the
+        server's ``policy`` (``"latest"``, the default, or ``"interrupt"``) allows. ``frames`` is any
+        iterable of images (path, bytes, file object or PIL image; ids 0, 1, 2, ...) or of
+        ``(frame_id, image)`` pairs with increasing ids; the asyncio client also takes an async
+        iterable (a paced feed should be one: a plain iterable is read on the event loop). ``timeout``
+        is the whole stream's deadline; unlike the other calls, a Watch stream has none unless given
+        one (the client's default ``timeout`` is for single answers)."""
+        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, detail, **options), frames)
+        args = {**self._call_args(timeout, metadata, model), "timeout": timeout}
+        return self._watch_stream(self._stub.Watch(self._frames(feed), **args), feed)
+
+    @staticmethod
+    def _frames(feed: _FrameFeed):
+        return iter(feed)
+
+
+class VLMClient(_ClientBase[TextStream, WatchStream]):
     """Blocking client. ``target`` is ``host:port`` or any gRPC target (``dns:///name:port`` to balance
     over every address of a name); ``timeout`` (seconds) is the default deadline; ``token`` is sent as
     ``authorization: Bearer`` metadata; ``credentials`` (see :func:`channel_credentials`) turns on TLS;
@@ -502,6 +575,9 @@ class VLMClient(_ClientBase):
     (:data:`HEALTH_CHECK_CONFIG`: only servers whose health says SERVING get calls, and wait-for-ready
     calls wait for SERVING); ``options`` are channel options that override the defaults
     (:func:`channel_options`)."""
+
+    _text_stream = TextStream
+    _watch_stream = WatchStream
 
     def __init__(
         self,
@@ -518,64 +594,6 @@ class VLMClient(_ClientBase):
     ):
         channel = channel or _open(grpc, target, credentials, options, health_check)
         super().__init__(target, timeout, metadata, channel, token, wait_for_ready)
-
-    def caption(
-        self,
-        image: ImageLike,
-        *,
-        model: str = "",
-        length: str | None = None,
-        language: str = "",
-        detail: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        **options,
-    ) -> TextStream:
-        """Stream a caption of ``image``. ``detail``: "auto", "low" (one view, the fastest first text)
-        or "high" (the model's full tiling); ``ModelInfo.image_details`` says what each does on a
-        model. ``options``: max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed."""
-        request = m.caption_request(image, model, length, language, detail, **options)
-        return TextStream(self._stub.Caption(request, **self._call_args(timeout, metadata, model)))
-
-    def query(
-        self,
-        image: ImageLike,
-        question: str,
-        *,
-        model: str = "",
-        language: str = "",
-        detail: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        **options,
-    ) -> TextStream:
-        """Stream the answer to ``question`` about ``image``."""
-        request = m.query_request(image, question, model, language, detail, **options)
-        return TextStream(self._stub.Query(request, **self._call_args(timeout, metadata, model)))
-
-    def watch(
-        self,
-        frames: Iterable,
-        question: str = "",
-        *,
-        policy: str | None = None,
-        model: str = "",
-        length: str | None = None,
-        language: str = "",
-        detail: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        **options,
-    ) -> WatchStream:
-        """Answer ``question`` (empty: a caption of ``length``) about each frame of a live feed, as the
-        server's ``policy`` (``"latest"``, the default, or ``"interrupt"``) allows. ``frames`` is any
-        iterable of images (path, bytes, file object or PIL image; ids 0, 1, 2, ...) or of
-        ``(frame_id, image)`` pairs with increasing ids. ``timeout`` is the whole stream's deadline;
-        unlike the other calls, a Watch stream has none unless given one (the client's default
-        ``timeout`` is for single answers)."""
-        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, detail, **options), frames)
-        args = {**self._call_args(timeout, metadata, model), "timeout": timeout}
-        return WatchStream(self._stub.Watch(iter(feed), **args), feed)
 
     def models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> list[m.ModelInfo]:
         try:
@@ -594,8 +612,11 @@ class VLMClient(_ClientBase):
         self.close()
 
 
-class AsyncVLMClient(_ClientBase):
-    """The asyncio twin of :class:`VLMClient`; streams are async iterators."""
+class AsyncVLMClient(_ClientBase[AsyncTextStream, AsyncWatchStream]):
+    """The asyncio twin of :class:`VLMClient` (the same arguments and calls); streams are async iterators."""
+
+    _text_stream = AsyncTextStream
+    _watch_stream = AsyncWatchStream
 
     def __init__(
         self,
@@ -613,55 +634,9 @@ class AsyncVLMClient(_ClientBase):
         channel = channel or _open(grpc.aio, target, credentials, options, health_check)
         super().__init__(target, timeout, metadata, channel, token, wait_for_ready)
 
-    def caption(
-        self,
-        image: ImageLike,
-        *,
-        model: str = "",
-        length: str | None = None,
-        language: str = "",
-        detail: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        **options,
-    ) -> AsyncTextStream:
-        request = m.caption_request(image, model, length, language, detail, **options)
-        return AsyncTextStream(self._stub.Caption(request, **self._call_args(timeout, metadata, model)))
-
-    def query(
-        self,
-        image: ImageLike,
-        question: str,
-        *,
-        model: str = "",
-        language: str = "",
-        detail: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        **options,
-    ) -> AsyncTextStream:
-        request = m.query_request(image, question, model, language, detail, **options)
-        return AsyncTextStream(self._stub.Query(request, **self._call_args(timeout, metadata, model)))
-
-    def watch(
-        self,
-        frames: Iterable | AsyncIterable,
-        question: str = "",
-        *,
-        policy: str | None = None,
-        model: str = "",
-        length: str | None = None,
-        language: str = "",
-        detail: str | None = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        **options,
-    ) -> AsyncWatchStream:
-        """The asyncio twin of :meth:`VLMClient.watch`. ``frames`` may also be an async iterable (a
-        paced feed should be one: a plain iterable is read on the event loop)."""
-        feed = _FrameFeed(m.watch_config(question, model, length, language, policy, detail, **options), frames)
-        args = {**self._call_args(timeout, metadata, model), "timeout": timeout}
-        return AsyncWatchStream(self._stub.Watch(feed.messages(), **args), feed)
+    @staticmethod
+    def _frames(feed: _FrameFeed):
+        return feed.messages()
 
     async def models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> list[m.ModelInfo]:
         try:

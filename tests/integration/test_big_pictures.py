@@ -10,7 +10,7 @@ from tests.helpers import ServerThread, caption_request, shape_image
 from tests.integration.test_lifecycle import big_picture
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service.config import Settings
-from vlm_service.image_decoding import image_digest
+from vlm_service.images.decode import image_digest
 
 
 def test_a_big_picture_reaches_the_processor_reduced_to_the_models_longest_edge(smolvlm_server, monkeypatch):

@@ -28,7 +28,8 @@ from tests.helpers import (
     wait_for,
     wait_idle,
 )
-from vlm_service.backends.base import ModelSpec, Runtime, run_alone
+from vlm_service.backends.base import run_alone
+from vlm_service.backends.runtime import ModelSpec, Runtime
 from vlm_service.backends.smolvlm import SmolVLMBackend
 from vlm_service.config import Settings
 from vlm_service.types import GenerationRequest, SamplingParams, Task
@@ -53,9 +54,10 @@ class Sink:
 def chunked(noise_dir):
     backend = SmolVLMBackend(ModelSpec("noise", str(noise_dir)), Runtime(device="cpu", chunked_prefill="on"))
     backend.load()
-    assert backend.chunked
-    backend.text_chunk_tokens = TEXT_SPAN
-    backend.vision_chunk_layers = VISION_LAYERS
+    assert backend.prefill.chunked
+    backend.prefill = dataclasses.replace(
+        backend.prefill, text_chunk_tokens=TEXT_SPAN, vision_chunk_layers=VISION_LAYERS
+    )
     return backend
 
 
@@ -95,7 +97,7 @@ def test_chunked_image_features_equal_the_models_own(chunked, layers, monkeypatc
 
     from vlm_service.types import ImageDetail
 
-    monkeypatch.setattr(chunked, "vision_chunk_layers", layers)
+    monkeypatch.setattr(chunked, "prefill", dataclasses.replace(chunked.prefill, vision_chunk_layers=layers))
     req = request(shape_image("blue", size=(200, 90)), 4)
     inputs = chunked.encode([chunked.prompt(req)], [req.image], ImageDetail.HIGH)
     vision = {key: inputs[key] for key in ("pixel_values", "pixel_attention_mask")}
@@ -108,14 +110,20 @@ def test_chunked_image_features_equal_the_models_own(chunked, layers, monkeypatc
 
 
 def test_auto_chunks_large_models_only(noise_dir):
-    from vlm_service.backends.base import LARGE_MODEL_PARAMETERS
+    from vlm_service.backends.runtime import LARGE_MODEL_PARAMETERS
 
-    assert Runtime(chunked_prefill="auto").chunked(LARGE_MODEL_PARAMETERS)
-    assert not Runtime(chunked_prefill="auto").chunked(LARGE_MODEL_PARAMETERS - 1)
-    assert not Runtime(chunked_prefill="off").chunked(10**10) and Runtime(chunked_prefill="on").chunked(1)
+    def chunked(setting: str, parameters: int, chunking=SmolVLMBackend.chunking) -> bool:
+        return Runtime(chunked_prefill=setting).prefill_policy(parameters, chunking).chunked
+
+    assert chunked("auto", LARGE_MODEL_PARAMETERS)
+    assert not chunked("auto", LARGE_MODEL_PARAMETERS - 1)
+    assert not chunked("off", 10**10) and chunked("on", 1)
+    assert not chunked("on", 10**10, chunking=None), "a family that cannot cut its prefill is never chunked"
+    policy = Runtime(chunked_prefill="on", prefill_budget=0.1).prefill_policy(1, SmolVLMBackend.chunking)
+    assert (policy.text_chunk_tokens, policy.vision_chunk_layers, policy.budget) == (128, 3, 0.1)
     tiny = SmolVLMBackend(ModelSpec("noise", str(noise_dir)), Runtime(device="cpu"))
     tiny.load()
-    assert not tiny.chunked  # a few million parameters: its prefill is one piece
+    assert not tiny.prefill.chunked  # a few million parameters: its prefill is one piece
 
 
 def test_a_joining_prefill_runs_chunk_by_chunk_while_a_running_row_decodes(chunked):
@@ -218,8 +226,9 @@ def test_on_a_server_a_new_picture_never_holds_a_running_stream_for_its_whole_pr
     stream already running (budget 0): the running stream gets a decode step after every chunk."""
     served = chunked_server.engine.models["noise"]
     batch = served.scheduler.batch
-    served.backend.text_chunk_tokens = TEXT_SPAN
-    served.backend.vision_chunk_layers = VISION_LAYERS
+    served.backend.prefill = dataclasses.replace(
+        served.backend.prefill, text_chunk_tokens=TEXT_SPAN, vision_chunk_layers=VISION_LAYERS
+    )
     wait_idle(chunked_server.engine)
     events: list[str] = []
     lock = threading.Lock()
@@ -274,7 +283,7 @@ def test_a_cached_picture_evicted_before_its_first_chunk_still_prefills(chunked)
     """X's features are cached (so its cached preprocessing has no pixels); X joins and its first chunk
     (the processor) runs, then Y's preprocessing evicts X's entry (a cache of one picture) before X's
     first model chunk: X still answers, the same as alone, from the features it took once prepared."""
-    from vlm_service.image_cache import ImageCache
+    from vlm_service.images.cache import ImageCache
 
     previous = chunked.images
     chunked.images = ImageCache(1)
@@ -305,8 +314,9 @@ def test_a_grpc_cancel_during_a_chunked_prefill_runs_no_more_of_it(chunked_serve
     the stop check before its third chunk); the RPC ends CANCELLED, no further chunk of it runs, no
     first token is written, and the model serves the next request."""
     served = chunked_server.engine.models["noise"]
-    served.backend.text_chunk_tokens = TEXT_SPAN
-    served.backend.vision_chunk_layers = VISION_LAYERS
+    served.backend.prefill = dataclasses.replace(
+        served.backend.prefill, text_chunk_tokens=TEXT_SPAN, vision_chunk_layers=VISION_LAYERS
+    )
     wait_idle(chunked_server.engine)
     batch = served.scheduler.batch
     chunks = []

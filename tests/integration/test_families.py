@@ -22,9 +22,10 @@ from tests.helpers import (
     wait_idle,
 )
 from vlm.v1 import vlm_service_pb2 as pb
+from vlm_service.backends.detokenizer import IncrementalDetokenizer
 from vlm_service.backends.hf import TransformersBackend
 from vlm_service.backends.moondream import LENGTHS as MOONDREAM_LENGTHS
-from vlm_service.streaming import IncrementalDetokenizer, TextAssembler, clean_answer
+from vlm_service.core.text import TextAssembler, clean_answer
 from vlm_service.types import CaptionLength, GenerationRequest, SamplingParams, Task
 
 FAMILIES = {"tiny-smolvlm": "smolvlm", "tiny-qwen2-vl": "qwen2-vl", "tiny-moondream": "moondream"}

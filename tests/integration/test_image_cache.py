@@ -8,9 +8,19 @@ import torch
 
 from tests.helpers import caption_request, png_bytes, query_request, shape_image
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service.image_decoding import image_digest
-from vlm_service.streaming import clean_answer
+from vlm_service.core.text import clean_answer
+from vlm_service.images.decode import image_digest
 from vlm_service.types import GenerationRequest, SamplingParams, Task
+
+
+def prefill(backend, request: GenerationRequest, inputs):
+    """The whole prefill at once: every chunk of ``prefill_steps``, then what it returns."""
+    steps = backend.prefill_steps(request, inputs)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def request_for(name: str, image, digest: str, question: str = "What colour is the shape?") -> GenerationRequest:
@@ -25,17 +35,17 @@ def test_cached_preprocessing_and_vision_features_equal_fresh_ones(families_serv
     fresh_request = request_for(name, image, "")  # no digest: never cached
     with torch.inference_mode():
         fresh_inputs = backend.prepare(fresh_request)
-        fresh_logits, _, fresh_position = backend.prefill(fresh_request, fresh_inputs)
+        fresh_logits, _, fresh_position = prefill(backend, fresh_request, fresh_inputs)
 
         hits = dict(backend.images.hits)
         first = backend.prepare(request_for(name, image, digest))
-        backend.prefill(request_for(name, image, digest), first)
+        prefill(backend, request_for(name, image, digest), first)
         # Another question on the same image: its prompt differs, its image part comes from the cache.
         other = request_for(name, image, digest, "What shape is it?")
         cached_inputs = backend.prepare(other)
-        cached_logits, _, cached_position = backend.prefill(other, cached_inputs)
+        cached_logits, _, cached_position = prefill(backend, other, cached_inputs)
         again = backend.prepare(request_for(name, image, digest))
-        again_logits, _, again_position = backend.prefill(request_for(name, image, digest), again)
+        again_logits, _, again_position = prefill(backend, request_for(name, image, digest), again)
 
     assert backend.images.hits["preprocessing"] - hits.get("preprocessing", 0) == 2
     assert backend.images.hits["features"] - hits.get("features", 0) == 2

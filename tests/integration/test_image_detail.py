@@ -10,8 +10,8 @@ from PIL import Image
 
 from tests.helpers import caption_request, query_request, run_rpc, shape_image
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service.backends.base import ModelSpec, Runtime
 from vlm_service.backends.qwen2_vl import LOW_DETAIL_PIXELS, Qwen2VLBackend
+from vlm_service.backends.runtime import ModelSpec, Runtime
 from vlm_service.types import GenerationRequest, ImageDetail, SamplingParams, Task
 
 WIDE = shape_image("blue", size=(200, 90))  # tiny-smolvlm cuts it into 2 tiles and a global view
@@ -96,7 +96,7 @@ def test_the_image_cache_keeps_each_detail_of_one_picture_apart(stub, families_s
 
 def _digest(image: Image.Image) -> str:
     from tests.helpers import png_bytes
-    from vlm_service.image_decoding import image_digest
+    from vlm_service.images.decode import image_digest
 
     return image_digest(png_bytes(image))
 

@@ -27,9 +27,10 @@ from PIL import Image, ImageDraw
 from tests import fakes
 from tests.helpers import ServerThread, caption_request, png_bytes, wait_for
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service import device_failures, image_decoding
 from vlm_service.backends.decode_batch import DecodeBatch
 from vlm_service.config import Settings
+from vlm_service.core import device_failures
+from vlm_service.images import decode as image_decoding
 from vlm_service.server import EXIT_MODEL_STUCK, StartupError, VLMServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +84,7 @@ def test_a_flood_of_big_images_delays_neither_health_nor_running_streams(fake, m
     picture = big_picture()
     limits = Settings()
     assert len(picture) < limits.max_image_bytes
-    real = image_decoding.decode_image
+    real = image_decoding.decode_in_pool
     arrivals: list[float] = []
     answered: list[float] = []  # health checks answered SERVING
     in_decoder, most_in_decoder, stalled = [0], [0], []
@@ -110,7 +111,7 @@ def test_a_flood_of_big_images_delays_neither_health_nor_running_streams(fake, m
                 in_decoder[0] -= 1
                 decoded[0] += 1
 
-    monkeypatch.setattr(image_decoding, "decode_image", decode_then_await_progress)
+    monkeypatch.setattr(image_decoding, "decode_in_pool", decode_then_await_progress)
     started = time.monotonic()
     with server.channel() as channel, server.channel() as flood_channel, server.channel() as probe:
         stub, flood_stub = server.stub(channel), server.stub(flood_channel)
@@ -169,7 +170,7 @@ def test_decodes_in_progress_hold_neither_health_nor_a_running_stream(fake, monk
     fakes.FakeBackend.pieces = ["x"] * 2000
     fakes.FakeBackend.step_delay = 0.01
     release, inside = threading.Event(), threading.Semaphore(0)
-    real = image_decoding.decode_image
+    real = image_decoding.decode_in_pool
 
     picture = big_picture()
 
@@ -180,7 +181,7 @@ def test_decodes_in_progress_hold_neither_health_nor_a_running_stream(fake, monk
             release.wait(300)  # longer than any wait below: an expired hold must not pass the test
         return image
 
-    monkeypatch.setattr(image_decoding, "decode_image", held)
+    monkeypatch.setattr(image_decoding, "decode_in_pool", held)
     arrivals: list[pb.CaptionResponse] = []
     try:
         with server.channel() as channel, server.channel() as flood_channel, server.channel() as probe:
@@ -221,14 +222,14 @@ def test_decodes_in_progress_hold_neither_health_nor_a_running_stream(fake, monk
 def test_image_decodes_beyond_the_limit_get_resource_exhausted_at_once(fake, monkeypatch):
     server = fake(max_image_decodes=1, max_streams=3)  # 1 decoding + 3 waiting
     gate, entered = threading.Event(), threading.Event()
-    real = image_decoding.decode_image
+    real = image_decoding.decode_in_pool
 
     def held(data, **limits):
         entered.set()
         gate.wait(20)
         return real(data, **limits)
 
-    monkeypatch.setattr(image_decoding, "decode_image", held)
+    monkeypatch.setattr(image_decoding, "decode_in_pool", held)
     decoder = server.server.decoder
     with server.channel() as channel:
         stub = server.stub(channel)
@@ -544,7 +545,7 @@ def test_a_reader_that_resumes_gets_its_true_outcome(fake):
 
 
 def test_every_status_code_the_server_sends_is_documented_in_the_proto_and_the_readme():
-    from vlm_service.interceptors import OTHER_STATUS_CODES, STATUS_CODES
+    from vlm_service.api.status import OTHER_STATUS_CODES, STATUS_CODES
 
     sent = {code.name for code in STATUS_CODES.values()} | {code.name for code in OTHER_STATUS_CODES}
     proto = (ROOT / "protos/vlm/v1/vlm_service.proto").read_text()

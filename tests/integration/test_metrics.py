@@ -8,9 +8,13 @@ import urllib.request
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import ServerThread, StepGate, caption_request, query_request, wait_for, wait_idle
+from tests.integration.test_observability import RecordedSpans
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service.config import Settings
 
@@ -86,7 +90,8 @@ def test_metrics_count_requests_tokens_latencies_and_batches(metered):
     # Six generations started: each has a queue time and a first token.
     assert count("vlm_queue_time_seconds_count", model="noise") == 6
     assert count("vlm_time_to_first_token_seconds_count", model="noise") == 6
-    assert count("vlm_inter_token_latency_seconds_count", model="noise") >= tokens - 6
+    # One latency per token after each generation's first; the cancelled one ran to some token.
+    assert count("vlm_inter_token_latency_seconds_count", model="noise") >= tokens - 5
     # Some decode steps ran more than one row.
     steps = count("vlm_batch_size_count", model="noise")
     assert steps > 0 and count("vlm_batch_size_bucket", model="noise", le="1.0") < steps
@@ -138,3 +143,71 @@ def test_gauges_while_one_stream_runs_and_one_waits(metered):
     after = scrape(port)
     assert after[("vlm_running_requests", model)] == after[("vlm_queue_depth", model)] == 0
     assert after[("vlm_active_streams", ())] == 0
+
+
+def test_each_requests_phases_are_measured_once_from_its_timeline(cache_dir, noise_dir):
+    """One request timeline feeds Prometheus and the spans (chunked prefill on, so a prompt takes several
+    stop checks before its first token):
+
+    - a request cancelled after its processor chunk and before the rest of its prefill has a queue time
+      and nothing else: no first token (histogram or decode span), no inter-token latency, no token
+      after its end (no decode step ran for it), and its unrun prompt is not counted;
+    - requests that run to their end have exactly one inter-token latency per token after their first:
+      prefill chunks and stop checks are not tokens.
+
+    Before the timeline, the stop check recorded both the latency and the tokens after the end, and a
+    request stopped while joining got a first-token span and its prompt counted."""
+    spans = RecordedSpans()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    port = free_port()
+    settings = Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir, metrics_port=port, chunked_prefill="on")
+    server = ServerThread(settings, tracer_provider=provider)
+    server.wait_ready()
+    try:
+        scheduler = server.engine.models["noise"].scheduler
+        gate = StepGate(scheduler)
+        gate.hold_when = lambda job: job.request.request_id == "victim" and gate.steps_of(job) >= 2
+        with server.channel() as channel:
+            stub = server.stub(channel)
+            call = stub.Caption(caption_request(max_new_tokens=50), metadata=(("x-request-id", "victim"),))
+            victim = gate.wait_held()
+            assert victim.request.request_id == "victim"
+            call.cancel()
+            wait_for(lambda: victim.cancelled, message="the cancel never reached the job")
+            gate.remove()
+            wait_idle(server.engine)
+            first = scrape(port)
+
+            def count(sample, name, **labels):
+                return sample.get((name, tuple(sorted(labels.items()))), 0.0)
+
+            assert count(first, "vlm_queue_time_seconds_count", model="noise") == 1, "it started"
+            assert count(first, "vlm_time_to_first_token_seconds_count", model="noise") == 0
+            assert count(first, "vlm_inter_token_latency_seconds_count", model="noise") == 0
+            assert count(first, "vlm_tokens_after_rpc_end_total", model="noise") == 0
+            assert count(first, "vlm_prompt_tokens_total", model="noise") == 0, "its prompt never ran"
+            assert count(first, "vlm_generated_tokens_total", model="noise") == 0
+            phases = spans.wait_for(
+                lambda found: any(s.name == "prefill" and s.attributes.get("vlm.request_id") == "victim" for s in found)
+            )
+            mine = [
+                s for s in phases if s.attributes.get("vlm.request_id") == "victim" and s.kind is not SpanKind.SERVER
+            ]
+            assert sorted(s.name for s in mine) == ["prefill", "queue"], [s.name for s in mine]
+            assert next(s for s in mine if s.name == "prefill").attributes.get("vlm.cancelled") is True
+
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                answers = list(pool.map(lambda n: list(stub.Caption(caption_request(max_new_tokens=n))), [5, 9, 13]))
+            wait_idle(server.engine)
+        second = scrape(port)
+        completions = [a[-1].usage.completion_tokens for a in answers]
+        latencies = count(second, "vlm_inter_token_latency_seconds_count", model="noise")
+        assert latencies == sum(completions) - 3, f"{latencies} latencies for answers of {completions} tokens"
+        assert count(second, "vlm_time_to_first_token_seconds_count", model="noise") == 3
+        assert count(second, "vlm_tokens_after_rpc_end_total", model="noise") == 0
+        prompts = sum(a[-1].usage.prompt_tokens for a in answers)
+        assert count(second, "vlm_prompt_tokens_total", model="noise") == prompts
+        assert count(second, "vlm_generated_tokens_total", model="noise") == sum(completions)
+    finally:
+        server.stop()

@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from vlm_checkpoints import shapes
-from vlm_service.backends import base
-from vlm_service.backends.base import ModelSpec, Runtime
+from vlm_service.backends import runtime
 from vlm_service.backends.moondream import MoondreamBackend
 from vlm_service.backends.remote_code import bundled_hub_cache, hub_cache
+from vlm_service.backends.runtime import ModelSpec, Runtime
 from vlm_service.types import CaptionLength, GenerationRequest, SamplingParams, Task
 
 CLASS = "hf_moondream.HfMoondream"
@@ -156,7 +156,7 @@ def test_bfloat16_code_runs_in_float32_on_a_cpu_and_computes_what_its_own_dtype_
     slower there). The code still makes its image crops in bfloat16: the loader casts them at the layer
     that reads them, so the model computes what the code's own bfloat16 model does, up to bfloat16's
     rounding, and without that cast the code cannot run in float32 at all."""
-    monkeypatch.setattr(base, "native_bfloat16", lambda: False)  # an AVX2 CPU, whatever this one has
+    monkeypatch.setattr(runtime, "native_bfloat16", lambda: False)  # an AVX2 CPU, whatever this one has
     backend = MoondreamBackend(ModelSpec("md-bf16", bfloat16_checkpoint), Runtime(device="cpu"))
     backend.load()
     assert backend.dtype == "float32" and {p.dtype for p in backend.model.parameters()} == {torch.float32}
@@ -179,7 +179,7 @@ def test_bfloat16_code_runs_in_float32_on_a_cpu_and_computes_what_its_own_dtype_
 def test_bfloat16_code_keeps_bfloat16_on_a_cpu_with_bfloat16_instructions(bfloat16_checkpoint, monkeypatch, caplog):
     """--dtype auto on a CPU with AVX512-BF16 or AMX keeps the dtype the code fixes: nothing is cast,
     and the served answer is the code's own bfloat16 model's."""
-    monkeypatch.setattr(base, "native_bfloat16", lambda: True)
+    monkeypatch.setattr(runtime, "native_bfloat16", lambda: True)
     caplog.set_level(logging.INFO, logger="vlm_service")
     backend = MoondreamBackend(ModelSpec("md-bf16", bfloat16_checkpoint), Runtime(device="cpu"))
     backend.load()

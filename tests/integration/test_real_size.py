@@ -87,7 +87,7 @@ def test_at_real_size_the_chunked_encoder_gives_the_models_own_features(twin_ser
     from vlm_service.types import GenerationRequest, SamplingParams, Task
 
     backend = twin_server.engine.models["twin"].backend
-    assert backend.chunked, "a model of this size prefills in chunks by default"
+    assert backend.prefill.chunked, "a model of this size prefills in chunks by default"
     request = GenerationRequest("r", "twin", Task.CAPTION, shape_image(size=(512, 512)), SamplingParams(4))
     inputs = backend.encode([backend.prompt(request)], [request.image])
     vision = {key: inputs[key] for key in ("pixel_values", "pixel_attention_mask")}
@@ -95,5 +95,5 @@ def test_at_real_size_the_chunked_encoder_gives_the_models_own_features(twin_ser
         expected = torch.cat(list(backend.model.get_image_features(**vision, return_dict=True).pooler_output))
         chunks, output = drain(backend.encode_views(vision))
     features = torch.cat(list(output.pooler_output))
-    assert chunks == 12 // backend.vision_chunk_layers
+    assert chunks == 12 // backend.prefill.vision_chunk_layers
     assert features.dtype == backend.model.dtype and torch.equal(features, expected)

@@ -30,8 +30,8 @@ from tests.helpers import (
     wait_idle,
 )
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service import job as job_module
 from vlm_service.config import Settings
+from vlm_service.core import job as job_module
 
 
 def rpc_error(call) -> grpc.RpcError:
@@ -411,9 +411,9 @@ def test_a_frozen_client_on_a_real_model_has_its_generation_stopped(cache_dir, n
             client.kill()
             client.wait()
         assert job is not None, "the generation ended before the test could watch it"
-        print(f"frozen client on a real model: stopped after {job.steps} decode steps")
+        print(f"frozen client on a real model: stopped after {job.timeline.tokens} tokens")
         assert cancelled, "the frozen client's RPC was not cancelled while the client was still frozen"
-        assert job.steps < 3000, "the generation ran on for a client that stopped reading"
+        assert job.timeline.tokens < 3000, "the generation ran on for a client that stopped reading"
     finally:
         server.stop()
 

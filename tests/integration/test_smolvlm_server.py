@@ -24,8 +24,9 @@ from tests.helpers import (
     wait_idle,
 )
 from vlm.v1 import vlm_service_pb2 as pb
+from vlm_service.backends.detokenizer import IncrementalDetokenizer
 from vlm_service.config import Settings
-from vlm_service.streaming import IncrementalDetokenizer, TextAssembler, clean_answer
+from vlm_service.core.text import TextAssembler, clean_answer
 from vlm_service.types import CaptionLength, GenerationRequest, SamplingParams, Task
 
 

@@ -17,7 +17,7 @@ import pytest
 from tests.helpers import ServerThread, caption_request, query_request, shape_image, wait_for, wait_idle
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_service.config import Settings
-from vlm_service.image_decoding import THREAD_PREFIX
+from vlm_service.images.decode import THREAD_PREFIX
 
 pytestmark = pytest.mark.soak
 

@@ -27,7 +27,7 @@ from tests.helpers import (
 )
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm_client import AsyncVLMClient, DeadlineExceeded, InvalidArgument, VLMClient
-from vlm_service.watch import OUTCOMES
+from vlm_service.api.watch import OUTCOMES
 
 QUESTION = "What colour is the shape?"
 PICTURES = [

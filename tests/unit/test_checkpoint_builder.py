@@ -83,7 +83,7 @@ VARIANTS = {
         "vlm_service/backends/qwen2_vl.py": ('"""Qwen2-VL and Qwen2.5-VL', '"""Qwen2-VL and Qwen2.5-VL (edited)'),
         "vlm_service/backends/base.py": ('"""The backend base class', '"""The backend base class (edited)'),
         "vlm_service/types.py": ("from __future__ import annotations", "from __future__ import annotations  # edited"),
-        "vlm_service/scheduler.py": (
+        "vlm_service/core/scheduler.py": (
             "from __future__ import annotations",
             "from __future__ import annotations  # edited",
         ),
@@ -303,11 +303,11 @@ def test_stopping_builds_ends_a_running_one_at_once(tmp_path):
 
 
 def test_the_server_finds_running_builds_by_the_builders_module_name(monkeypatch):
-    """A shutdown stops builds through ``registry.stop_builds``, which looks the builder up in
+    """A shutdown stops builds through ``catalogue.stop_builds``, which looks the builder up in
     ``sys.modules`` by name (so as not to import it): that name is the builder's."""
-    from vlm_service import registry
+    from vlm_service.backends import catalogue
 
     stopped = []
     monkeypatch.setattr(builder, "stop_builds", lambda: stopped.append(True) or 0)
-    registry.stop_builds()
+    catalogue.stop_builds()
     assert stopped == [True]

@@ -9,8 +9,8 @@ from grpc_status import rpc_status
 
 from vlm_client import CONNECTION_OPTIONS, HEALTH_CHECK_CONFIG, SERVICE_CONFIG, Overloaded, VLMError, channel_options
 from vlm_client.errors import from_rpc_error
+from vlm_service.api.status import to_status
 from vlm_service.errors import QueueFull
-from vlm_service.interceptors import to_status
 
 
 def test_defaults_carry_the_service_config_and_options_override_them_key_by_key():

@@ -108,7 +108,7 @@ def test_the_auth_token_file_is_read_stripped_and_checked_at_start(tmp_path):
 
 def test_a_model_given_as_a_home_relative_directory_is_named_after_it(tmp_path, monkeypatch):
     """`--model ~/ckpt` serves the directory ~/ckpt under the name `ckpt`, not `~/ckpt`."""
-    from vlm_service.registry import parse_model_arg
+    from vlm_service.backends.catalogue import parse_model_arg
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "ckpt").mkdir()

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from vlm_service.config import load_settings, settings_table
-from vlm_service.metrics import Metrics, ModelSnapshot, Snapshot
+from vlm_service.observability.metrics import Metrics, ModelSnapshot, Snapshot
 from vlm_service.server import LIVENESS, model_health_name
 
 ROOT = Path(__file__).resolve().parents[2]

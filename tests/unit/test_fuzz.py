@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service import convert
+from vlm_service.api import convert
 from vlm_service.config import Settings
 from vlm_service.errors import InvalidInput
-from vlm_service.images import decode_image
+from vlm_service.images.decode import decode_image
 
 LIMITS = {"max_bytes": 200_000, "max_pixels": 1_000_000}
 

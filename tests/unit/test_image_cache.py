@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
-from vlm_service.image_cache import ImageCache
+from vlm_service.images.cache import ImageCache
 
 
 def test_least_recently_used_images_are_evicted_beyond_capacity():
@@ -52,7 +52,7 @@ def test_pixels_are_dropped_from_the_preprocessing_but_the_rest_is_kept():
 def test_the_cache_is_bounded_in_bytes_of_the_tensors_it_keeps():
     import torch
 
-    from vlm_service.image_cache import tensor_bytes
+    from vlm_service.images.cache import tensor_bytes
 
     kib = torch.zeros(256)  # 1 KiB of float32
     assert tensor_bytes({"a": kib, "b": [kib, (kib, "text")], "c": None}) == 3 * 1024

@@ -14,7 +14,7 @@ from PIL.JpegImagePlugin import JpegImageFile
 
 from tests.helpers import wait_for
 from vlm_service.errors import InvalidInput
-from vlm_service.images import decode_image
+from vlm_service.images.decode import decode_image
 from vlm_service.types import ImageBound
 
 LIMITS = {"max_bytes": 5_000_000, "max_pixels": 10_000_000}
@@ -212,7 +212,7 @@ def test_a_picture_over_the_limit_is_refused_with_its_size_and_the_limit_that_re
 
 @pytest.fixture
 def decoder():
-    from vlm_service.image_decoding import ImageDecoder
+    from vlm_service.images.decode import ImageDecoder
 
     decoder = ImageDecoder(workers=2, max_waiting=4, **LIMITS)
     yield decoder
@@ -224,7 +224,7 @@ async def test_pictures_are_decoded_in_other_processes_at_a_lower_cpu_priority(d
     torch threads: it runs in a process of its own, niced below the server (see image_decoding.py)."""
     import os
 
-    from vlm_service.image_decoding import NICENESS
+    from vlm_service.images.decode import NICENESS
 
     pid, niceness = await asyncio.wrap_future(decoder._processes.submit(_pid_and_niceness))
     assert pid != os.getpid()

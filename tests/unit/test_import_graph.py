@@ -89,12 +89,62 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_is_read_whole():
     edges = graph()
-    # A sample of edges the reader must see: relative, lazy (in a function) and `from . import x`.
+    # A sample of edges the reader must see: absolute, lazy (in a function) and `from pkg import module`.
     assert "vlm_service.backends.base" in edges["vlm_service.backends.hf"]
-    assert "vlm_checkpoints.tiny_smolvlm" in edges["vlm_service.registry"]
-    assert "vlm_service.convert" in edges["vlm_service.servicer"]
+    assert "vlm_checkpoints.tiny_smolvlm" in edges["vlm_service.backends.catalogue"]
+    assert "vlm_service.api.convert" in edges["vlm_service.api.servicer"]
+    assert "vlm_service.backends.catalogue" in edges["vlm_service.core.engine"]
     assert "vlm_service.backends.smolvlm" in edges["vlm_checkpoints.tiny_smolvlm"]
-    assert {"vlm_service.registry", "vlm_service.server", "vlm_checkpoints.builder"} <= set(edges)
+    assert {"vlm_service.backends.registry", "vlm_service.server", "vlm_checkpoints.builder"} <= set(edges)
+
+
+#: The server's layers, top to bottom. A module imports modules of its own layer or of layers below,
+#: never above; the two leaf packages (images, observability) import neither each other nor anything
+#: above the foundation.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("entry", ("vlm_service.__main__", "vlm_service.cli", "vlm_service.server")),
+    ("api", ("vlm_service.api",)),
+    ("core", ("vlm_service.core",)),
+    ("backends", ("vlm_service.backends",)),
+    ("images", ("vlm_service.images",)),
+    ("observability", ("vlm_service.observability",)),
+    ("foundation", ("vlm_service", "vlm_service.config", "vlm_service.types", "vlm_service.errors")),
+]
+LEAVES = {"images", "observability"}
+
+
+def layer_of(module: str) -> int:
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        if any(module == prefix or (prefix != RUNTIME and module.startswith(prefix + ".")) for prefix in prefixes):
+            return rank
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS or move it into a subpackage")
+
+
+def test_the_package_rules_hold():
+    """api -> core -> backends -> images / observability -> config, types, errors: never upward, and
+    the leaves never sideways. Every runtime module is in exactly one layer."""
+    edges = graph()
+    names = [name for name, _ in LAYERS]
+    wrong = []
+    for module, targets in edges.items():
+        if not module.startswith(RUNTIME):
+            continue
+        rank = layer_of(module)
+        for target in targets:
+            if not target.startswith(RUNTIME):
+                continue
+            other = layer_of(target)
+            sideways = other != rank and names[rank] in LEAVES and names[other] in LEAVES
+            if other < rank or sideways:
+                wrong.append(f"{module} ({names[rank]}) imports {target} ({names[other]})")
+    assert not wrong, "imports against the package rules:\n" + "\n".join(sorted(wrong))
+
+
+def test_the_package_rules_test_can_fail():
+    """The rules are read from the same graph: an upward edge added to it is reported."""
+    assert layer_of("vlm_service.core.job") > layer_of("vlm_service.api.servicer")
+    assert layer_of("vlm_service.errors") == len(LAYERS) - 1
+    assert layer_of("vlm_service.images.decode") < layer_of("vlm_service.config")
 
 
 def module_level_imports(path: Path) -> set[str]:
@@ -141,17 +191,29 @@ def reach(edges: dict[str, set[str]], start: str, skip: frozenset[str] = frozens
     return seen
 
 
+GENERIC_BACKEND = {
+    "vlm_service.backends",
+    "vlm_service.backends.base",
+    "vlm_service.backends.runtime",
+    "vlm_service.backends.registry",
+    "vlm_service.backends.catalogue",
+    "vlm_service.backends.detokenizer",
+}
+
+
 def test_the_generic_layers_know_no_family():
-    """The scheduler's loop, the job, admission and the engine import no family module nor a family's
-    batch: they see a backend through backends/base.py only. The engine reaches the families only
-    through the registry, which names them (and imports them lazily, by name)."""
+    """The core (the scheduler's loop, the job, admission, the engine) and the API import no family
+    module nor a family's batch: they see a backend through backends/base.py only. The engine reaches
+    the families only through the registry, which names them (and imports them lazily, by name), and
+    the catalogue, whose tiny-checkpoint builders import them lazily."""
     edges = graph()
-    families = {name for name in edges if name.startswith("vlm_service.backends.")} - {"vlm_service.backends.base"}
-    for generic in ("scheduler", "job", "admission", "served", "metrics", "device_failures"):
+    families = {name for name in edges if name.startswith("vlm_service.backends.")} - GENERIC_BACKEND
+    for generic in ("core.scheduler", "core.job", "core.admission", "core.served", "observability.metrics"):
         reached = reach(edges, f"vlm_service.{generic}") & families
         assert not reached, f"vlm_service.{generic} imports {sorted(reached)}"
-    for entry in ("engine", "servicer", "server"):
-        reached = reach(edges, f"vlm_service.{entry}", skip=frozenset({"vlm_service.registry"})) & families
+    for entry in ("core.engine", "api.servicer", "server"):
+        through = frozenset({"vlm_service.backends.registry", "vlm_service.backends.catalogue"})
+        reached = reach(edges, f"vlm_service.{entry}", skip=through) & families
         assert not reached, f"vlm_service.{entry} imports {sorted(reached)} other than through the registry"
     # The families' shared batch needs a backend only through its protocol.
     assert "vlm_service.backends.hf" not in reach(edges, "vlm_service.backends.decode_batch")

@@ -10,9 +10,10 @@ import logging
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from vlm_service import access, logs
+from vlm_service.api.interceptors import AccessLogInterceptor
 from vlm_service.config import Settings
-from vlm_service.tracing import exporter_endpoint, otlp_tracer_provider
+from vlm_service.observability import access, logs
+from vlm_service.observability.tracing import exporter_endpoint, otlp_tracer_provider
 
 
 def test_tracing_is_off_unless_an_endpoint_is_given(monkeypatch):
@@ -129,7 +130,7 @@ async def test_a_stream_cancelled_mid_write_gets_one_access_line_when_it_ends(ca
         return grpc.unary_stream_rpc_method_handler(handler)
 
     details = type("Details", (), {"method": method, "invocation_metadata": ()})()
-    wrapped = await access.AccessLogInterceptor().intercept_service(continuation, details)
+    wrapped = await AccessLogInterceptor().intercept_service(continuation, details)
     context = _StreamContext()
     caplog.set_level(logging.INFO, logger="vlm_service.access")
     stream = wrapped.unary_stream(object(), context)

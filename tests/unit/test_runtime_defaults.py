@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from vlm_service.backends import base
-from vlm_service.backends.base import LARGE_MODEL_PARAMETERS, Runtime, saved_dtype
-from vlm_service.engine import auto_torch_threads
+from vlm_service.backends import runtime
+from vlm_service.backends.runtime import LARGE_MODEL_PARAMETERS, Runtime, saved_dtype
+from vlm_service.core.loading import auto_torch_threads
 
 
 @pytest.mark.parametrize(
@@ -25,22 +25,22 @@ from vlm_service.engine import auto_torch_threads
 def test_auto_dtype_on_a_cpu_is_bfloat16_only_for_a_bfloat16_checkpoint_on_a_cpu_that_computes_it(
     monkeypatch, native, saved, expected
 ):
-    monkeypatch.setattr(base, "native_bfloat16", lambda: native)
+    monkeypatch.setattr(runtime, "native_bfloat16", lambda: native)
     assert Runtime(device="cpu").resolve(saved) == (torch.device("cpu"), expected)
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_an_explicit_dtype_wins_over_auto(monkeypatch, native):
-    monkeypatch.setattr(base, "native_bfloat16", lambda: native)
+    monkeypatch.setattr(runtime, "native_bfloat16", lambda: native)
     assert Runtime(device="cpu", dtype="float32").resolve(torch.bfloat16)[1] is torch.float32
     assert Runtime(device="cpu", dtype="bfloat16").resolve(torch.float32)[1] is torch.bfloat16
 
 
 def test_native_bfloat16_follows_the_cpus_capabilities(monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": True}, raising=False)
-    assert base.native_bfloat16()
+    assert runtime.native_bfloat16()
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "avx2": True}, raising=False)
-    assert not base.native_bfloat16()
+    assert not runtime.native_bfloat16()
 
 
 def test_saved_dtype_reads_a_config_json(tmp_path):
@@ -72,7 +72,7 @@ def test_auto_threads_give_a_large_model_every_core_and_a_small_one_all_but_one(
 
 def test_the_edge_reads_image_detail_from_captions_queries_and_watch_configs(settings):
     from vlm.v1 import vlm_service_pb2 as pb
-    from vlm_service import convert
+    from vlm_service.api import convert
     from vlm_service.errors import InvalidInput
     from vlm_service.types import ImageDetail
 

@@ -13,10 +13,11 @@ from grpc_status import rpc_status
 from tests import fakes
 from tests.helpers import caption_request, query_request
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service.engine import Engine
+from vlm_service.api.interceptors import ErrorInterceptor
+from vlm_service.api.servicer import VisionLanguageServicer
+from vlm_service.api.status import to_status
+from vlm_service.core.engine import Engine
 from vlm_service.errors import GenerationFailed, InvalidInput, ModelNotFound, ModelNotReady, QueueFull, ShuttingDown
-from vlm_service.interceptors import ErrorInterceptor, to_status
-from vlm_service.servicer import VisionLanguageServicer
 
 
 class FakeContext:
@@ -302,7 +303,7 @@ async def test_a_job_whose_output_is_not_taken_stops_itself():
     import time
 
     from tests.helpers import shape_image
-    from vlm_service.job import Job
+    from vlm_service.core.job import Job
     from vlm_service.types import GenerationRequest, SamplingParams, Task
 
     request = GenerationRequest("r", "m", Task.CAPTION, shape_image(), SamplingParams(10))

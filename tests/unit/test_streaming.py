@@ -7,7 +7,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from vlm_service.streaming import IncrementalDetokenizer, TextAssembler, clean_answer
+from vlm_service.backends.detokenizer import IncrementalDetokenizer
+from vlm_service.core.text import TextAssembler, clean_answer
 
 
 @pytest.fixture(scope="module")

@@ -136,7 +136,8 @@ def test_a_prompt_that_ends_in_a_silenced_token_is_refused(tokenizer):
 def test_build_makes_the_tiny_checkpoints_by_default_and_a_twin_only_when_named(monkeypatch, tmp_path):
     from dataclasses import replace
 
-    from vlm_service import cli, registry
+    from vlm_service import cli
+    from vlm_service.backends import catalogue
 
     built = []
 
@@ -149,9 +150,9 @@ def test_build_makes_the_tiny_checkpoints_by_default_and_a_twin_only_when_named(
 
     builtins = {
         name: replace(builtin, build=recorder(name)) if builtin.build else builtin
-        for name, builtin in registry.BUILTINS.items()
+        for name, builtin in catalogue.BUILTINS.items()
     }
-    monkeypatch.setattr(registry, "BUILTINS", builtins)
+    monkeypatch.setattr(catalogue, "BUILTINS", builtins)
     assert cli.main(["build", "--random-twins", "--cache-dir", str(tmp_path)]) == 0
     tiny = [name for name, builtin in builtins.items() if builtin.build and not builtin.twin]
     assert built == [(name, trained) for name in tiny for trained in (True, False)]

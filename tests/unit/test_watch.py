@@ -16,11 +16,11 @@ from google.rpc import code_pb2, error_details_pb2
 from tests import fakes
 from tests.helpers import StepGate, caption_request, png_bytes, sample, shape_image
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service import image_decoding
-from vlm_service.engine import Engine
+from vlm_service.api.servicer import VisionLanguageServicer
+from vlm_service.api.watch import OUTCOMES
+from vlm_service.core.engine import Engine
 from vlm_service.errors import InvalidInput, MalformedMessage, ModelNotFound, QueueFull, ShuttingDown
-from vlm_service.servicer import VisionLanguageServicer
-from vlm_service.watch import OUTCOMES
+from vlm_service.images import decode as image_decoding
 
 from .test_servicer import FakeContext, collect
 
@@ -274,7 +274,7 @@ async def test_a_refused_frame_tells_the_frames_it_replaced(servicer, engine):
 async def test_a_flood_of_refused_frames_unread_stops_the_reading_of_frames(servicer, engine):
     """Error messages that wait for a client that does not read are bounded: the stream stops taking
     frames (gRPC's flow control then holds the sender) until they are sent."""
-    from vlm_service import watch
+    from vlm_service.api import watch
 
     feed = Feed().config()
     for frame_id in range(200):
@@ -354,7 +354,7 @@ async def test_a_message_with_neither_config_nor_frame_after_the_config_ends_the
 
 async def test_a_malformed_message_ends_the_stream_with_invalid_argument(servicer, engine):
     """The interceptor turns a message that does not parse into MalformedMessage where it is read."""
-    from vlm_service.interceptors import _checked_messages, _Malformed
+    from vlm_service.api.interceptors import _checked_messages, _Malformed
 
     feed = Feed().config()
     feed.put(_Malformed())
@@ -416,13 +416,13 @@ async def test_identical_frames_reuse_the_image_cache_and_decoding_stays_off_the
     servicer, engine, monkeypatch
 ):
     threads = []
-    original = image_decoding.decode_image
+    original = image_decoding.decode_in_pool
 
     def recording(*args, **kwargs):
         threads.append(threading.current_thread())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(image_decoding, "decode_image", recording)
+    monkeypatch.setattr(image_decoding, "decode_in_pool", recording)
     seen = []
     scheduler = engine.models["fake"].scheduler
     scheduler.step_gate = lambda job: seen.append(job.request.image_digest)
@@ -439,7 +439,7 @@ async def test_identical_frames_reuse_the_image_cache_and_decoding_stays_off_the
 
 
 async def test_the_access_line_sums_the_answers_tokens(servicer, engine):
-    from vlm_service import access
+    from vlm_service.observability import access
 
     call = access.Call("/vlm.v1.VisionLanguageService/Watch", "watch-1", "", 0.0)
     token = access._current.set(call)
@@ -459,7 +459,7 @@ async def test_the_access_line_sums_the_answers_tokens(servicer, engine):
 
 def test_frame_errors_carry_grpc_codes():
     """A frame's error message carries the status a Caption would have ended with, rich details included."""
-    from vlm_service.interceptors import to_rpc_status
+    from vlm_service.api.status import to_rpc_status
 
     status = to_rpc_status(QueueFull("the queue is full", retry_after=2.0))
     assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]

@@ -26,95 +26,9 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-import torch
-
-from ..image_cache import ImageCache
-from ..types import CaptionLength, FinishReason, GenerationRequest, ImageBound, ImageDetail, ImageTiling
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Where one served model comes from."""
-
-    name: str
-    source: str  # local directory or Hugging Face repo id
-    revision: str | None = None
-    family: str = ""  # filled in by registry.resolve
-    builtin: str | None = None  # built-in name whose checkpoint is built locally
-
-    @property
-    def display_source(self) -> str:
-        return f"{self.source}@{self.revision}" if self.revision else self.source
-
-
-#: From this many parameters a model is compute-bound on a CPU: it gets every core (auto torch threads)
-#: and prefills in chunks (auto chunked prefill).
-LARGE_MODEL_PARAMETERS = 50_000_000
-
-
-def parameters(model) -> int:
-    """How many parameters ``model`` has (0 for None or an object that is not a torch module)."""
-    return sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Runtime choices shared by every backend."""
-
-    device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    image_cache_size: int = 0  # images whose preprocessing and vision features are kept (0: off)
-    image_cache_bytes: int = 0  # bytes of tensors the image cache may keep (0: auto, from the device's memory)
-    chunked_prefill: str = "auto"  # auto | on | off: prefill in chunks between decode steps (see chunked())
-
-    def chunked(self, model_parameters: int) -> bool:
-        """Whether a model of ``model_parameters`` prefills in chunks: on, off, or auto (large models)."""
-        if self.chunked_prefill == "auto":
-            return model_parameters >= LARGE_MODEL_PARAMETERS
-        return self.chunked_prefill == "on"
-
-    def image_cache_budget(self) -> int:
-        """The image cache's bound in bytes: the setting, or for 0 1/32 of the device's memory."""
-        if self.image_cache_bytes:
-            return self.image_cache_bytes
-        device, _ = self.resolve()
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-        else:
-            import os
-
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return total // 32
-
-    def resolve(self, saved: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
-        """The torch device and dtype. Device auto is cuda when available, else cpu. Dtype auto is
-        bfloat16 on cuda; on a CPU it is bfloat16 when the checkpoint is ``saved`` in bfloat16 and the
-        CPU computes bfloat16 natively (:func:`native_bfloat16`), else float32 (bfloat16 matrices
-        without those instructions are many times slower than float32)."""
-        device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        )
-        if self.dtype != "auto":
-            return device, getattr(torch, self.dtype)
-        if device.type == "cuda" or (device.type == "cpu" and saved == torch.bfloat16 and native_bfloat16()):
-            return device, torch.bfloat16
-        return device, torch.float32
-
-
-def native_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX-BF16), which make a
-    bfloat16 model several times faster than float32 on it."""
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
-
-
-def saved_dtype(config: Any) -> torch.dtype | None:
-    """The dtype a transformers checkpoint says its weights are saved in (``config.json``'s ``dtype``,
-    ``torch_dtype`` in older files), or None."""
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(value, str):
-        value = getattr(torch, value, None)
-    return value if isinstance(value, torch.dtype) else None
+from vlm_service.backends.runtime import ModelSpec, Runtime
+from vlm_service.images.cache import ImageCache
+from vlm_service.types import CaptionLength, FinishReason, GenerationRequest, ImageBound, ImageDetail, ImageTiling
 
 
 @dataclass(frozen=True)
@@ -254,6 +168,8 @@ class Backend(abc.ABC):
 
     def __init__(self, spec: ModelSpec, runtime: Runtime):
         self.spec = spec
+        #: How this model's prefills are cut and paced (one piece until ``load`` knows the model's size).
+        self.prefill = runtime.prefill_policy(0, None)
         self.runtime = runtime
         #: What this model already computed for recent images (by content hash); see image_cache.
         self.images = ImageCache(runtime.image_cache_size, runtime.image_cache_budget())

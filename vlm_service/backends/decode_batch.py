@@ -36,9 +36,9 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from ..streaming import IncrementalDetokenizer
-from ..types import FinishReason, GenerationRequest, SamplingParams
-from .base import Batch, Outcome, TextSink
+from vlm_service.backends.base import Batch, Outcome, TextSink
+from vlm_service.backends.detokenizer import IncrementalDetokenizer
+from vlm_service.types import FinishReason, GenerationRequest, SamplingParams
 
 
 class Prefiller(Protocol):

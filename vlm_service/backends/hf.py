@@ -17,9 +17,10 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from ..types import GenerationRequest, ImageDetail
-from .base import Backend, ModelSpec, Runtime, parameters, saved_dtype
-from .decode_batch import DecodeBatch
+from vlm_service.backends.base import Backend
+from vlm_service.backends.decode_batch import DecodeBatch
+from vlm_service.backends.runtime import ModelSpec, PrefillPolicy, Runtime, parameters, saved_dtype
+from vlm_service.types import GenerationRequest, ImageDetail
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class TransformersBackend(Backend):
         self.model = AutoModelForImageTextToText.from_pretrained(self.spec.source, dtype=dtype, **common)
         self.model.to(device).eval()
         self._device = device
-        self.chunked = self.can_chunk and self.runtime.chunked(parameters(self.model))
+        self.prefill = self.runtime.prefill_policy(parameters(self.model), self.chunking)
         self.end_token_ids = self._end_token_ids()
         logger.info(
             "loaded %s (%s) on %s as %s%s",
@@ -63,7 +64,7 @@ class TransformersBackend(Backend):
             type(self.model).__name__,
             device,
             dtype,
-            ", chunked prefill" if self.chunked else "",
+            ", chunked prefill" if self.prefill.chunked else "",
         )
 
     @abc.abstractmethod
@@ -97,25 +98,13 @@ class TransformersBackend(Backend):
             eos = self.tokenizer.eos_token_id
         return [eos] if isinstance(eos, int) else list(eos or [])
 
-    def prefill(self, request: GenerationRequest, inputs) -> tuple[torch.Tensor, Any, int]:
-        """Run the vision encoder (or take its cached output) and the prompt through the model, all at
-        once (:meth:`prefill_steps` to its end).
-
-        Returns the last position's logits, the KV cache, and the position id of the next token.
-        """
-        steps = self.prefill_steps(request, inputs)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
-
     def prefill_steps(self, request: GenerationRequest, inputs) -> Generator[None, None, tuple[torch.Tensor, Any, int]]:
-        """:meth:`prefill` as a generator: each ``next()`` runs one chunk and yields, and the generator
-        returns what :meth:`prefill` returns. Unchunked (``self.chunked`` off) the whole prefill is one
+        """Run the vision encoder (or take its cached output) and the prompt through the model, as a
+        generator: each ``next()`` runs one chunk and yields, and the generator returns the last
+        position's logits, the KV cache, and the position id of the next token. Unchunked (``self.prefill``) the whole prefill is one
         chunk. Chunked, a family that can cuts it into slices of the vision encoder's work
         (:meth:`encode_views`: SmolVLM's are groups of layers over one view) and spans of
-        ``text_chunk_tokens`` prompt tokens (:meth:`embed_prompt`).
+        ``self.prefill.text_chunk_tokens`` prompt tokens (:meth:`embed_prompt`).
         Chunks depend on the request and the model only, never on timing or on other requests, so a
         request's answer is the same however its chunks interleave with other work.
 
@@ -139,7 +128,7 @@ class TransformersBackend(Backend):
             if pixels.is_floating_point():
                 inputs["pixel_values"] = pixels.to(self.model.dtype)
             vision = {key: inputs[key] for key in self.vision_inputs if key in inputs}
-            if self.chunked:
+            if self.prefill.chunked:
                 features = yield from self.encode_views(vision)
             else:
                 features = self.model.get_image_features(**vision, return_dict=True)
@@ -148,7 +137,7 @@ class TransformersBackend(Backend):
         for key in self.encoder_only_inputs:
             inputs.pop(key, None)
         length = inputs["input_ids"].shape[1]
-        span = self.text_chunk_tokens if self.chunked else None
+        span = self.prefill.text_chunk_tokens if self.prefill.chunked else None
         if span is None or length <= span:
             output = self.model(**inputs, mm_encoder_outputs={"image": features}, use_cache=True, logits_to_keep=1)
             return output.logits, output.cache, length + self.position_offset()
@@ -167,14 +156,10 @@ class TransformersBackend(Backend):
                 yield
         return output.logits, cache, length + self.position_offset()
 
-    #: Prompt tokens per chunk of a chunked prefill's text part (None: the prompt in one pass). Only for a
-    #: family whose text positions follow the cache's length and that implements :meth:`embed_prompt`.
-    text_chunk_tokens: ClassVar[int | None] = None
-    #: Whether the family can cut a prefill into chunks (it implements encode_views and embed_prompt).
-    can_chunk: ClassVar[bool] = False
-    #: Whether this model prefills in chunks (set by ``load`` from ``--chunked-prefill``, its size and
-    #: ``can_chunk``).
-    chunked: bool = False
+    #: How the family can cut a prefill into chunks (it implements encode_views and embed_prompt, and
+    #: its text positions follow the cache's length), with the chunk sizes measured for its model; None:
+    #: its prefill is one piece. Whether a model is chunked is :attr:`prefill`'s (the settings' and size's).
+    chunking: ClassVar[PrefillPolicy | None] = None
 
     def encode_views(self, vision: dict[str, torch.Tensor]) -> Generator[None, None, Any]:
         """The vision encoder's output for ``vision`` (the processor's vision inputs), a chunk per ``next()``.

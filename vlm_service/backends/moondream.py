@@ -36,9 +36,9 @@ from collections.abc import Generator
 
 import torch
 
-from ..types import CaptionLength, FinishReason, GenerationRequest, ImageBound, ImageDetail, Task
-from .base import Backend, Batch, Outcome, TextSink
-from .remote_code import cast_weights, load_remote_model, weights_dtype
+from vlm_service.backends.base import Backend, Batch, Outcome, TextSink
+from vlm_service.backends.remote_code import cast_weights, load_remote_model, weights_dtype
+from vlm_service.types import CaptionLength, FinishReason, GenerationRequest, ImageBound, ImageDetail, Task
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..types import CaptionLength, GenerationRequest, ImageBound, ImageDetail, ImageTiling, Task
-from .hf import TransformersBackend
+from vlm_service.backends.hf import TransformersBackend
+from vlm_service.types import CaptionLength, GenerationRequest, ImageBound, ImageDetail, ImageTiling, Task
 
 #: The instruction sent for each caption length.
 CAPTION_PROMPTS = {

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
 
 import torch
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..types import CaptionLength, GenerationRequest, ImageBound, ImageDetail, ImageTiling, Task
-from .hf import TransformersBackend
+from vlm_service.backends.hf import TransformersBackend
+from vlm_service.backends.runtime import PrefillPolicy
+from vlm_service.types import CaptionLength, GenerationRequest, ImageBound, ImageDetail, ImageTiling, Task
 
 #: The instruction sent for each caption length.
 CAPTION_PROMPTS = {
@@ -32,16 +32,14 @@ class SmolVLMBackend(TransformersBackend):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    can_chunk = True
-    text_chunk_tokens = 128
-    #: Vision encoder layers per chunk of a chunked prefill: a 512-px view (1,024 patches at
-    #: SmolVLM-256M size) through SigLIP's 12 layers took 0.6 s on the project's 2-core CPU, so a chunk
-    #: of 3 layers holds the streams already running for about 0.15 s.
-    vision_chunk_layers: ClassVar[int] = 3
+    #: A 512-px view (1,024 patches at SmolVLM-256M size) through SigLIP's 12 layers takes about 0.6 s
+    #: on a 2-core CPU, so a chunk of 3 layers holds the streams already running for about 0.15 s; 128
+    #: prompt tokens take about as long (docs/performance.md).
+    chunking = PrefillPolicy(text_chunk_tokens=128, vision_chunk_layers=3)
 
     def encode_views(self, vision):
         """Chunked: the picture's views through the vision encoder one at a time, each
-        ``vision_chunk_layers`` encoder layers per chunk."""
+        ``prefill.vision_chunk_layers`` encoder layers per chunk."""
         pixels, mask = vision["pixel_values"], vision.get("pixel_attention_mask")
         pooled = []
         for view in range(pixels.shape[1]):
@@ -53,7 +51,7 @@ class SmolVLMBackend(TransformersBackend):
     def _encode_view(self, pixels: torch.Tensor, mask: torch.Tensor | None):
         """One view's image features, as ``model.get_image_features`` computes them for one real view
         (transformers 5's SmolVLM: patch mask, embeddings, encoder layers, post-layernorm, connector),
-        with a chunk boundary after every ``vision_chunk_layers`` layers. The same operations in the
+        with a chunk boundary after every ``prefill.vision_chunk_layers`` layers. The same operations in the
         same order, so the same features (test_chunked_prefill.py and test_real_size.py compare them)."""
         base = self.model.model
         vision = base.vision_model
@@ -71,10 +69,11 @@ class SmolVLMBackend(TransformersBackend):
             config=vision.config, inputs_embeds=hidden, attention_mask=patch_mask.view(pixel_values.shape[0], -1)
         )
         layers = vision.encoder.layers
-        for start in range(0, len(layers), self.vision_chunk_layers):
+        step = self.prefill.vision_chunk_layers
+        for start in range(0, len(layers), step):
             if start:
                 yield
-            for layer in layers[start : start + self.vision_chunk_layers]:
+            for layer in layers[start : start + step]:
                 hidden = layer(hidden, attention)
         features = base.connector(vision.post_layernorm(hidden))
         return features.reshape(-1, features.shape[-1])

@@ -4,11 +4,11 @@ A :class:`WatchSession` holds one Watch stream's state; it knows nothing of prot
 
 * A reader task takes the caller's frames as fast as they come, so gRPC never buffers them. At most
   one frame waits (``pending``): a newer frame replaces it, and the replaced one is skipped.
-* A waiting frame's image is decoded off the event loop (:class:`~vlm_service.image_decoding.ImageDecoder`)
+* A waiting frame's image is decoded off the event loop (:class:`~vlm_service.images.decode.ImageDecoder`)
   when its turn comes: under LATEST once the current answer has ended (so the frames that are skipped
   cost nothing); under INTERRUPT at once.
 * Under INTERRUPT a newer frame interrupts the running answer as it arrives
-  (:meth:`~vlm_service.job.Job.interrupt`: the job stops at its next stop check, within one decode
+  (:meth:`~vlm_service.core.job.Job.interrupt`: the job stops at its next stop check, within one decode
   step, and ends with ``FinishReason.INTERRUPTED``), while its image is decoded; so does a frame that
   becomes ready while an answer that began after it arrived is written. A frame whose image then turns
   out bad gets its error message; the answer it stopped stays stopped.
@@ -42,14 +42,14 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from .errors import GenerationFailed, InvalidInput, OutOfMemory, QueueFull, ServiceError
-from .types import Finished, FinishReason, GenerationRequest, TextDelta
+from vlm_service.errors import GenerationFailed, InvalidInput, OutOfMemory, QueueFull, ServiceError
+from vlm_service.types import Finished, FinishReason, GenerationRequest, TextDelta
 
 if TYPE_CHECKING:
-    from .engine import Engine
-    from .image_decoding import ImageDecoder
-    from .job import Job
-    from .tracing import Tracing
+    from vlm_service.core.engine import Engine
+    from vlm_service.core.job import Job
+    from vlm_service.images.decode import ImageDecoder
+    from vlm_service.observability.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class WatchSession:
         self.policy = config.policy
         self.request_id = request_id
         self._template = engine.check(config.request)  # NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE
-        self.model = self._template.model or engine.default_model
+        self.model = engine.model_name(self._template.model)
         self._image_bound = engine.image_bound(self.model, self._template.detail)  # every frame's reduction
         self._deadline = deadline
         self._tracing = tracing

@@ -1,37 +1,16 @@
-"""The registry of model families and the catalogue of built-in model names.
-
-Adding a family is one module under ``backends/``, one line in ``FAMILIES``, its architectures in
-``ARCHITECTURES``, and (for tests and demos) a tiny checkpoint builder in ``BUILTINS``; a real-size
-twin of a published model (random weights, for benchmarks) is a ``BUILTINS`` entry too. Backends are
-imported lazily, so serving one family never imports another.
+"""The catalogue of built-in model names (hub checkpoints, tiny checkpoints built offline, real-size
+twins) and how a ``--model`` argument becomes a :class:`ModelSpec` with its family.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .backends.base import Backend, ModelSpec
-
-#: family name -> (module, class)
-FAMILIES: dict[str, tuple[str, str]] = {
-    "smolvlm": ("vlm_service.backends.smolvlm", "SmolVLMBackend"),
-    "qwen2-vl": ("vlm_service.backends.qwen2_vl", "Qwen2VLBackend"),
-    "moondream": ("vlm_service.backends.moondream", "MoondreamBackend"),
-}
-
-#: ``config.json`` "architectures" entry -> family name
-ARCHITECTURES: dict[str, str] = {
-    "SmolVLMForConditionalGeneration": "smolvlm",
-    "Idefics3ForConditionalGeneration": "smolvlm",
-    "Qwen2VLForConditionalGeneration": "qwen2-vl",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2-vl",
-    "HfMoondream": "moondream",
-}
+from vlm_service.backends.registry import UnsupportedModel, detect_family, read_config
+from vlm_service.backends.runtime import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -117,10 +96,6 @@ BUILTINS: dict[str, Builtin] = {
 DEFAULT_MODEL = "tiny-smolvlm"
 
 
-class UnsupportedModel(ValueError):
-    """The checkpoint's architecture has no family here, or the source cannot be read."""
-
-
 def parse_model_arg(arg: str, settings=None) -> ModelSpec:
     """Turn ``NAME`` or ``NAME=SOURCE`` (``SOURCE`` = dir, repo id, or repo id@revision) into a spec."""
     name, sep, source = arg.partition("=")
@@ -154,41 +129,6 @@ def _spec_for_source(name: str, source: str) -> ModelSpec:
         return ModelSpec(name=name, source=str(path.resolve()))
     repo, _, revision = source.partition("@")
     return ModelSpec(name=name, source=repo, revision=revision or None)
-
-
-def read_config(spec: ModelSpec) -> dict:
-    """Read the checkpoint's ``config.json`` (from the directory, or the Hugging Face cache/hub)."""
-    path = Path(spec.source)
-    if path.is_dir():
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            raise UnsupportedModel(f"model {spec.name!r}: {spec.source} has no config.json")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            config_path = Path(hf_hub_download(spec.source, "config.json", revision=spec.revision))
-        except Exception as exc:  # network, auth, missing repo: all mean "cannot read it"
-            raise UnsupportedModel(
-                f"model {spec.name!r}: cannot fetch config.json of {spec.display_source} "
-                f"({type(exc).__name__}); without network, pre-fill the Hugging Face cache"
-            ) from exc
-    return json.loads(config_path.read_text())
-
-
-def detect_family(config: dict) -> str:
-    """The family serving a checkpoint, from its ``config.json``."""
-    for architecture in config.get("architectures") or []:
-        if architecture in ARCHITECTURES:
-            return ARCHITECTURES[architecture]
-    found = ", ".join(config.get("architectures") or []) or config.get("model_type", "unknown")
-    supported = ", ".join(sorted(ARCHITECTURES))
-    raise UnsupportedModel(f"unsupported architecture {found}; supported: {supported}")
-
-
-def backend_class(family: str) -> type[Backend]:
-    module_name, class_name = FAMILIES[family]
-    return getattr(importlib.import_module(module_name), class_name)
 
 
 def stop_builds() -> None:

@@ -3,7 +3,7 @@
 A Caption or Query goes down once: :mod:`convert` checks its values and makes the domain request, its
 image is decoded off the event loop (image_decoding.py), :meth:`Engine.submit` admits it and queues it
 on its model's scheduler, and the job's events come back up as protobuf messages. A Watch stream's
-config is checked by :mod:`convert` too; its frames go to a :class:`~vlm_service.watch.WatchSession`,
+config is checked by :mod:`convert` too; its frames go to a :class:`~vlm_service.api.watch.WatchSession`,
 which decodes each one and submits the newest through the same :meth:`Engine.submit`.
 """
 
@@ -21,17 +21,17 @@ from opentelemetry import trace
 
 from vlm.v1 import vlm_service_pb2 as pb
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc
-
-from . import access, convert
-from .access import REQUEST_ID_KEY
-from .config import Settings
-from .engine import Engine
-from .errors import InvalidInput, ServiceError
-from .image_decoding import ImageDecoder
-from .interceptors import status_code
-from .tracing import Tracing
-from .types import Finished, GenerationRequest
-from .watch import WatchSession
+from vlm_service.api import convert
+from vlm_service.api.status import status_code
+from vlm_service.api.watch import WatchSession
+from vlm_service.config import Settings
+from vlm_service.core.engine import Engine
+from vlm_service.errors import InvalidInput, ServiceError
+from vlm_service.images.decode import ImageDecoder
+from vlm_service.observability import access
+from vlm_service.observability.access import REQUEST_ID_KEY
+from vlm_service.observability.tracing import Tracing
+from vlm_service.types import Finished, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +49,7 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
         self.engine = engine
         self.settings = settings
         self.tracing = tracing
-        self.decoder = decoder or ImageDecoder(
-            workers=settings.max_image_decodes,
-            max_waiting=settings.max_streams,
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-        )
+        self.decoder = decoder or ImageDecoder.from_settings(settings)
 
     async def Caption(
         self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext
@@ -82,7 +77,7 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
             if first is None:
                 raise InvalidInput("config", "the stream ended before its first message, the config")
             config = convert.watch_config(first, self.settings, call.request_id)
-            call.model = config.request.model or self.engine.default_model
+            call.model = self.engine.model_name(config.request.model)
             try:
                 session = WatchSession(
                     self.engine,
@@ -99,11 +94,11 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
             try:
                 await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
                 async for event in session.run(convert.watch_frames(request_iterator)):
+                    _record(call, session)  # before the yield: a cancel can end the RPC there
                     yield convert.watch_response(event)
             finally:
                 session.close()
-                call.prompt_tokens, call.completion_tokens = session.prompt_tokens, session.completion_tokens
-                call.first_text_at = session.first_text_at
+                _record(call, session)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -118,7 +113,7 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
         call = access.current_call()
         if call is None:  # called without the access interceptor (unit tests)
             call = access.Call(method, access.new_request_id(), "", time.monotonic())
-        call.model = model or self.engine.default_model
+        call.model = self.engine.model_name(model)
         if self.tracing is not None:
             trace.get_current_span().set_attribute("vlm.request_id", call.request_id)
         recorded = False
@@ -159,7 +154,7 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
     async def _with_image(self, request: GenerationRequest, data: bytes) -> GenerationRequest:
         """The request with its image decoded, checked and reduced to the largest picture its model uses
         (off the event loop)."""
-        bound = self.engine.image_bound(request.model or self.engine.default_model, request.detail)
+        bound = self.engine.image_bound(self.engine.model_name(request.model), request.detail)
         image, digest = await self.decoder.decode(data, bound)
         return dataclasses.replace(request, image=image, image_digest=digest)
 
@@ -174,7 +169,7 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
         deadline = self._deadline(context)
         if deadline is not None:
             request = dataclasses.replace(request, deadline=deadline)
-        model = request.model or self.engine.default_model
+        model = self.engine.model_name(request.model)
         generation = None
         if self.tracing is not None:
             generation = self.tracing.generation(model, request.request_id, request.arrival)
@@ -188,11 +183,18 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
         try:
             await context.send_initial_metadata(((REQUEST_ID_KEY, request.request_id),))
             async for event in job.events():
+                # Before the yield: a cancel can end the RPC there, and its access line is written then.
+                call.first_text_at = job.timeline.first_text_at
                 yield message(**convert.response_fields(event))
             if isinstance(event, Finished):
                 call.prompt_tokens = event.usage.prompt_tokens
                 call.completion_tokens = event.usage.completion_tokens
         finally:
             # The RPC ended (finished, cancelled, deadline, disconnect): stop the generation.
-            call.first_text_at = job.first_text_at
             self.engine.release(job)
+
+
+def _record(call: access.Call, session: WatchSession) -> None:
+    """What a Watch stream's access line reports, as of now."""
+    call.prompt_tokens, call.completion_tokens = session.prompt_tokens, session.completion_tokens
+    call.first_text_at = session.first_text_at

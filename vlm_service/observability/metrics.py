@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .types import FinishReason
+from vlm_service.types import FinishReason
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -58,7 +58,9 @@ class Metrics:
         )
         self.inter_token_latency = Histogram(
             "vlm_inter_token_latency_seconds",
-            "Time between a request's successive decode steps.",
+            "Time between a request's successive tokens: its first token to its first decode step, then decode step "
+            "to decode step (one token each; one text piece of the remote code for Moondream). Prefill chunks and "
+            "stop checks are not tokens.",
             ["model"],
             buckets=_TOKEN_GAP_BUCKETS,
             registry=r,
@@ -82,8 +84,8 @@ class Metrics:
         self.tokens = Counter("vlm_generated_tokens", "Tokens generated.", ["model"], registry=r)
         self.tokens_after_end = Counter(
             "vlm_tokens_after_rpc_end",
-            "Tokens generated for requests whose RPC had already ended (cancel, deadline, disconnect); "
-            "should stay near one per ended RPC.",
+            "Decode steps run for requests whose RPC had already ended when the step began (cancel, deadline, "
+            "disconnect): work for nobody; should stay near one per ended RPC.",
             ["model"],
             registry=r,
         )

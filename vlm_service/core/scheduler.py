@@ -32,11 +32,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from .backends.base import Batch, Outcome
-from .device_failures import DeviceFailure, recover
-from .errors import DeadlineExpired, GenerationFailed, OutOfMemory, QueueFull, ServiceError, ShuttingDown
-from .job import Job
-from .metrics import ModelMetrics
+from vlm_service.backends.base import Batch, Outcome
+from vlm_service.core.device_failures import DeviceFailure, recover
+from vlm_service.core.job import Job
+from vlm_service.errors import DeadlineExpired, GenerationFailed, OutOfMemory, QueueFull, ServiceError, ShuttingDown
+from vlm_service.observability.metrics import ModelMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,6 @@ class Scheduler:
         self._lock = threading.Condition()
         self._closed = False
         self._active: list[Job] = []  # started and not ended
-        self.completed = 0  # finished generations (for tests and metrics)
         # The watchdog's view: the time of the last sign of life (work taken, a stop check), and
         # whether the thread is working (holding the model) rather than waiting for a job.
         self.progress = time.monotonic()
@@ -214,10 +213,7 @@ class Scheduler:
         withdrew it): it ends with DEADLINE_EXCEEDED, counted and traced, once."""
         waited = now - job.request.arrival
         error = DeadlineExpired(f"the deadline passed after {waited:.2f} s in the queue of model {self.name!r}")
-        if self.metrics is not None:
-            self.metrics.queue_expired.inc()
-        if job.trace is not None:
-            job.trace.expired(now, error)
+        job.timeline.expired(now, error)
         job.fail(error)
 
     def _run(self) -> None:
@@ -238,11 +234,8 @@ class Scheduler:
             batch.abort()  # nothing is left in it unless the model was stuck; let go of what it holds
 
     def _join(self, job: Job) -> None:
-        job.started_at = job.last_progress = self.progress = time.monotonic()
-        if self.metrics is not None:
-            self.metrics.queue_time.observe(job.started_at - job.request.arrival)
-        if job.trace is not None:
-            job.trace.started(job.started_at)
+        self.progress = time.monotonic()
+        job.timeline.started(self.progress)
         failure = None
         joining_before = self.batch.joining
         try:
@@ -254,17 +247,16 @@ class Scheduler:
             return
         if outcome is None and self.batch.joining > joining_before:
             return  # queued: its prompt is processed in chunks (_prefill), its first output comes then
-        if job.trace is not None:  # the prompt is processed and the first output written
-            job.trace.first_token(time.monotonic())
+        # Prefilled inside join() (and, with an outcome, answered whole): its first token, if it has one.
+        if outcome is None or outcome.completion_tokens:
+            job.timeline.first_token(time.monotonic())
         if outcome is not None:
             self._finished(job, outcome)
 
     def _prefill(self) -> None:
         """Chunks of the joining requests' prefills, oldest first, until they are all in or, while
         other requests are decoding, ``prefill_budget`` seconds have run (at least one chunk): the
-        streams already running wait for one slice of a new request's prefill, never all of it.
-        (Tried: stopping before a chunk that would overrun the budget. At SmolVLM-256M size it gave the
-        running streams more steps and no shorter longest gap, and a flood's captions came 18% later.)"""
+        streams already running wait for one slice of a new request's prefill, never all of it."""
         batch = self.batch
         until = time.monotonic() + self.prefill_budget
         while batch.joining:
@@ -278,8 +270,8 @@ class Scheduler:
             if failure is not None:  # only this request is touched: it has left the batch
                 self._failed([job], failure)
             elif joined:
-                if job.trace is not None:
-                    job.trace.first_token(self.progress)
+                if outcome is None or outcome.completion_tokens:  # stopped before its first token: none
+                    job.timeline.first_token(self.progress)
                 if outcome is not None:
                     self._finished(job, outcome)
             if len(batch) and self.progress >= until:
@@ -289,6 +281,9 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(self.batch))
         self.progress = time.monotonic()
+        # The rows in this step: the requests past their first token (the others are still joining),
+        # and whether each one's RPC had already ended (a token for nobody).
+        rows = [(job, job.cancelled) for job in self._active if job.timeline.first_token_at is not None]
         failure = None
         try:
             ended = self.batch.decode_step()
@@ -301,22 +296,19 @@ class Scheduler:
             oom = DeviceFailure.of(failure).out_of_memory
             self._failed(self.batch.abort(joining=oom), failure)
             return
+        now = time.monotonic()
+        for job, after_end in rows:
+            job.timeline.decoded(now, after_end)
         for job, outcome in ended:  # each row's sink is its job
             self._finished(job, outcome)
 
     def _finished(self, job: Job, outcome: Outcome) -> None:
-        elapsed = time.monotonic() - job.started_at
+        now = time.monotonic()
+        elapsed = now - job.timeline.started_at
         previous = self.seconds_per_request
         self.seconds_per_request = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
-        self.completed += 1
         reason = None if job.cancelled or job.abandoned else job.final_reason(outcome)
-        if self.metrics is not None:
-            self.metrics.tokens.inc(outcome.completion_tokens)
-            self.metrics.prompt_tokens.inc(outcome.prompt_tokens)
-            if reason is not None:
-                self.metrics.finish_reasons[reason].inc()
-        if job.trace is not None:
-            job.trace.ended(time.monotonic(), reason, outcome.prompt_tokens, outcome.completion_tokens)
+        job.timeline.ended(now, outcome, reason)
         if job.abandoned and not job.cancelled:
             job.end_abandoned()
         elif reason is not None:
@@ -337,8 +329,7 @@ class Scheduler:
             logger.error("request(s) %s on model %s failed", ids, self.name, exc_info=exc, extra=extra)
         now = time.monotonic()
         for job in jobs:
-            if job.trace is not None:
-                job.trace.ended(now, error=exc)
+            job.timeline.ended(now, error=exc)
         recover(exc, failure)
         for job in jobs:
             request_id = job.request.request_id

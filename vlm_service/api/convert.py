@@ -13,12 +13,12 @@ import time
 from collections.abc import AsyncIterator
 
 from vlm.v1 import vlm_service_pb2 as pb
-
-from .access import new_request_id
-from .config import Settings
-from .errors import InvalidInput
-from .interceptors import to_rpc_status
-from .types import (
+from vlm_service.api.status import to_rpc_status
+from vlm_service.api.watch import Frame, FrameAnswered, FrameRejected, FrameText, WatchConfig, WatchEvent, WatchPolicy
+from vlm_service.config import Settings
+from vlm_service.errors import InvalidInput
+from vlm_service.observability.access import new_request_id
+from vlm_service.types import (
     CaptionLength,
     Finished,
     FinishReason,
@@ -29,7 +29,6 @@ from .types import (
     Task,
     TextDelta,
 )
-from .watch import Frame, FrameAnswered, FrameRejected, FrameText, WatchConfig, WatchEvent, WatchPolicy
 
 
 def _to_pb(from_pb: dict, unspecified: int) -> dict:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .backends.base import Backend, ModelSpec
-from .scheduler import Scheduler
+from vlm_service.backends.base import Backend
+from vlm_service.backends.runtime import ModelSpec
+from vlm_service.core.scheduler import Scheduler
 
 
 class ModelState(enum.Enum):

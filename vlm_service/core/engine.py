@@ -1,8 +1,8 @@
-"""The engine: the served models, their loading and warm-up, the watchdog of stuck ones, and the
-entry of requests.
+"""The engine: the served models' lifecycle (loading through loading.py, the watchdog of
+watchdog.py) and the entry of requests.
 
 It knows nothing of gRPC. The servicer hands it a domain request (its values checked at the edge) and
-gets back a :class:`~vlm_service.job.Job` to stream from: :meth:`Engine.submit` admits the request
+gets back a :class:`~vlm_service.core.job.Job` to stream from: :meth:`Engine.submit` admits the request
 (admission.py: every check that depends on the server's or the model's state) and queues it on its
 model's scheduler (scheduler.py), whose thread drives the batch the model's backend made. A Watch
 stream (watch.py) holds one stream slot for its life (:meth:`Engine.open_stream`), has its config
@@ -12,28 +12,27 @@ checked once (:meth:`Engine.check`), and submits each frame's answer under that 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw
-
-from . import registry
-from .admission import StreamSlot, admit, admit_stream, check_request, find_model
-from .backends.base import LARGE_MODEL_PARAMETERS, Backend, ModelSpec, Runtime, parameters
-from .config import Settings
-from .errors import GenerationStalled, ModelNotReady
-from .job import Job
-from .metrics import Metrics, ModelMetrics, ModelSnapshot, Snapshot
-from .scheduler import Scheduler
-from .served import ModelState, ServedModel
-from .types import GenerationRequest, ImageBound, ImageDetail, ModelCard, SamplingParams, Task
+from vlm_service.backends import catalogue, registry
+from vlm_service.backends.runtime import parameters
+from vlm_service.config import Settings
+from vlm_service.core.admission import StreamSlot, admit, admit_stream, check_request
+from vlm_service.core.job import Job
+from vlm_service.core.loading import freeze_loaded_objects, runtime_of, set_torch_threads, warm_up
+from vlm_service.core.scheduler import Scheduler
+from vlm_service.core.served import ModelState, ServedModel
+from vlm_service.core.watchdog import Watchdog
+from vlm_service.errors import GenerationStalled, ModelNotReady
+from vlm_service.observability.metrics import Metrics, ModelMetrics, ModelSnapshot, Snapshot
+from vlm_service.types import GenerationRequest, ImageBound, ImageDetail, ModelCard
 
 if TYPE_CHECKING:
-    from .tracing import GenerationTrace
+    from vlm_service.observability.tracing import GenerationTrace
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +40,8 @@ logger = logging.getLogger(__name__)
 class Engine:
     def __init__(self, settings: Settings):
         self.settings = settings
-        args = settings.models or [registry.DEFAULT_MODEL]
-        specs = [registry.parse_model_arg(arg, settings) for arg in args]
+        args = settings.models or [catalogue.DEFAULT_MODEL]
+        specs = [catalogue.parse_model_arg(arg, settings) for arg in args]
         names = [s.name for s in specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -58,26 +57,19 @@ class Engine:
         self.metrics = Metrics()
         self.metrics.watch(self.snapshot)
         self._closed = threading.Event()
-        self._watchdog = threading.Thread(target=self._watch, name="vlm-watchdog", daemon=True)
-        self._watchdog.start()
+        self._watchdog = Watchdog(self.models, settings.stall_timeout, self._stuck)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def load_all(self) -> None:
         """Load and warm up every model (blocking; run it off the event loop). Raises on failure."""
-        runtime = Runtime(
-            device=self.settings.device,
-            dtype=self.settings.dtype,
-            image_cache_size=self.settings.image_cache_size,
-            image_cache_bytes=self.settings.image_cache_bytes,
-            chunked_prefill=self.settings.chunked_prefill,
-        )
+        runtime = runtime_of(self.settings)
         for served in self.models.values():
             if self._closed.is_set():
                 return  # stopped while loading: load nothing more, start no scheduler
             start = time.monotonic()
             try:
-                served.spec = registry.resolve(served.spec, self.settings.cache_dir)
+                served.spec = catalogue.resolve(served.spec, self.settings.cache_dir)
                 served.cls = registry.backend_class(served.spec.family)
                 backend = served.cls(served.spec, runtime)
                 backend.load()
@@ -86,7 +78,7 @@ class Engine:
                     self.settings.torch_threads, runtime, parameters(getattr(backend, "model", None))
                 )
                 if self.settings.warmup:
-                    self._warm_up(served.spec, backend)
+                    warm_up(served.spec, backend)
                 freeze_loaded_objects()
             except Exception:
                 served.state = ModelState.FAILED
@@ -102,35 +94,13 @@ class Engine:
                 self.settings.max_queue,
                 self._fatal,
                 ModelMetrics(self.metrics, served.spec.name),
-                prefill_budget=self.settings.prefill_budget_ms / 1000,
+                prefill_budget=backend.prefill.budget,
                 torch_threads=threads,
             )
             served.load_seconds = time.monotonic() - start
             served.state = ModelState.READY
             self._state_changed()
             logger.info("model %s ready (%s, %.1fs)", served.spec.name, served.spec.family, served.load_seconds)
-
-    def _warm_up(self, spec: ModelSpec, backend: Backend) -> None:
-        """One short generation through the real path, so SERVING means a request will work."""
-
-        class _Discard:
-            def add_text(self, piece: str) -> None:
-                pass
-
-            def should_stop(self) -> bool:
-                return False
-
-            def waiting(self) -> bool:
-                return False
-
-        request = GenerationRequest(
-            request_id="warmup",
-            model=spec.name,
-            task=Task.CAPTION,
-            image=warmup_image(),
-            params=SamplingParams(max_new_tokens=2),
-        )
-        backend.generate(request, _Discard())
 
     def _fatal(self, name: str) -> None:
         """A fatal device error on model ``name`` (scheduler thread): it stops serving, and so does health."""
@@ -144,25 +114,15 @@ class Engine:
         if self.health_listener is not None:
             self.health_listener()
 
-    def _watch(self) -> None:
-        """The watchdog thread: a scheduler that works without a sign of life (a decode step, a prefill
-        finished) for the stall timeout holds its model for good, as far as anyone can tell."""
-        timeout = self.settings.stall_timeout
-        while not self._closed.wait(min(1.0, timeout / 4)):
-            now = time.monotonic()
-            for name, served in self.models.items():
-                scheduler = served.scheduler
-                if scheduler is not None and not scheduler.stuck and scheduler.silent_for(now) > timeout:
-                    self._stuck(name, scheduler, timeout)
-
-    def _stuck(self, name: str, scheduler: Scheduler, timeout: float) -> None:
-        """Model ``name`` is stuck: it stops serving, its requests end at once, and the server is told
-        (it exits non-zero so that its supervisor starts a fresh process; a thread cannot be killed)."""
+    def _stuck(self, name: str, timeout: float) -> None:
+        """Model ``name`` is stuck (the watchdog's call): it stops serving, its requests end at once,
+        and the server is told (it exits non-zero so that its supervisor starts a fresh process; a
+        thread cannot be killed)."""
         served = self.models[name]
         served.state = ModelState.FAILED
         served.error = "stuck"
         logger.critical("model %s made no progress for %g s; it no longer serves", name, timeout)
-        scheduler.declare_stuck(
+        served.scheduler.declare_stuck(
             GenerationStalled(f"model {name!r} stalled: no progress for {timeout:g} s; the generation was stopped"),
             ModelNotReady(f"model {name!r} is stuck and no longer serves; retry on another instance"),
         )
@@ -195,6 +155,7 @@ class Engine:
         """Stop the schedulers once their queues are empty; wait up to ``timeout`` for running work.
         A model still loading stops after the one it is on, and starts no scheduler."""
         self._closed.set()
+        self._watchdog.close()
         schedulers = [m.scheduler for m in self.models.values() if m.scheduler is not None]
         for scheduler in schedulers:
             scheduler.close()
@@ -203,9 +164,9 @@ class Engine:
 
     # --- requests -----------------------------------------------------------------------------
 
-    def lookup(self, name: str) -> ServedModel:
-        """The served model named ``name`` (empty: the default one); NOT_FOUND if there is none."""
-        return find_model(self.models, name, self.default_model)
+    def model_name(self, name: str) -> str:
+        """The name of the model a request's ``model`` field asks for: itself, or the default for empty."""
+        return name or self.default_model
 
     def submit(
         self, request: GenerationRequest, trace: GenerationTrace | None = None, stream: StreamSlot | None = None
@@ -309,46 +270,3 @@ class Engine:
                 )
             )
         return out
-
-
-def auto_torch_threads(cpus: int, model_parameters: int) -> int:
-    """The automatic thread count on a CPU: every core for a large model (its matrices dominate a
-    step: at SmolVLM-256M size one core fewer costs a third of its speed), one fewer for a small one
-    (its steps are short, and torch's spinning threads would starve the gRPC server's)."""
-    return cpus if model_parameters >= LARGE_MODEL_PARAMETERS else max(1, cpus - 1)
-
-
-def set_torch_threads(threads: int, runtime: Runtime, model_parameters: int) -> int | None:
-    """Size torch's intra-op thread pool for a model of ``model_parameters``: ``threads``, or for 0 the
-    automatic choice (on a CPU; torch's own default on a GPU). Sets it in this thread (the model's
-    warm-up runs here) and returns it for the model's scheduler thread, which sets it again when it
-    starts: torch keeps the count per thread, so each model's scheduler has its own. None: leave torch's."""
-    import os
-
-    import torch
-
-    if not threads:
-        device, _ = runtime.resolve()
-        if device.type != "cpu":
-            return None
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = auto_torch_threads(cpus, model_parameters)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    logger.info("torch uses %d intra-op thread(s)", threads)
-    return threads
-
-
-def warmup_image() -> Image.Image:
-    image = Image.new("RGB", (64, 48), "white")
-    ImageDraw.Draw(image).ellipse((16, 8, 48, 40), fill="red")
-    return image
-
-
-def freeze_loaded_objects() -> None:
-    """Take what is loaded (torch, transformers, the model: millions of objects) out of the garbage
-    collector's sight, once a model is ready. Unfrozen, a full collection walks them all: with the tiny
-    SmolVLM loaded, one took 230 ms under a flood of pictures, and every thread of the server stopped
-    for it (health and running streams alike). Collected first, so nothing collectable is frozen."""
-    gc.collect()
-    gc.freeze()

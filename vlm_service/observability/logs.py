@@ -15,7 +15,7 @@ import sys
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
-from . import access
+from vlm_service.observability import access
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 

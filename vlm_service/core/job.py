@@ -5,7 +5,7 @@ request's batch row writes to. Rules:
 
 - The event loop never blocks here: events cross in a deque, and the scheduler thread wakes the RPC's
   handler with ``loop.call_soon_threadsafe`` once per burst of events, not once per token.
-- Raw text goes through the request's :class:`~vlm_service.streaming.TextAssembler` (stop strings,
+- Raw text goes through the request's :class:`~vlm_service.core.text.TextAssembler` (stop strings,
   whitespace, role words) before it is sent; what piles up while the client lags goes out merged.
 - A job is owned by its RPC: when the RPC ends (finished, cancelled, deadline, disconnect) the handler
   calls :meth:`Job.cancel`; a queued job is dropped before it starts and a running one stops at its
@@ -28,14 +28,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-from .backends.base import Outcome
-from .errors import ReaderStalled, ServiceError
-from .metrics import ModelMetrics
-from .streaming import TextAssembler
-from .types import Finished, FinishReason, GenerationRequest, TextDelta, Usage
+from vlm_service.backends.base import Outcome
+from vlm_service.core.text import TextAssembler
+from vlm_service.core.timeline import Timeline
+from vlm_service.errors import ReaderStalled, ServiceError
+from vlm_service.observability.metrics import ModelMetrics
+from vlm_service.types import Finished, FinishReason, GenerationRequest, TextDelta
 
 if TYPE_CHECKING:
-    from .tracing import GenerationTrace
+    from vlm_service.observability.tracing import GenerationTrace
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Job:
         trace: GenerationTrace | None = None,
     ):
         self.request = request
-        self.trace = trace  # None unless tracing is on
+        self.timeline = Timeline(request.arrival, metrics, trace)  # its phases, stamped once each
         self._loop = loop
         # Events cross from the scheduler thread in a deque; the loop is woken at most once per batch of
         # them (``_wake_pending``), so a busy batch does not flood the loop with one wake-up per token.
@@ -68,9 +69,6 @@ class Job:
         self._arrived = asyncio.Event()
         self._wake_pending = False
         self._cancelled = threading.Event()
-        self.started_at: float | None = None
-        self.first_text_at: float | None = None
-        self.last_progress: float = 0.0  # monotonic time of the last decode step (scheduler thread)
         # Back-pressure: the RPC takes events only as fast as the client reads them. A client that
         # reads nothing for ``abandon_after`` seconds while output piles up has gone: stop generating.
         self.abandon_after = abandon_after
@@ -83,8 +81,6 @@ class Job:
         self._on_check: Callable[[Job], None] | None = None
         self._on_wait: Callable[[], None] | None = None
         self._on_withdraw: Callable[[Job], bool] | None = None
-        self._metrics = metrics
-        self._steps = 0  # decode steps so far (scheduler thread)
         self._abandoned = False  # the back-pressure guard stopped it (its RPC still listens)
         self._ended = False  # a last event (Finished or an error) was sent
         self._end_lock = threading.Lock()  # the scheduler and the watchdog may both try to end it
@@ -174,11 +170,6 @@ class Job:
             self._send(TextDelta(delta))
 
     @property
-    def steps(self) -> int:
-        """Decode steps taken so far."""
-        return self._steps
-
-    @property
     def backlog(self) -> int:
         """Events sent and not yet taken by the RPC (what piles up while its client lags)."""
         return self._sent - self._taken
@@ -197,13 +188,6 @@ class Job:
         if self._on_check is not None:  # a sign of life for the watchdog (and the tests' step gate)
             self._on_check(self)
         now = time.monotonic()
-        if self._metrics is not None:
-            if self._steps:
-                self._metrics.inter_token_latency.observe(now - self.last_progress)
-            if self._cancelled.is_set():
-                self._metrics.tokens_after_end.inc()
-        self._steps += 1
-        self.last_progress = now
         if self.backlog > _BACKLOG and now - self.last_taken > self.abandon_after and not self._abandoned:
             request_id = self.request.request_id
             logger.warning(
@@ -219,10 +203,8 @@ class Job:
         )
 
     def _send(self, event) -> None:
-        if isinstance(event, TextDelta) and self.first_text_at is None:
-            self.first_text_at = time.monotonic()
-            if self._metrics is not None:
-                self._metrics.time_to_first_token.observe(self.first_text_at - self.request.arrival)
+        if isinstance(event, TextDelta) and self.timeline.first_text_at is None:
+            self.timeline.first_text(time.monotonic())
         self._sent += 1
         self._events.append(event)
         if not self._wake_pending:
@@ -255,17 +237,7 @@ class Job:
         tail = self._assembler.finish()
         if tail:
             self._send(TextDelta(tail))
-        now = time.monotonic()
-        arrival = self.request.arrival
-        first = self.first_text_at or now
-        usage = Usage(
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
-            queue_time_ms=((self.started_at or now) - arrival) * 1000,
-            time_to_first_token_ms=(first - arrival) * 1000,
-            total_time_ms=(now - arrival) * 1000,
-        )
-        self._end(Finished(reason, usage))
+        self._end(Finished(reason, self.timeline.usage(outcome)))
 
     def fail(self, error: ServiceError) -> None:
         """End the job with ``error`` (any thread); nothing if it already ended."""

@@ -30,10 +30,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 
-from .config import Settings
-from .errors import DeadlineUnmeetable, InvalidInput, ModelNotFound, ModelNotReady, QueueFull, ShuttingDown
-from .served import ModelState, ServedModel
-from .types import GenerationRequest, Task
+from vlm_service.config import Settings
+from vlm_service.core.served import ModelState, ServedModel
+from vlm_service.errors import DeadlineUnmeetable, InvalidInput, ModelNotFound, ModelNotReady, QueueFull, ShuttingDown
+from vlm_service.types import GenerationRequest, Task
 
 
 class StreamSlot:

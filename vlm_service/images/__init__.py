@@ -1,0 +1,1 @@
+"""Request images: decoding (checks, reduction, in niced processes) and the image cache."""

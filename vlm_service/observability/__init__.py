@@ -1,0 +1,1 @@
+"""Metrics (Prometheus), tracing (OpenTelemetry), logs and the access line."""
