@@ -34,7 +34,7 @@ PIP_COMPILE = $(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-e
 	--no-emit-find-links --unsafe-package vlm-client --unsafe-package vlm-service
 
 .PHONY: install proto proto-check dist checkpoints ship deploy-tools system-deps serve test fresh-check lock \
-	lint bench bench-real bench-flood bench-load bench-watch bench-tracing accuracy soak clean
+	lint docs bench bench-real bench-flood bench-load bench-watch bench-tracing accuracy soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -162,13 +162,20 @@ bench-watch: install checkpoints
 bench-tracing: install checkpoints
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/tracing_bench.py $(ARGS)
 
-# How often the tiny demo checkpoints describe held-out pictures right (the README's accuracy figures).
+# How often the tiny demo checkpoints describe held-out pictures right (the accuracy figures of docs/models.md).
 accuracy: install checkpoints
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/tiny_accuracy.py $(ARGS)
 
 lint: install
-	$(BIN)/ruff check vlm_service vlm_checkpoints clients tests bench
-	$(BIN)/ruff format --check vlm_service vlm_checkpoints clients tests bench
+	$(BIN)/ruff check vlm_service vlm_checkpoints clients tests bench docs
+	$(BIN)/ruff format --check vlm_service vlm_checkpoints clients tests bench docs
+
+# The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link or anchor, or a page left
+# out of the nav, fails the build. docs/gen_pages.py renders the API reference (from the protos) and
+# the settings table (from vlm_service/config.py) during the build. The two variables silence the
+# banners that mkdocs-gen-files' properdocs and mkdocs-material print on every build.
+docs: install
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) .tools dist build clients/build .pytest_cache deploy/validate/node_modules clients/vlm/v1/*_pb2*.py clients/vlm/v1/*_pb2.pyi
+	rm -rf $(VENV) .tools dist build site clients/build .pytest_cache deploy/validate/node_modules clients/vlm/v1/*_pb2*.py clients/vlm/v1/*_pb2.pyi

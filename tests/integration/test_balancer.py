@@ -203,7 +203,7 @@ def balancer(tmp_path_factory, cache_dir, noise_dir):
         for example, actual in [(EXAMPLE_LISTEN, listen)] + [
             (EXAMPLE_REPLICAS[n], r.target) for n, r in replicas.items()
         ]:
-            assert conf.count(example) == 1, f"{NGINX_CONF} should name {example} once (the README's example)"
+            assert conf.count(example) == 1, f"{NGINX_CONF} should name {example} once (the docs' example)"
             conf = conf.replace(example, actual)
         (work / "nginx.conf").write_text(conf)
         nginx_process = subprocess.Popen(
@@ -236,6 +236,27 @@ def caption(stub, model: str = "", metadata=(), max_new_tokens: int = 6) -> list
     return list(
         stub.Caption(caption_request(model=model, max_new_tokens=max_new_tokens), metadata=metadata, timeout=60)
     )
+
+
+def test_the_docs_example_serves_the_replicas_this_config_names():
+    """The nginx example of docs/operations.md starts the replicas this config sends calls to (each on
+    its port, with the model the config routes to it), runs this very file, and calls through it."""
+    page = (ROOT / "docs" / "operations.md").read_text()
+    section = page[page.index("### nginx in front of replicas") :]
+    example = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    conf = NGINX_CONF.read_text()
+    routes = dict(re.findall(r"^\s+([a-z0-9-]+)\s+([a-z0-9_]+);$", conf[conf.index("map $http_x_vlm_model") :], re.M))
+    served = 0
+    for upstream, body in re.findall(r"upstream (\w+) \{(.*?)\}", conf, re.S):
+        (model,) = {model for model, target in routes.items() if target == upstream and model != "default"}
+        for address in re.findall(r"server (\S+) ", body):
+            assert address in EXAMPLE_REPLICAS.values()
+            port = address.rsplit(":", 1)[1]
+            assert f"vlm-service serve --port {port} --model {model} &" in example, f"no {model} replica on {port}"
+            served += 1
+    assert served == len(EXAMPLE_REPLICAS)
+    assert f'-c "$PWD/{NGINX_CONF.relative_to(ROOT)}"' in example
+    assert f"--server localhost:{EXAMPLE_LISTEN.rsplit(':', 1)[1]}" in example
 
 
 def test_one_connection_spreads_its_calls_over_the_replicas(balancer):

@@ -544,19 +544,20 @@ def test_a_reader_that_resumes_gets_its_true_outcome(fake):
 # --- every status code is documented ------------------------------------------------------------------
 
 
-def test_every_status_code_the_server_sends_is_documented_in_the_proto_and_the_readme():
+def test_every_status_code_the_server_sends_is_documented_in_the_proto_and_the_docs():
     from vlm_service.api.status import OTHER_STATUS_CODES, STATUS_CODES
 
     sent = {code.name for code in STATUS_CODES.values()} | {code.name for code in OTHER_STATUS_CODES}
     proto = (ROOT / "protos/vlm/v1/vlm_service.proto").read_text()
     service_comment = proto[proto.index("// Errors are reported") : proto.index("service VisionLanguageService")]
     in_proto = set(re.findall(r"^//\s+([A-Z_]{5,})\s", service_comment, re.MULTILINE))
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("### Status codes") :]
+    # The status-code table of the docs' guarantees page (the README links to it).
+    guarantees = (ROOT / "docs" / "guarantees.md").read_text()
+    table = guarantees[guarantees.index("## Status codes") :]
     table = table[: table.index("\n\n", table.index("| Code"))]
-    in_readme = set(re.findall(r"^\| `([A-Z_]+)` \|", table, re.MULTILINE))
+    in_docs = set(re.findall(r"^\| `([A-Z_]+)` \|", table, re.MULTILINE))
     assert in_proto == sent, f"proto comment: missing {sent - in_proto}, extra {in_proto - sent}"
-    assert in_readme == sent, f"README table: missing {sent - in_readme}, extra {in_readme - sent}"
+    assert in_docs == sent, f"docs/guarantees.md's table: missing {sent - in_docs}, extra {in_docs - sent}"
     # The codes with several causes name each of them, in both places.
     causes = {
         "RESOURCE_EXHAUSTED": ("out of memory", "queue", "--max-streams", "decod"),
@@ -568,5 +569,5 @@ def test_every_status_code_the_server_sends_is_documented_in_the_proto_and_the_r
         row = re.search(rf"^\| `{code}` \|.*$", table, re.MULTILINE).group(0)
         line = re.search(rf"^//\s+{code}\s.*(\n//\s{{4,}}.*)*", service_comment, re.MULTILINE).group(0)
         for needle in needles:
-            assert needle in row, f"README's {code} row does not mention {needle!r}"
+            assert needle in row, f"docs/guarantees.md's {code} row does not mention {needle!r}"
             assert needle in line, f"the proto's {code} line does not mention {needle!r}"

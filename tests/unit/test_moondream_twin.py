@@ -1,6 +1,6 @@
 """moondream2-shapes: the published sizes go into the code it ships, and the output rows it must never
 write are exactly the special tokens, the ids past its tokenizer and the tokens that are not whole
-printable words. (The 3.9 GB twin itself is built and served by hand; see the README.)"""
+printable words. (The 3.9 GB twin itself is built and served by hand; see docs/models.md, "Real-size twins".)"""
 
 from __future__ import annotations
 

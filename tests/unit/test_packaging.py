@@ -3,6 +3,7 @@ against the Makefile, the settings declaration and the CLI they call."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import tomllib
 from pathlib import Path
@@ -108,12 +109,62 @@ def test_makefile_targets_exist():
     assert lock_pins(ROOT / "requirements" / "dev.lock")["torch"] == re.search(r"^torch==(\S+)$", dev_in, re.M).group(1)
 
 
-def test_readme_configuration_table_lists_every_setting():
+def docs_generator():
+    """docs/gen_pages.py, which `make docs` runs to render the generated parts of the site."""
+    spec = importlib.util.spec_from_file_location("docs_gen_pages", ROOT / "docs" / "gen_pages.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_configuration_page_lists_every_setting():
+    """The configuration page's table is rendered from Settings when the site is built: every setting's
+    flag, environment variable and default is a row of it, in declaration order, and the page holds the
+    marker where the table goes (and no hand-written table that could drift)."""
+    gen = docs_generator()
+    table = gen.render_settings_table()
+    rows = [line for line in table.splitlines() if line.startswith("| `--")]
+    specs = settings_table()
+    assert len(rows) == len(specs)
+    for row, spec in zip(rows, specs, strict=True):
+        assert row.startswith(f"| `{spec.flag}` | `{spec.env}` | "), f"the table's row for {spec.flag}: {row}"
+        assert spec.help.split(";")[0].split(".")[0] in row
+    assert "| `--port` | `VLM_PORT` | `50051` |" in table
+    assert "| `--model` | `VLM_MODELS` | `tiny-smolvlm` |" in table
+    assert "| `--cache-dir` | `VLM_CACHE_DIR` | `~/.cache/vlm-service` |" in table
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert page.count(gen.SETTINGS_MARKER) == 1
+    assert "| `--" not in page, "configuration.md holds a hand-written settings row; the table is generated"
+    # The generator would fail the build if a page lost its marker.
+    with pytest.raises(ValueError):
+        gen.fill(page.replace(gen.SETTINGS_MARKER, ""), gen.SETTINGS_MARKER, table)
+
+
+def test_the_api_reference_is_rendered_from_the_protos():
+    gen = docs_generator()
+    reference = gen.render_api_reference()
+    proto = (ROOT / "protos" / "vlm" / "v1" / "vlm_service.proto").read_text()
+    for kind, name in re.findall(r"^(service|message|enum) (\w+)", proto, re.M):
+        assert f"### {kind.capitalize()} `{name}`" in reference, f"the reference misses {kind} {name}"
+    for rpc in re.findall(r"^\s+rpc (\w+)\(", proto, re.M):
+        assert f"| `{rpc}` |" in reference
+    # A field's comment comes with it.
+    assert "| `top_p` | 3 | `float` | Nucleus sampling mass in (0, 1]; 0 means 1 (disabled). |" in reference
+    assert (ROOT / "docs" / "api.md").read_text().count(gen.API_MARKER) == 1
+
+
+def test_readme_is_a_front_door_that_links_into_the_docs():
     readme = (ROOT / "README.md").read_text()
-    for spec in settings_table():
-        assert f"| `{spec.flag}` | `{spec.env}` |" in readme, f"README misses {spec.flag}"
-    for command in ("make serve", "make test", "grpcurl -plaintext", "vlm-client caption", "docker compose up"):
+    assert len(readme.splitlines()) <= 250
+    for command in ("make serve", "make test", "grpcurl -plaintext", "client.watch(", "VLMClient("):
         assert command in readme
+    links = re.findall(r"\]\((docs/[^)#]+)", readme)
+    assert links, "the README links into docs/"
+    for link in links:
+        assert (ROOT / link).exists(), f"README links to {link}, which does not exist"
+    docs = " ".join(path.read_text() for path in (ROOT / "docs").glob("*.md"))
+    for command in ("vlm-client caption", "docker compose up", "make docs"):
+        assert command in docs
 
 
 # --- the lock files --------------------------------------------------------------------------------
