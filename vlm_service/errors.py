@@ -1,4 +1,4 @@
-"""Typed domain errors. The interceptor (interceptors.py) maps each to one gRPC status code.
+"""Typed domain errors. The error interceptor maps each to one gRPC status code (api/status.py).
 
 Messages are written for the client: they say what is wrong with the request and never carry
 paths, tracebacks or internals.

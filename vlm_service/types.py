@@ -41,7 +41,7 @@ class ImageTiling:
 @dataclass(frozen=True)
 class ImageBound:
     """The largest picture a model uses at one detail level: its processor shrinks anything bigger to
-    within it anyway, so a picture is reduced to it as soon as it is decoded (images.py) and nothing
+    within it anyway, so a picture is reduced to it as soon as it is decoded (images/decode.py) and nothing
     downstream touches more pixels. None means no bound of that kind."""
 
     longest_edge: int | None = None  # pixels along the longer side

@@ -3,7 +3,7 @@
 Nothing past this module sees a protobuf message. Every rejection is an :class:`InvalidInput` naming
 the request field (``options.top_p``) and what is wrong with it. The checks here are of values alone
 (ranges, lengths, counts, enum values), the same for every model; what a model supports (languages,
-caption lengths, options) is checked once, by admission.py.
+caption lengths, options) is checked once, by core/admission.py.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def sampling_params(options: pb.GenerationOptions, settings: Settings) -> Sampli
 
 
 def image_data(message: pb.CaptionRequest | pb.QueryRequest) -> bytes:
-    """The image's encoded bytes (decoded later, off the event loop: see image_decoding.py)."""
+    """The image's encoded bytes (decoded later, off the event loop: see images/decode.py)."""
     if not message.HasField("image"):
         raise InvalidInput("image", "an image is required")
     return message.image.data

@@ -1,7 +1,7 @@
 """The gRPC servicer: the RPCs' handlers, and nothing else.
 
 A Caption or Query goes down once: :mod:`convert` checks its values and makes the domain request, its
-image is decoded off the event loop (image_decoding.py), :meth:`Engine.submit` admits it and queues it
+image is decoded off the event loop (images/decode.py), :meth:`Engine.submit` admits it and queues it
 on its model's scheduler, and the job's events come back up as protobuf messages. A Watch stream's
 config is checked by :mod:`convert` too; its frames go to a :class:`~vlm_service.api.watch.WatchSession`,
 which decodes each one and submits the newest through the same :meth:`Engine.submit`.

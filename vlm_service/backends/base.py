@@ -4,7 +4,7 @@ Lifecycle, driven by the engine (one instance per served model):
 
 1. ``__init__(spec, runtime)`` stores the model's source and the runtime choices; it loads nothing.
 2. ``load()`` runs once, off the event loop, before any request: load weights and processors.
-3. ``new_batch(max_rows)`` makes the one :class:`Batch` that the model's scheduler (scheduler.py)
+3. ``new_batch(max_rows)`` makes the one :class:`Batch` that the model's scheduler (core/scheduler.py)
    drives for as long as the model serves, in the model's one thread: requests join it between
    decode steps and leave it the step they end. The family owns its batch: the transformers families
    decode many rows together (:class:`~vlm_service.backends.decode_batch.DecodeBatch`); Moondream
@@ -16,7 +16,7 @@ a family that can only write whole answers implements ``generate`` alone and is 
 a time, each answered inside :meth:`Batch.join`.
 
 What a request may ask of a family is declared as class attributes (languages, caption lengths,
-options), not discovered; admission.py checks a request against them.
+options), not discovered; core/admission.py checks a request against them.
 """
 
 from __future__ import annotations

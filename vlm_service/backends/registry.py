@@ -1,9 +1,9 @@
-"""The registry of model families and the catalogue of built-in model names.
+"""The registry of model families: which family serves a checkpoint, and its backend class.
 
 Adding a family is one module under ``backends/``, one line in ``FAMILIES``, its architectures in
-``ARCHITECTURES``, and (for tests and demos) a tiny checkpoint builder in ``BUILTINS``; a real-size
-twin of a published model (random weights, for benchmarks) is a ``BUILTINS`` entry too. Backends are
-imported lazily, so serving one family never imports another.
+``ARCHITECTURES``, and (for tests and demos) a tiny checkpoint builder in the catalogue's ``BUILTINS``
+(catalogue.py); a real-size twin of a published model (random weights, for benchmarks) is a
+``BUILTINS`` entry too. Backends are imported lazily, so serving one family never imports another.
 """
 
 from __future__ import annotations

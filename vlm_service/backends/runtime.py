@@ -16,7 +16,7 @@ class ModelSpec:
     name: str
     source: str  # local directory or Hugging Face repo id
     revision: str | None = None
-    family: str = ""  # filled in by registry.resolve
+    family: str = ""  # filled in by catalogue.resolve
     builtin: str | None = None  # built-in name whose checkpoint is built locally
 
     @property

@@ -1,7 +1,7 @@
 """Admission: every check a request passes between the protobuf edge and its model's queue, in one step.
 
 A request that reaches :func:`admit` is well-formed: the value checks (ranges, lengths, enum values,
-the image) are the edge's (convert.py, images.py). What is checked here depends on the server's state
+the image) are the edge's (api/convert.py, images/decode.py). What is checked here depends on the server's state
 and on the model's, in this order, and the first that fails refuses the request at once:
 
 1. the server is not draining (UNAVAILABLE);

@@ -5,7 +5,7 @@ It knows nothing of gRPC. The servicer hands it a domain request (its values che
 gets back a :class:`~vlm_service.core.job.Job` to stream from: :meth:`Engine.submit` admits the request
 (admission.py: every check that depends on the server's or the model's state) and queues it on its
 model's scheduler (scheduler.py), whose thread drives the batch the model's backend made. A Watch
-stream (watch.py) holds one stream slot for its life (:meth:`Engine.open_stream`), has its config
+stream (api/watch.py) holds one stream slot for its life (:meth:`Engine.open_stream`), has its config
 checked once (:meth:`Engine.check`), and submits each frame's answer under that slot.
 """
 
