@@ -34,7 +34,7 @@ PIP_COMPILE = $(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-e
 	--no-emit-find-links --unsafe-package vlm-client --unsafe-package vlm-service
 
 .PHONY: install proto proto-check dist checkpoints ship deploy-tools system-deps serve test fresh-check lock \
-	lint docs bench bench-real bench-flood bench-load bench-watch bench-tracing accuracy soak clean
+	lint docs bench bench-real openvino-env bench-flood bench-load bench-watch bench-tracing accuracy soak clean
 
 install: $(STAMP) $(STUBS)
 
@@ -143,6 +143,13 @@ bench: install checkpoints
 # the same two references (the issue's rows and goals; about 15 minutes on a 2-core CPU).
 bench-real: install checkpoints
 	VLM_CACHE_DIR=$(CHECKPOINTS) $(BIN)/python bench/real_size_bench.py $(ARGS)
+
+# The OpenVINO reference of bench-real (docs/openvino.md): a venv of its own, because optimum-intel
+# needs transformers < 5.6 (about 6 GB; not part of any install of the service). bench-real adds its
+# rows when .venv-openvino exists.
+openvino-env: requirements/openvino.lock
+	test -x .venv-openvino/bin/python || $(PYTHON) -m venv .venv-openvino
+	.venv-openvino/bin/python -m pip install --quiet --require-hashes -r requirements/openvino.lock
 
 # Big pictures against a running stream and health, with a real model in a real server: 4 Captions of
 # new 36-megapixel PNGs at once (ARGS="--twin real" for the SmolVLM-256M twin; minutes on a 2-core CPU).

@@ -45,6 +45,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -380,9 +381,11 @@ async def measure(args) -> dict:
             f"{bounds['vision_batched_per_picture_vs_alone']:.2f}, best last-of-four / lone "
             f"{bounds['four_last_vs_lone_best']:.2f}x"
         )
+    openvino = openvino_reference(args, twin)
     if not args.no_17_views:
         await seventeen_views(args, twin, figures, images, models, generates)
     medians = {name: {key: statistics.median(v) for key, v in keys.items()} for name, keys in figures.values.items()}
+    medians.update(openvino)
     for row in medians.values():
         if row.get("first_text_s") and "four_last_first_text_s" in row:  # a ratio of the medians
             row["four_last_vs_lone"] = row["four_last_first_text_s"] / row["first_text_s"]
@@ -409,6 +412,46 @@ async def measure(args) -> dict:
         "prompt_tokens": figures.prompt_tokens,
         "warnings": figures.warnings,
     }
+
+
+#: The OpenVINO reference's targets (bench/openvino_reference.py in its own venv: see docs/openvino.md).
+OPENVINO = ("openvino-int8", "openvino-fp")
+
+
+def openvino_reference(args, twin: Path) -> dict[str, dict]:
+    """Rows 1-3 of the OpenVINO reference: the twin exported with optimum-intel (float, and 8-bit
+    weights), timed in-process with a streamer by bench/openvino_reference.py in ``--openvino-python``
+    (its own venv: optimum-intel needs transformers < 5.6). Medians of its own ``--repeats``, right
+    after the other targets' rows 1-3, once per ``--threads`` count (the fastest is kept, as for
+    in-process generate). Empty without that venv."""
+    python = args.openvino_python
+    if not Path(python).exists():
+        _progress(f"no OpenVINO reference: {python} does not exist (make openvino-env)")
+        return {}
+    found: dict[str, dict] = {}
+    for weights in ("int8", "fp"):
+        best = None
+        for threads in args.threads:
+            command = [
+                str(python), str(ROOT / "bench" / "openvino_reference.py"), str(twin), "--weights", weights,
+                "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--four", "--threads", str(threads),
+            ]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"the OpenVINO reference failed: {done.stderr[-2000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if best is None or result["first_token_s"] < best["first_token_s"]:
+                best = result
+        found[f"openvino-{weights}"] = {
+            "first_text_s": best["first_token_s"],
+            "decode_tok_s": best["decode_tok_s"],
+            "four_aggregate_tok_s": best["four_aggregate_tok_s"],
+            "four_last_first_text_s": best["four_first_token_s"],
+            "four_last_vs_lone": best["four_first_token_s"] / best["first_token_s"],
+            "threads": best["threads"],
+        }
+        _progress(f"openvino {weights}: first token {best['first_token_s']:.2f} s ({best['threads']} threads)")
+    return found
 
 
 def _cpu_model() -> str:
@@ -450,6 +493,9 @@ def goals(report: dict) -> list[tuple[str, str, dict[str, float | None]]]:
         ("four at once: last first text vs a lone first text", "<= 2.5x", lambda s: get(s, "four_last_vs_lone")),
         ("running stream's longest wait while a 17-view picture arrives", "<= 1.0 s", lambda s: get(s, "longest_wait_17_s")),
         ("first text, 17 views, vs the fastest in-process generate float32", "<= 0.5x", lambda s: ratio(get(s, "first_text_17_s"), best("first_text_17_s", "float32"))),
+        ("first text, one tile, vs OpenVINO 8-bit in-process", "<= 1.0x", lambda s: ratio(get(s, "first_text_s"), get("openvino-int8", "first_text_s"))),
+        ("decode, one stream, vs OpenVINO 8-bit in-process", ">= 1.0x", lambda s: ratio(get(s, "decode_tok_s"), get("openvino-int8", "decode_tok_s"))),
+        ("four at once: aggregate tok/s vs OpenVINO 8-bit in-process (one batch)", ">= 2x", lambda s: ratio(get(s, "four_aggregate_tok_s"), get("openvino-int8", "four_aggregate_tok_s"))),
     ]  # fmt: skip
     return [(what, goal, {name: measured(name) for name in services}) for what, goal, measured in rows]
 
@@ -463,7 +509,7 @@ def _met(value: float, goal: str) -> bool:
 def markdown(report: dict) -> str:
     med = report["medians"]
     services = [name for name in med if name.startswith("service")]
-    targets = services + [name for name in med if name == SERVE] + _generates(med)
+    targets = services + [name for name in med if name == SERVE] + [n for n in OPENVINO if n in med] + _generates(med)
     head = [f"service `{name[8:]}`" if name.startswith("service ") else name for name in targets]
     lines = ["| | " + " | ".join(head) + " |", "|---|" + "---:|" * len(targets)]
     for key, label, fmt in ROWS:
@@ -569,6 +615,13 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=900, help="seconds a server may take to start")
     parser.add_argument("--settle", type=float, default=0.5, help="seconds of pause before each run")
     parser.add_argument("--no-transformers-serve", action="store_true", help="leave transformers serve out")
+    parser.add_argument(
+        "--openvino-python",
+        type=Path,
+        default=ROOT / ".venv-openvino" / "bin" / "python",
+        help="the python of the OpenVINO reference's venv (`make openvino-env`; docs/openvino.md); "
+        "left out when it does not exist",
+    )
     parser.add_argument("--no-17-views", action="store_true", help="only the one-tile rows (1-3)")
     parser.add_argument(
         "--cache-dir", type=Path, default=Path(os.environ.get("VLM_CACHE_DIR", "~/.cache/vlm-service")).expanduser()
