@@ -217,3 +217,26 @@ def test_the_generic_layers_know_no_family():
         assert not reached, f"vlm_service.{entry} imports {sorted(reached)} other than through the registry"
     # The families' shared batch needs a backend only through its protocol.
     assert "vlm_service.backends.hf" not in reach(edges, "vlm_service.backends.decode_batch")
+
+
+def external_imports(path: Path) -> set[str]:
+    """The top-level names of every module ``path`` imports (lazy and type-only imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_protobuf_and_grpc_stay_at_the_edge():
+    """core/ and backends/ know neither the service's messages nor grpc: the API converts at the edge."""
+    edge = ("grpc", "vlm.v1", "google.protobuf", "google.rpc", "grpc_status", "grpc_health")
+    wrong = {
+        name: sorted(m for m in external_imports(path) if m.startswith(edge))
+        for name, path in modules().items()
+        if name.startswith(("vlm_service.core", "vlm_service.backends"))
+    }
+    wrong = {name: found for name, found in wrong.items() if found}
+    assert not wrong, f"protobuf or grpc below the API: {wrong}"
