@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flood_bench import ROOT, spin, start_server  # noqa: E402
-from real_size_bench import single_view_copy  # noqa: E402
+from pictures import single_view_copy  # noqa: E402
 
 from vlm.v1 import vlm_service_pb2 as pb  # noqa: E402
 from vlm.v1 import vlm_service_pb2_grpc as pb_grpc  # noqa: E402

@@ -2,9 +2,9 @@
 optimum-intel (float, or 8-bit weights), one 512-px tile, timed in-process with a streamer.
 
 It runs in its own venv (optimum-intel 2.2.0 needs an older transformers than the project's; see
-docs/openvino.md and requirements/openvino.in), so it imports nothing from the project: the picture,
-the prompt and the one-tile copy follow bench/stream_bench.py's ``_image``, vlm_service's SmolVLM
-``prompt()`` ("Describe this image.") and bench/real_size_bench.py's ``single_view_copy``.
+docs/openvino.md and requirements/openvino.in), so it imports nothing from the project but
+bench/pictures.py (the standard library and Pillow): the same pictures and the same one-tile copy of
+the twin as the other benches. The prompt is vlm_service's SmolVLM ``prompt()`` ("Describe this image.").
 
     .venv-openvino/bin/python bench/openvino_reference.py ~/.cache/vlm-service/smolvlm-256m-shapes-<key> \
         --weights int8 --tokens 32 --repeats 3 --four --threads 2
@@ -42,6 +42,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from pictures import picture, single_view_copy
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -54,24 +56,12 @@ def _progress(message: str) -> None:
     print(f"[openvino] {message}", file=sys.stderr, flush=True)
 
 
-def _image(index: int, size: tuple[int, int] = SIZE):
-    """bench/stream_bench.py's picture number ``index``: the same look, a different pixel."""
-    from PIL import Image, ImageDraw
-
-    width, height = size
-    image = Image.new("RGB", size, "white")
-    ImageDraw.Draw(image).ellipse((width // 4, height // 4, width * 3 // 4, height * 3 // 4), fill="red")
-    pixel = (index % width, index // width % height)
-    image.putpixel(pixel, (index * 7 % 256, index * 13 % 256, index * 29 % 256))
-    return image
-
-
 def _transformers_major() -> int:
     return int(version("transformers").split(".")[0])
 
 
 def one_tile_copy(twin: Path, into: Path) -> tuple[Path, list[str]]:
-    """real_size_bench.single_view_copy: the twin's files linked, ``do_image_splitting`` off. Under a
+    """pictures.single_view_copy: the twin's files linked, ``do_image_splitting`` off. Under a
     transformers older than 5 (what optimum-intel's SmolVLM export accepts), also the two files the
     twin's transformers 5 wrote in formats 4.x misreads, converted (the weights are untouched):
 
@@ -83,16 +73,8 @@ def one_tile_copy(twin: Path, into: Path) -> tuple[Path, list[str]]:
       becomes 4.x's ``additional_special_tokens``.
 
     Returns the copy and a note per conversion."""
-    view = into / f"{twin.name}-one-tile"
-    view.mkdir()
     legacy = _transformers_major() < 5
-    rewritten = {"processor_config.json"} | ({"config.json", "tokenizer_config.json"} if legacy else set())
-    for path in twin.iterdir():
-        if path.name not in rewritten:
-            (view / path.name).symlink_to(path)
-    processor = json.loads((twin / "processor_config.json").read_text())
-    processor["image_processor"]["do_image_splitting"] = False
-    (view / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    view = single_view_copy(twin, into, keep_out={"config.json", "tokenizer_config.json"} if legacy else ())
     notes = []
     if legacy:
         config = json.loads((twin / "config.json").read_text())
@@ -192,7 +174,7 @@ def run(model, processor, indices: list[int], tokens: int) -> dict:
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
         add_generation_prompt=True,
     )
-    pictures = [_image(index) for index in indices]
+    pictures = [picture(index, SIZE) for index in indices]
     streamer = Streamer()
     start = time.perf_counter()
     inputs = processor(text=[prompt] * len(pictures), images=[[p] for p in pictures], return_tensors="pt", padding=True)

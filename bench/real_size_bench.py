@@ -52,7 +52,8 @@ import time
 from pathlib import Path
 
 import torch
-from stream_bench import InProcess, Service, Stream, TransformersServe, _image, _png
+from pictures import picture, png, single_view_copy
+from stream_bench import InProcess, Service, Stream, TransformersServe
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (512, 512)
@@ -70,20 +71,6 @@ ROWS = (
     ("longest_wait_17_s", "5. running stream's longest wait while a 17-view picture arrives (s)", "{:.1f}"),
     ("second_first_text_17_s", "5. (the arriving 17-view request's first text, s)", "{:.1f}"),
 )
-
-
-def single_view_copy(twin: Path, into: Path) -> Path:
-    """The twin with its processor's single-view path (one 512-px view, no 4x4 split): the same weights
-    (linked), ``do_image_splitting`` off, as tests/integration/test_real_size.py serves it."""
-    view = into / "smolvlm-256m-one-tile"
-    view.mkdir()
-    for path in twin.iterdir():
-        if path.name != "processor_config.json":
-            (view / path.name).symlink_to(path)
-    config = json.loads((twin / "processor_config.json").read_text())
-    config["image_processor"]["do_image_splitting"] = False
-    (view / "processor_config.json").write_text(json.dumps(config))
-    return view
 
 
 def service_dtype(flags: list[str], twin: Path) -> str:
@@ -216,7 +203,7 @@ async def longest_wait(service: Service, args, images) -> tuple[float, float]:
     """Row 5 once: a long stream, then a new 17-view picture; (longest gap, the second's first text)."""
     arrivals: list[float] = []
     steady = asyncio.Event()
-    call = service.client.caption(_png(images.next(), SIZE), max_new_tokens=args.long_tokens)
+    call = service.client.caption(png(images.next(), SIZE), max_new_tokens=args.long_tokens)
 
     async def read() -> None:
         async for _ in call:
@@ -291,8 +278,8 @@ def work_bounds(model: InProcess, threads: int, tokens: int, repeats: int) -> di
     backend = model.backend
     torch.set_num_threads(threads)
     prompt = backend.prompt(model.request)
-    one = backend.encode([prompt], [_image(1_000_001, model.size)])
-    four = backend.encode([prompt] * 4, [_image(1_000_000 + i, model.size) for i in range(2, 6)])
+    one = backend.encode([prompt], [picture(1_000_001, model.size)])
+    four = backend.encode([prompt] * 4, [picture(1_000_000 + i, model.size) for i in range(2, 6)])
     net = backend.model.model
     dtype = backend.model.dtype
 
@@ -314,7 +301,7 @@ def work_bounds(model: InProcess, threads: int, tokens: int, repeats: int) -> di
         return time.perf_counter() - started
 
     cases = {
-        "processor": lambda: backend.encode([prompt], [_image(1_000_006, model.size)]),
+        "processor": lambda: backend.encode([prompt], [picture(1_000_006, model.size)]),
         "vision_1": lambda: vision(one),
         "vision_4": lambda: vision(four),
         "prompt_1": lambda: text(one),

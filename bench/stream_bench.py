@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import os
 import platform
@@ -36,29 +35,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pictures import picture, png  # noqa: E402
+
 PROMPT = "Describe this image."
 SIZE = (96, 64)  # the pictures' size (width, height); the real-size bench asks for 512x512
-
-
-def _image(index: int = 0, size: tuple[int, int] = SIZE) -> Image.Image:
-    """Image number ``index``: the same size and look, a different pixel (so a different cache key)."""
-    width, height = size
-    image = Image.new("RGB", size, "white")
-    ImageDraw.Draw(image).ellipse((width // 4, height // 4, width * 3 // 4, height * 3 // 4), fill="red")
-    pixel = (index % width, index // width % height)
-    image.putpixel(pixel, (index * 7 % 256, index * 13 % 256, index * 29 % 256))
-    return image
-
-
-def _png(index: int = 0, size: tuple[int, int] = SIZE) -> bytes:
-    buffer = io.BytesIO()
-    _image(index, size).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class Images:
@@ -133,7 +117,7 @@ class InProcess:
         self.backend = SmolVLMBackend(ModelSpec("bench", str(checkpoint)), Runtime("cpu", dtype))
         self.backend.load()
         self.backend.processor.tokenizer.padding_side = "left"
-        self.request = GenerationRequest("bench", "bench", Task.CAPTION, _image(), SamplingParams(1))
+        self.request = GenerationRequest("bench", "bench", Task.CAPTION, picture(0, SIZE), SamplingParams(1))
 
     async def run(self, tokens: int, images: list[int]) -> tuple[list[Stream], float]:
         """One request per image, as one batched ``generate`` call (1 or 8 in the table)."""
@@ -160,7 +144,7 @@ class InProcess:
         start = time.perf_counter()
         for stream in streams:
             stream.start = start
-        inputs = self.backend.encode([prompt] * concurrency, [_image(index, self.size) for index in images])
+        inputs = self.backend.encode([prompt] * concurrency, [picture(index, self.size) for index in images])
         with torch.inference_mode():
             out = self.backend.model.generate(
                 **inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=Clock()
@@ -210,12 +194,12 @@ class Service:
             await asyncio.sleep(0.2)
 
     async def _one(self, tokens: int, image: int, question: str = "") -> Stream:
-        png = _png(image, self.size)
+        data = png(image, self.size)
         stream = Stream()
         if question:
-            call = self.client.query(png, question, max_new_tokens=tokens)
+            call = self.client.query(data, question, max_new_tokens=tokens)
         else:
-            call = self.client.caption(png, max_new_tokens=tokens)
+            call = self.client.caption(data, max_new_tokens=tokens)
         async for text in call:
             stream.piece(text)
         stream.end = time.perf_counter()
@@ -289,7 +273,7 @@ class TransformersServe:
             await asyncio.sleep(0.5)
 
     async def _one(self, tokens: int, image: int) -> Stream:
-        url = "data:image/png;base64," + base64.b64encode(_png(image, self.size)).decode()
+        url = "data:image/png;base64," + base64.b64encode(png(image, self.size)).decode()
         body = {
             "model": self.model,
             "stream": True,
