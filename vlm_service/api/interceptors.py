@@ -128,35 +128,21 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             if response_streaming:
 
                 async def stream(request_or_iterator, context):
-                    call, token = access.open_call(method, sent, context.peer())
-                    # A stream that grpc cancels while it writes a message stays suspended at its
-                    # ``yield`` until it is collected: its line is written when the RPC ends, here
-                    # (a handler that ended by itself has written it already).
-                    context.add_done_callback(lambda _: access.end_call(call, context, asyncio.CancelledError(), log))
-                    error = None
-                    try:
+                    with access.recorded_call(method, sent, context, log) as call:
+                        # A stream that grpc cancels while it writes a message stays suspended at its
+                        # ``yield`` until it is collected: its line is written when the RPC ends, here
+                        # (a handler that ended by itself has written it already).
+                        context.add_done_callback(
+                            lambda _: access.end_call(call, context, asyncio.CancelledError(), log)
+                        )
                         async for response in _responses(behaviour(request_or_iterator, context)):
                             yield response
-                    except BaseException as exc:
-                        error = exc
-                        raise
-                    finally:
-                        access.forget_call(token)
-                        access.end_call(call, context, error, log)
 
                 return stream
 
             async def unary(request_or_iterator, context):
-                call, token = access.open_call(method, sent, context.peer())
-                error = None
-                try:
+                with access.recorded_call(method, sent, context, log):
                     return await behaviour(request_or_iterator, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    access.forget_call(token)
-                    access.end_call(call, context, error, log)
 
             return unary
 

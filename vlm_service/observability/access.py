@@ -1,7 +1,7 @@
 """Each RPC's identity and its access-log line.
 
 The access interceptor (:class:`~vlm_service.api.interceptors.AccessLogInterceptor`) opens a
-:class:`Call` for every RPC but health checks (:func:`open_call`): a request id (the caller's
+:class:`Call` for every RPC but health checks (:func:`recorded_call`): a request id (the caller's
 ``x-request-id`` when it is a sane one, else a new one), made the current call (a context variable, so
 the handler, the error interceptor and every log record of the call see the same id; the servicer
 echoes it in the initial metadata, error statuses in their trailers). When the call ends
@@ -18,6 +18,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -98,18 +99,27 @@ def final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code)
 
 
-def open_call(method: str, sent_id: str | bytes | None, peer: str) -> tuple[Call, contextvars.Token]:
-    """Start an RPC's :class:`Call` (the caller's request id when it is a sane one, else a new one)
-    and make it the current one. No trailing metadata is set here: a stream with trailers set in
+@contextlib.contextmanager
+def recorded_call(
+    method: str, sent_id: str | bytes | None, context: grpc.aio.ServicerContext, log: bool
+) -> Iterator[Call]:
+    """An RPC's :class:`Call` for the length of its handler: the caller's request id when it is a sane
+    one (else a new one), made the current call, and the access line written (:func:`end_call`) when
+    the handler ends, however it ends. No trailing metadata is set here: a stream with trailers set in
     advance is not cancelled at its deadline by grpc.aio (its generation ran on). Errors carry the id
     (ErrorInterceptor)."""
-    call = Call(method, valid_request_id(sent_id) or new_request_id(), peer, time.monotonic())
-    return call, _current.set(call)
-
-
-def forget_call(token: contextvars.Token) -> None:
-    with contextlib.suppress(ValueError):  # a generator closed from another context
-        _current.reset(token)
+    call = Call(method, valid_request_id(sent_id) or new_request_id(), context.peer(), time.monotonic())
+    token = _current.set(call)
+    error = None
+    try:
+        yield call
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        with contextlib.suppress(ValueError):  # a generator closed from another context
+            _current.reset(token)
+        end_call(call, context, error, log)
 
 
 def end_call(call: Call, context: grpc.aio.ServicerContext, error: BaseException | None, log: bool) -> None:
