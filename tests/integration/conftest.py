@@ -4,6 +4,7 @@ import pytest
 
 from tests import fakes
 from tests.helpers import ServerThread
+from vlm_service.backends.decode_batch import DecodeBatch
 from vlm_service.config import Settings
 
 
@@ -65,3 +66,21 @@ def fake(tmp_path, cache_dir):
     for server in servers:
         server.stop()
     fakes.FakeBackend.reset()
+
+
+@pytest.fixture
+def noise_server(cache_dir, noise_dir):
+    """Start servers of `noise` with the given settings: ``noise_server(**settings)``; all stop afterwards."""
+    servers = []
+
+    def start(**settings):
+        server = ServerThread(Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir, grace_period=0, **settings))
+        server.wait_ready()
+        servers.append(server)
+        batch = server.engine.models["noise"].scheduler.batch
+        assert isinstance(batch, DecodeBatch) and batch.max_rows > 1
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -18,7 +18,6 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.helpers import (
-    ServerThread,
     StepGate,
     caption_request,
     request_id,
@@ -28,26 +27,6 @@ from tests.helpers import (
     wait_idle,
 )
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_service.backends.decode_batch import DecodeBatch
-from vlm_service.config import Settings
-
-
-@pytest.fixture
-def noise_server(cache_dir, noise_dir):
-    """Start servers of `noise` with the given settings: ``noise_server(**settings)``; all stop afterwards."""
-    servers = []
-
-    def start(**settings):
-        server = ServerThread(Settings(models=[f"noise={noise_dir}"], cache_dir=cache_dir, grace_period=0, **settings))
-        server.wait_ready()
-        servers.append(server)
-        batch = server.engine.models["noise"].scheduler.batch
-        assert isinstance(batch, DecodeBatch) and batch.max_rows > 1
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 class ForwardFault:

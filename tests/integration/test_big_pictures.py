@@ -67,7 +67,7 @@ def test_what_a_ready_model_loaded_is_frozen_out_of_the_garbage_collectors_sight
 
 
 def test_pictures_over_the_byte_or_pixel_cap_are_refused_over_the_wire_before_any_decode_or_processor(
-    cache_dir, noise_dir, monkeypatch
+    noise_server, monkeypatch
 ):
     """Through a real server and model: a picture over --max-image-bytes, and one whose header alone
     says it is over --max-image-pixels (a PNG of 20,000 x 10,000 that is only its header, 57 bytes: a
@@ -77,37 +77,25 @@ def test_pictures_over_the_byte_or_pixel_cap_are_refused_over_the_wire_before_an
 
     from tests.unit.test_images import png_header
 
-    server = ServerThread(
-        Settings(
-            models=[f"noise={noise_dir}"],
-            cache_dir=cache_dir,
-            max_image_bytes=200_000,
-            max_image_pixels=50_000_000,
-            grace_period=0,
-        )
-    )
-    try:
-        server.wait_ready()
-        backend = server.engine.models["noise"].backend
-        processed = []
-        real_prepare = backend.prepare
-        monkeypatch.setattr(backend, "prepare", lambda request: processed.append(request) or real_prepare(request))
-        heavy = big_picture()  # 36 MP, 688 KB: over the byte cap
-        assert len(heavy) > 200_000
-        with server.channel() as channel:
-            stub = server.stub(channel)
-            refusals = []
-            for data in (heavy, png_header(20_000, 10_000)):
-                try:
-                    list(stub.Caption(caption_request(data, model="noise", max_new_tokens=2), timeout=60))
-                except grpc.RpcError as error:
-                    refusals.append((error.code(), error.details()))
-            assert [code for code, _ in refusals] == [grpc.StatusCode.INVALID_ARGUMENT] * 2, refusals
-            assert f"the image is {len(heavy)} bytes; the limit is 200000" in refusals[0][1]
-            assert "20000x10000 = 200000000 pixels; the limit is 50000000" in refusals[1][1]
-            assert processed == [], "the processor ran for a refused picture"
-            # The same server still serves a good picture (and its processor runs for it).
-            answer = list(stub.Caption(caption_request(shape_image("red"), model="noise", max_new_tokens=2)))
-            assert answer[-1].usage.completion_tokens == 2 and len(processed) == 1
-    finally:
-        server.stop()
+    server = noise_server(max_image_bytes=200_000, max_image_pixels=50_000_000)
+    backend = server.engine.models["noise"].backend
+    processed = []
+    real_prepare = backend.prepare
+    monkeypatch.setattr(backend, "prepare", lambda request: processed.append(request) or real_prepare(request))
+    heavy = big_picture()  # 36 MP, 688 KB: over the byte cap
+    assert len(heavy) > 200_000
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        refusals = []
+        for data in (heavy, png_header(20_000, 10_000)):
+            try:
+                list(stub.Caption(caption_request(data, model="noise", max_new_tokens=2), timeout=60))
+            except grpc.RpcError as error:
+                refusals.append((error.code(), error.details()))
+        assert [code for code, _ in refusals] == [grpc.StatusCode.INVALID_ARGUMENT] * 2, refusals
+        assert f"the image is {len(heavy)} bytes; the limit is 200000" in refusals[0][1]
+        assert "20000x10000 = 200000000 pixels; the limit is 50000000" in refusals[1][1]
+        assert processed == [], "the processor ran for a refused picture"
+        # The same server still serves a good picture (and its processor runs for it).
+        answer = list(stub.Caption(caption_request(shape_image("red"), model="noise", max_new_tokens=2)))
+        assert answer[-1].usage.completion_tokens == 2 and len(processed) == 1

@@ -379,81 +379,55 @@ def test_a_client_that_stops_reading_has_its_generation_stopped(fake, tmp_path, 
     assert backend.steps < 1500, "the generation ran on for a client that stopped reading"
 
 
-def test_a_frozen_client_on_a_real_model_has_its_generation_stopped(cache_dir, noise_dir, tmp_path, monkeypatch):
+def test_a_frozen_client_on_a_real_model_has_its_generation_stopped(noise_server, tmp_path, monkeypatch):
     """The frozen-client path on a real model: the tiny SmolVLM writes a few bytes per token, so its
     whole answer (4,000 tokens) would fit in the transport's buffers and the server's writes never
     block. The unanswered keepalive ping (0.5 s + 0.5 s) must drop the connection and stop the
     generation long before its budget; before the ping timeout was set it ran to the end of its
     context and the RPC ended OK. The back-pressure guard is given a limit it cannot reach."""
     monkeypatch.setattr(job_module, "_BACKLOG", 10**9)
-    server = ServerThread(
-        Settings(
-            models=[f"noise={noise_dir}"],
-            cache_dir=cache_dir,
-            keepalive_time=0.5,
-            keepalive_timeout=0.5,
-            max_new_tokens_limit=4096,
-            grace_period=0,
-        )
-    )
+    server = noise_server(keepalive_time=0.5, keepalive_timeout=0.5, max_new_tokens_limit=4096)
     image = tmp_path / "image.png"
     image.write_bytes(png_bytes(shape_image()))
+    scheduler = server.engine.models["noise"].scheduler
+    client = frozen_client(server.target, image, 4000)
     try:
-        server.wait_ready()
-        scheduler = server.engine.models["noise"].scheduler
-        client = frozen_client(server.target, image, 4000)
-        try:
-            wait_for(lambda: scheduler.running == 1 or not server.engine.open_streams, timeout=30)
-            job = scheduler._active[0] if scheduler.running else None
-            wait_idle(server.engine, timeout=60)
-            cancelled = job is not None and job.cancelled  # before the kill, which would cancel it too
-        finally:
-            client.kill()
-            client.wait()
-        assert job is not None, "the generation ended before the test could watch it"
-        print(f"frozen client on a real model: stopped after {job.timeline.tokens} tokens")
-        assert cancelled, "the frozen client's RPC was not cancelled while the client was still frozen"
-        assert job.timeline.tokens < 3000, "the generation ran on for a client that stopped reading"
+        wait_for(lambda: scheduler.running == 1 or not server.engine.open_streams, timeout=30)
+        job = scheduler._active[0] if scheduler.running else None
+        wait_idle(server.engine, timeout=60)
+        cancelled = job is not None and job.cancelled  # before the kill, which would cancel it too
     finally:
-        server.stop()
+        client.kill()
+        client.wait()
+    assert job is not None, "the generation ended before the test could watch it"
+    print(f"frozen client on a real model: stopped after {job.timeline.tokens} tokens")
+    assert cancelled, "the frozen client's RPC was not cancelled while the client was still frozen"
+    assert job.timeline.tokens < 3000, "the generation ran on for a client that stopped reading"
 
 
-def test_a_reader_that_resumes_on_a_real_models_batch_gets_its_true_outcome(cache_dir, noise_dir):
+def test_a_reader_that_resumes_on_a_real_models_batch_gets_its_true_outcome(noise_server):
     """The resumed-reader path on a real model, in a real batch: a client with a small receive window
     (1 KB, no window growth) reads one message and then nothing, so the model's text piles up on the
     server; the back-pressure guard (keepalive 0.25 s + 0.25 s) stops its row while another stream in
     the batch goes on to its whole answer. When the client reads again it gets the text sent so far and
     then why it ended (ABORTED, "read nothing"), not the watchdog's "stalled"."""
-    server = ServerThread(
-        Settings(
-            models=[f"noise={noise_dir}"],
-            cache_dir=cache_dir,
-            keepalive_time=0.25,
-            keepalive_timeout=0.25,
-            max_new_tokens_limit=4096,
-            grace_period=0,
-        )
-    )
+    server = noise_server(keepalive_time=0.25, keepalive_timeout=0.25, max_new_tokens_limit=4096)
     small_window = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
-    try:
-        server.wait_ready()
-        job_of = {}
-        scheduler = server.engine.models["noise"].scheduler
-        with grpc.insecure_channel(server.target, options=small_window) as slow, server.channel() as channel:
-            paused = server.stub(slow).Caption(caption_request(max_new_tokens=4000), timeout=120)
-            assert next(paused).text
-            wait_for(lambda: scheduler.running == 1, timeout=30)
-            job_of["paused"] = scheduler._active[0]
-            beside = list(server.stub(channel).Caption(caption_request(shape_image("blue"), max_new_tokens=64)))
-            assert beside[-1].usage.completion_tokens == 64, "the other row got its whole answer"
-            wait_for(lambda: job_of["paused"].abandoned, timeout=60, message="the guard never stopped the row")
-            wait_idle(server.engine, timeout=60)
-            received = 1
-            with pytest.raises(grpc.RpcError) as ended:
-                for message in paused:
-                    received += bool(message.text)
-        assert ended.value.code() == grpc.StatusCode.ABORTED, ended.value
-        assert "read nothing" in ended.value.details() and "stalled" not in ended.value.details()
-        assert received > 1 and job_of["paused"].backlog == 0, "the text sent so far was read, then the outcome"
-    finally:
-        server.stop()
+    job_of = {}
+    scheduler = server.engine.models["noise"].scheduler
+    with grpc.insecure_channel(server.target, options=small_window) as slow, server.channel() as channel:
+        paused = server.stub(slow).Caption(caption_request(max_new_tokens=4000), timeout=120)
+        assert next(paused).text
+        wait_for(lambda: scheduler.running == 1, timeout=30)
+        job_of["paused"] = scheduler._active[0]
+        beside = list(server.stub(channel).Caption(caption_request(shape_image("blue"), max_new_tokens=64)))
+        assert beside[-1].usage.completion_tokens == 64, "the other row got its whole answer"
+        wait_for(lambda: job_of["paused"].abandoned, timeout=60, message="the guard never stopped the row")
+        wait_idle(server.engine, timeout=60)
+        received = 1
+        with pytest.raises(grpc.RpcError) as ended:
+            for message in paused:
+                received += bool(message.text)
+    assert ended.value.code() == grpc.StatusCode.ABORTED, ended.value
+    assert "read nothing" in ended.value.details() and "stalled" not in ended.value.details()
+    assert received > 1 and job_of["paused"].backlog == 0, "the text sent so far was read, then the outcome"
