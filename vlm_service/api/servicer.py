@@ -54,20 +54,17 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
     async def Caption(
         self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CaptionResponse]:
-        with self._observed("Caption", request.model, context) as call:
-            domain = convert.caption_request(request, self.settings, call.request_id)
-            domain = await self._with_image(domain, convert.image_data(request))
-            async for response in self._stream(domain, pb.CaptionResponse, context, call):
-                yield response
+        # An async generator itself, as grpc.aio wants a server-streaming handler to be.
+        async for response in self._generation(
+            "Caption", request, convert.caption_request, pb.CaptionResponse, context
+        ):
+            yield response
 
     async def Query(
         self, request: pb.QueryRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.QueryResponse]:
-        with self._observed("Query", request.model, context) as call:
-            domain = convert.query_request(request, self.settings, call.request_id)
-            domain = await self._with_image(domain, convert.image_data(request))
-            async for response in self._stream(domain, pb.QueryResponse, context, call):
-                yield response
+        async for response in self._generation("Query", request, convert.query_request, pb.QueryResponse, context):
+            yield response
 
     async def Watch(
         self, request_iterator: AsyncIterator[pb.WatchRequest], context: grpc.aio.ServicerContext
@@ -150,6 +147,15 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
             raise
         finally:
             record(code)
+
+    async def _generation(self, method: str, request, to_domain: Callable, message: Callable, context) -> AsyncIterator:
+        """A Caption or Query: its values checked and made a domain request, its image decoded, its
+        answer streamed as ``message``s."""
+        with self._observed(method, request.model, context) as call:
+            domain = to_domain(request, self.settings, call.request_id)
+            domain = await self._with_image(domain, convert.image_data(request))
+            async for response in self._stream(domain, message, context, call):
+                yield response
 
     async def _with_image(self, request: GenerationRequest, data: bytes) -> GenerationRequest:
         """The request with its image decoded, checked and reduced to the largest picture its model uses
