@@ -248,8 +248,7 @@ class Scheduler:
         if outcome is None and self.batch.joining > joining_before:
             return  # queued: its prompt is processed in chunks (_prefill), its first output comes then
         # Prefilled inside join() (and, with an outcome, answered whole): its first token, if it has one.
-        if outcome is None or outcome.completion_tokens:
-            job.timeline.first_token(time.monotonic())
+        job.timeline.prefilled(time.monotonic(), outcome)
         if outcome is not None:
             self._finished(job, outcome)
 
@@ -270,8 +269,7 @@ class Scheduler:
             if failure is not None:  # only this request is touched: it has left the batch
                 self._failed([job], failure)
             elif joined:
-                if outcome is None or outcome.completion_tokens:  # stopped before its first token: none
-                    job.timeline.first_token(self.progress)
+                job.timeline.prefilled(self.progress, outcome)
                 if outcome is not None:
                     self._finished(job, outcome)
             if len(batch) and self.progress >= until:

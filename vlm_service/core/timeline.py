@@ -2,7 +2,7 @@
 
 The scheduler's thread stamps a job's phases as they happen: :meth:`Timeline.expired` (its deadline
 passed in the queue) or :meth:`~Timeline.started` (it joined its model's batch), then
-:meth:`~Timeline.first_token` (its prompt is processed and a first token chosen: only when one was),
+:meth:`~Timeline.prefilled` (its prompt is processed: a first token only when one was chosen),
 :meth:`~Timeline.decoded` once per decode step it took part in, :meth:`~Timeline.first_text` (the
 first text sent to its client) and :meth:`~Timeline.ended`. The Prometheus instruments and the trace's
 spans are recorded here and only here, and the client's :class:`~vlm_service.types.Usage` is computed
@@ -71,6 +71,12 @@ class Timeline:
             self._metrics.queue_time.observe(at - self.arrival)
         if self._trace is not None:
             self._trace.started(at)
+
+    def prefilled(self, at: float, outcome: Outcome | None) -> None:
+        """The request's prefill ended at ``at``: still running (``outcome`` None), or ended with
+        ``outcome``. It has a first token unless it ended with none (stopped before its first token)."""
+        if outcome is None or outcome.completion_tokens:
+            self.first_token(at)
 
     def first_token(self, at: float) -> None:
         """The prompt is processed and the first token chosen at ``at``."""
