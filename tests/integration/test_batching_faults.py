@@ -249,11 +249,11 @@ def test_a_generation_that_reaches_the_models_context_length_ends_there_with_len
 def test_a_decode_step_that_fails_while_a_request_joins_fails_the_rows_and_the_joining_request_goes_on(
     noise_server, monkeypatch
 ):
-    """A decode step raises while another request is between the chunks of its prefill (one chunk per
-    step: --prefill-budget-ms 0, and the processor is a chunk of its own): the rows in the step end with
-    INTERNAL; the joining request was not in the step, so it goes on and gets its whole answer, the same
-    as alone."""
-    server = noise_server(prefill_budget_ms=0)
+    """A decode step raises while another request is between the chunks of its prefill (chunked, one
+    chunk per step: --prefill-budget-ms 0, and the processor is a chunk of its own): the rows in the step
+    end with INTERNAL; the joining request was not in the step, so it goes on and gets its whole answer,
+    the same as alone."""
+    server = noise_server(prefill_budget_ms=0, chunked_prefill="on")
     scheduler = server.engine.models["noise"].scheduler
     batch = scheduler.batch
     joiner = caption_request(shape_image("blue"), max_new_tokens=20)

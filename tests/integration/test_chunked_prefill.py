@@ -147,11 +147,11 @@ def test_a_joining_prefill_runs_chunk_by_chunk_while_a_running_row_decodes(chunk
         batch.prefill_step()
     assert len(batch) == 1 and sink_a.pieces  # A streams
     (row_a,) = batch.rows
-    assert batch.join(b, sink_b) is None and batch.joining == 1 and batch.next_joining is sink_b
+    assert batch.join(b, sink_b) is None and batch.joining == 1 and batch.next_prefill == [sink_b]
     chunks = 0
     a_tokens_during = []
     while batch.joining:
-        _, outcome, joined = batch.prefill_step()
+        ((_, outcome, joined),) = batch.prefill_step()
         chunks += 1
         assert outcome is None and joined == (batch.joining == 0)
         if not joined:
@@ -175,7 +175,7 @@ def test_a_request_cancelled_between_chunks_runs_no_more_of_its_prefill(chunked)
     calls = []
     with on_every_layer(chunked, lambda *_: calls.append(1)):
         sink.stop = True
-        returned, outcome, joined = batch.prefill_step()
+        ((returned, outcome, joined),) = batch.prefill_step()
     assert returned is sink and joined and outcome is not None and outcome.completion_tokens == 0
     assert calls == [] and batch.joining == 0 and len(batch) == 0 and sink.pieces == []
 
@@ -194,7 +194,7 @@ def test_a_failed_chunk_fails_only_its_request(chunked):
         raise RuntimeError("boom")
 
     with on_every_layer(chunked, boom):
-        assert batch.next_joining is sink_b
+        assert batch.next_prefill == [sink_b]
         with pytest.raises(RuntimeError, match="boom"):
             batch.prefill_step()
     assert batch.joining == 0 and len(batch) == 1  # A goes on
@@ -345,8 +345,9 @@ def test_a_grpc_cancel_during_a_chunked_prefill_runs_no_more_of_it(chunked_serve
         assert ended.value.code() == grpc.StatusCode.CANCELLED
         ran = len(chunks)
         assert ran == 3, f"{ran} prefill steps: the stop check after the cancel ends it, running none of its chunks"
-        assert chunks[-1][2] is True and chunks[-1][1].reason.name == "STOP"
-        assert chunks[-1][1].completion_tokens == 0, "no first token was written"
+        ((_, outcome, joined),) = chunks[-1]
+        assert joined is True and outcome.reason.name == "STOP"
+        assert outcome.completion_tokens == 0, "no first token was written"
         assert batch.joining == 0 and len(batch) == 0
     finally:
         del batch.prefill_step

@@ -82,21 +82,22 @@ class Batch(abc.ABC):
 
     @property
     def joining(self) -> int:
-        """Requests that joined but whose prompt is still being processed, in chunks (see
-        :meth:`prefill_step`); 0 for a batch whose :meth:`join` processes the whole prompt."""
+        """Requests that joined but whose prompt is still to be processed (see :meth:`prefill_step`); 0
+        for a batch whose :meth:`join` processes the whole prompt."""
         return 0
 
-    def prefill_step(self) -> tuple[TextSink, Outcome | None, bool]:
-        """Process the next chunk of the oldest joining request's prompt. Returns its sink, its outcome
-        if it has already ended (it is then not in the batch), and whether its prompt is done (it then
-        decodes with the others, its first output written). If it raises, that request is no longer in
-        the batch (the others are untouched); :attr:`next_joining` named it before the call."""
+    def prefill_step(self) -> list[tuple[TextSink, Outcome | None, bool]]:
+        """Prefill work for joining requests (the next chunk of the oldest one's prompt, or several
+        requests' prompts at once). Returns, for each request it worked on: its sink, its outcome if it
+        has already ended (it is then not in the batch), and whether its prompt is done (it then decodes
+        with the others, its first output written). If it raises, the requests it worked on are no
+        longer in the batch (the others are untouched); :attr:`next_prefill` named them before the call."""
         raise NotImplementedError(f"{type(self).__name__} joins requests whole")
 
     @property
-    def next_joining(self) -> TextSink | None:
-        """The sink of the request the next :meth:`prefill_step` works on (None: none is joining)."""
-        return None
+    def next_prefill(self) -> list[TextSink]:
+        """The sinks of the requests the next :meth:`prefill_step` works on (empty: none is joining)."""
+        return []
 
     @abc.abstractmethod
     def decode_step(self) -> list[tuple[TextSink, Outcome]]:
@@ -133,7 +134,7 @@ def run_alone(batch: Batch, request: GenerationRequest, out: TextSink) -> Outcom
     try:
         outcome = batch.join(request, out)
         while outcome is None and batch.joining:
-            _, outcome, _ = batch.prefill_step()
+            ((_, outcome, _),) = batch.prefill_step()
         while outcome is None:
             for _, outcome in batch.decode_step():  # noqa: B007 (the one row's outcome is what ends the loop)
                 pass

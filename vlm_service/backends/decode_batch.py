@@ -2,10 +2,18 @@
 decode steps and leave it the step they finish.
 
 A :class:`DecodeBatch` holds the rows being decoded together and one KV cache for all of them,
-left-padded to a common length (an attention mask marks the padding). A new request is prefilled on
-its own (the vision encoder and the prompt, exactly as it would run alone), in chunks that the
-scheduler runs between decode steps (:meth:`DecodeBatch.prefill_step`; one chunk for a model that
-does not prefill in chunks), then its cache is merged into the batch. Each :meth:`DecodeBatch.decode_step` runs one forward pass for every row, picks each
+left-padded to a common length (an attention mask marks the padding). New requests are prefilled
+by :meth:`DecodeBatch.prefill_step`, which the scheduler runs between decode steps, then their caches
+are merged into the batch:
+
+- a model whose prefill is one piece prefills every request that is waiting to join at once, in one
+  pass each of the vision encoder and the language model (the backend's ``prefill_together``): eight
+  requests that arrive together cost about what one batched ``generate`` call costs;
+- a model that prefills in chunks (a large model on a CPU) runs the oldest joining request's next
+  chunk, the vision encoder and the prompt exactly as they would run alone; batching them would not
+  pay there (a CPU at that size is bound by compute, docs/performance.md).
+
+Each :meth:`DecodeBatch.decode_step` runs one forward pass for every row, picks each
 row's next token with that row's own options (greedy, or sampled with its own seeded generator; its own
 repetition penalty), streams each row's text to its sink, and drops rows that are finished (end of
 sequence, token budget, context length, cancelled RPC or stop string), so a finished row stops costing
@@ -66,6 +74,24 @@ class Prefiller(Protocol):
         """The prompt through the model, one chunk per ``next()``; returns the last logits, the KV cache
         and the next token's position id. Its chunks depend on the request only."""
 
+    @property
+    def prefills_together(self) -> bool:
+        """Whether requests that join at once are prefilled together (:meth:`prefill_together`) rather
+        than chunk by chunk (:meth:`prefill_steps`)."""
+
+    def prefill_together(self, requests: list[GenerationRequest], inputs: list) -> Prefilled:
+        """Several requests' prompts (each with its ``prepare`` outputs) through the model at once."""
+
+
+@dataclass
+class Prefilled:
+    """What a prefill of several rows at once leaves: per row, in order."""
+
+    logits: torch.Tensor  # (rows, vocabulary): each row's last position
+    cache: DynamicCache  # every row's keys and values, left-padded to the longest prompt
+    mask: torch.Tensor  # (rows, padded length): 1 for real tokens, 0 for padding
+    positions: list[int]  # each row's next position id
+
 
 class SeededSampler:
     """Draws a row's next token from its warped distribution with the row's own ``torch.Generator``.
@@ -114,7 +140,7 @@ class Joining:
     """A request whose prompt is being processed, one chunk per :meth:`DecodeBatch.prefill_step`."""
 
     row: Row
-    steps: Generator[None, None, tuple[torch.Tensor, DynamicCache, int]]
+    steps: Generator[None, None, tuple[torch.Tensor, DynamicCache, int]] | None  # None: prefilled together
     chunks: int = 0  # chunks run so far
 
 
@@ -143,14 +169,21 @@ class DecodeBatch(Batch):
         return len(self._joining)
 
     @property
-    def next_joining(self) -> TextSink | None:
-        return self._joining[0].row.sink if self._joining else None
+    def _together(self) -> bool:
+        return self.backend.prefills_together
+
+    @property
+    def next_prefill(self) -> list[TextSink]:
+        if self._together:
+            return [each.row.sink for each in self._joining]
+        return [self._joining[0].row.sink] if self._joining else []
 
     def join(self, request: GenerationRequest, sink: TextSink) -> Outcome | None:
-        """Queue ``request``'s prefill, which :meth:`prefill_step` runs chunk by chunk; its first token is
-        streamed when the last chunk ends. The processor is the prefill's first chunk: joining itself
-        costs the model's thread nothing, and the processor's work counts against the prefill budget
-        like any chunk (its picture arrives reduced to the model's bound, so it is a small one).
+        """Queue ``request``'s prefill, which :meth:`prefill_step` runs (chunk by chunk, or together with
+        the other requests joining); its first token is streamed when its prefill ends. Joining itself
+        costs the model's thread nothing: the processor runs in the prefill (its first chunk, when
+        chunked, which counts against the prefill budget like any chunk; its picture arrives reduced to
+        the model's bound, so it is a small one).
 
         Returns None: a request cancelled meanwhile ends at its first :meth:`prefill_step`, before any
         of its prefill runs.
@@ -170,7 +203,7 @@ class DecodeBatch(Batch):
                 else None
             ),
         )
-        self._joining.append(Joining(row, self._prefill_steps(row)))
+        self._joining.append(Joining(row, None if self._together else self._prefill_steps(row)))
         return None
 
     def _prefill_steps(self, row: Row):
@@ -180,18 +213,21 @@ class DecodeBatch(Batch):
         yield
         return (yield from self.backend.prefill_steps(row.request, inputs))
 
-    def prefill_step(self) -> tuple[TextSink, Outcome | None, bool]:
-        """The next chunk of the oldest joining request's prefill (the whole prefill, unchunked), after
-        its stop check (a request whose RPC ended runs no more of it). After its last chunk the
-        request's first token is streamed and it decodes with the others. Whatever happens, the request
-        is out of the joining queue unless it has chunks left."""
+    def prefill_step(self) -> list[tuple[TextSink, Outcome | None, bool]]:
+        """Prefill work for the joining requests: all of them at once when the model prefills together,
+        else the next chunk of the oldest one's prefill. A request whose RPC ended (its stop check, before
+        any of its work) runs no more of it. A request whose prefill is done has its first token
+        streamed and decodes with the others. Whatever happens, a request is out of the joining queue
+        unless it has chunks left."""
+        if self._together:
+            return self._prefill_together()
         joining = self._joining.popleft()
         row = joining.row
         try:
             if row.sink.should_stop():  # its RPC ended (or its deadline passed) before this chunk
                 joining.steps.close()
                 self._finish(row, FinishReason.STOP)
-                return row.sink, row.outcome, True
+                return [(row.sink, row.outcome, True)]
             with torch.inference_mode():
                 next(joining.steps)
         except StopIteration as done:
@@ -199,17 +235,45 @@ class DecodeBatch(Batch):
         else:
             joining.chunks += 1
             self._joining.appendleft(joining)
-            return row.sink, None, False
+            return [(row.sink, None, False)]
         row.position = next_position
         self._emit(row, self._choose(row, logits[0, -1].float()))
-        if row.done:
-            return row.sink, row.outcome, True
-        self._merge(cache, len(row.prompt_ids))
-        self.rows.append(row)
-        return row.sink, None, True
+        if not row.done:
+            length = len(row.prompt_ids)
+            self._merge(cache, torch.ones((1, length), dtype=torch.long, device=self.device))
+            self.rows.append(row)
+        return [(row.sink, row.outcome, True)]
 
-    def _merge(self, cache: DynamicCache, length: int) -> None:
-        new_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
+    def _prefill_together(self) -> list[tuple[TextSink, Outcome | None, bool]]:
+        """Every joining request's prefill in one pass (those whose RPC ended are left out)."""
+        group, self._joining = [each.row for each in self._joining], collections.deque()
+        live = []
+        for row in group:
+            if row.sink.should_stop():
+                self._finish(row, FinishReason.STOP)
+            else:
+                live.append(row)
+        if live:
+            with torch.inference_mode():
+                inputs = [self.backend.prepare(row.request) for row in live]
+                for row, each in zip(live, inputs, strict=True):
+                    row.prompt_ids = each["input_ids"][0].tolist()
+                prefilled = self.backend.prefill_together([row.request for row in live], inputs)
+            for index, row in enumerate(live):
+                row.position = prefilled.positions[index]
+                self._emit(row, self._choose(row, prefilled.logits[index].float()))
+            kept = [index for index, row in enumerate(live) if not row.done]
+            if kept:
+                cache, mask = prefilled.cache, prefilled.mask
+                if len(kept) < len(live):
+                    cache, mask = _rows_of(cache, mask, torch.tensor(kept, device=self.device))
+                self._merge(cache, mask)
+                self.rows.extend(live[index] for index in kept)
+        return [(row.sink, row.outcome, True) for row in group]
+
+    def _merge(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
+        """Add the rows of ``cache`` (left-padded as ``new_mask`` says) to the batch's."""
+        length = new_mask.shape[1]
         if self._cache is None:
             self._cache, self._mask = cache, new_mask
             return
@@ -288,14 +352,7 @@ class DecodeBatch(Batch):
         if not keep:
             self._cache, self._mask = None, None
             return
-        index = torch.tensor(keep, device=self.device)
-        mask = self._mask.index_select(0, index)
-        start = int((mask.sum(dim=0) > 0).nonzero()[0, 0])  # columns that are padding in every row go
-        self._mask = mask[:, start:]
-        self._cache = _cache_of(
-            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-            for k, v in _layers(self._cache)
-        )
+        self._cache, self._mask = _rows_of(self._cache, self._mask, torch.tensor(keep, device=self.device))
 
     def abort(self, joining: bool = True) -> list[TextSink]:
         """Drop every row (after a failed step), and with ``joining`` every joining request too;
@@ -306,8 +363,20 @@ class DecodeBatch(Batch):
         if joining:
             dropped, self._joining = list(self._joining), collections.deque()
             for each in dropped:
-                each.steps.close()
+                if each.steps is not None:
+                    each.steps.close()
         return [row.sink for row in rows] + [each.row.sink for each in dropped]
+
+
+def _rows_of(cache: DynamicCache, mask: torch.Tensor, index: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """The rows ``index`` of a left-padded cache and its mask, less the columns that are padding in
+    every one of them."""
+    mask = mask.index_select(0, index)
+    start = int((mask.sum(dim=0) > 0).nonzero()[0, 0])
+    cache = _cache_of(
+        (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in _layers(cache)
+    )
+    return cache, mask[:, start:]
 
 
 def _left_pad(tensor: torch.Tensor, amount: int) -> torch.Tensor:

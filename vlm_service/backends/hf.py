@@ -15,10 +15,12 @@ from collections.abc import Generator
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlm_service.backends.base import Backend
-from vlm_service.backends.decode_batch import DecodeBatch
+from vlm_service.backends.decode_batch import DecodeBatch, Prefilled
 from vlm_service.backends.runtime import ModelSpec, PrefillPolicy, Runtime, parameters, saved_dtype
 from vlm_service.types import GenerationRequest, ImageDetail
 
@@ -124,14 +126,11 @@ class TransformersBackend(Backend):
         if features is None:
             features = self.images.get(request.image_key, "features")
         if features is None:
-            pixels = inputs["pixel_values"]
-            if pixels.is_floating_point():
-                inputs["pixel_values"] = pixels.to(self.model.dtype)
-            vision = {key: inputs[key] for key in self.vision_inputs if key in inputs}
+            vision = self._cast({key: inputs[key] for key in self.vision_inputs if key in inputs})
             if self.prefill.chunked:
                 features = yield from self.encode_views(vision)
             else:
-                features = self.model.get_image_features(**vision, return_dict=True)
+                features = _pooled(self.model.get_image_features(**vision, return_dict=True).pooler_output)
             self.images.put(request.image_key, "features", features)
             self.images.drop_inputs(request.image_key, self.encoder_only_inputs)
         for key in self.encoder_only_inputs:
@@ -140,7 +139,7 @@ class TransformersBackend(Backend):
         span = self.prefill.text_chunk_tokens if self.prefill.chunked else None
         if span is None or length <= span:
             output = self.model(**inputs, mm_encoder_outputs={"image": features}, use_cache=True, logits_to_keep=1)
-            return output.logits, output.cache, length + self.position_offset()
+            return output.logits, output.cache, self.next_positions([length])[0]
         embeds, mask, cache = self.embed_prompt(inputs, features), inputs["attention_mask"], None
         for start in range(0, length, span):
             end = min(length, start + span)
@@ -154,7 +153,7 @@ class TransformersBackend(Backend):
             cache = output.cache
             if end < length:
                 yield
-        return output.logits, cache, length + self.position_offset()
+        return output.logits, cache, self.next_positions([length])[0]
 
     #: How the family can cut a prefill into chunks (it implements encode_views and embed_prompt, and
     #: its text positions follow the cache's length), with the chunk sizes measured for its model; None:
@@ -164,17 +163,109 @@ class TransformersBackend(Backend):
     def encode_views(self, vision: dict[str, torch.Tensor]) -> Generator[None, None, Any]:
         """The vision encoder's output for ``vision`` (the processor's vision inputs), a chunk per ``next()``.
         Default: one chunk, the whole picture."""
-        return self.model.get_image_features(**vision, return_dict=True)
+        return _pooled(self.model.get_image_features(**vision, return_dict=True).pooler_output)
         yield  # a generator that does its work in one piece
+
+    def _cast(self, vision: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Vision inputs with the pixels in the model's dtype."""
+        pixels = vision["pixel_values"]
+        return {**vision, "pixel_values": pixels.to(self.model.dtype)} if pixels.is_floating_point() else vision
 
     def embed_prompt(self, inputs: dict[str, torch.Tensor], features: Any) -> torch.Tensor:
         """The prompt's input embeddings with the image's features in place of its image tokens."""
         raise NotImplementedError(f"{type(self).__name__} prefills its prompt in one piece")
 
-    def position_offset(self) -> int:
-        """How far the next text position is from the prompt length (multimodal RoPE shifts it)."""
-        return 0
+    def next_positions(self, lengths: list[int]) -> list[int]:
+        """The position id of each row's next token after a prefill of rows of ``lengths`` tokens
+        (left-padded together or alone): the row's length (multimodal RoPE shifts it)."""
+        return lengths
+
+    def text_positions(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """Position ids for left-padded prompts with attention ``mask`` (each row counts from its first
+        real token, as alone); None: the model computes them from the mask itself."""
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def prefills_together(self) -> bool:
+        """Whether the prompts of requests that join at once go through the model together
+        (:meth:`prefill_together`): when the prefill is one piece (not chunked)."""
+        return not self.prefill.chunked
+
+    def prefill_together(self, requests: list[GenerationRequest], inputs: list) -> Prefilled:
+        """Several requests' prefills in one pass each of the vision encoder and the language model.
+
+        Pictures whose features are cached are not encoded again, and a picture two of the requests
+        share is encoded once. The others go through the vision encoder together, in groups of views
+        of one shape (no padding between pictures); the prompts go through the language model
+        left-padded to the longest, each row with its own positions, as ``generate`` batches them.
+        On this CPU a row's numbers equal the same request's alone in float32 (tested); batched
+        bfloat16 matrices may round differently (docs/guarantees.md)."""
+        inputs = [dict(each.to(self._device)) for each in inputs]
+        features: list[Any] = [None] * len(requests)
+        pending: dict[str, list[int]] = {}  # the pictures to encode (by image key), the rows that use each
+        for row, request in enumerate(requests):
+            if request.image_key in pending:  # an earlier row's picture: encoded once for both
+                pending[request.image_key].append(row)
+                self.images.shared("features")
+                continue
+            features[row] = self.images.get(request.image_key, "features")
+            if features[row] is not None:
+                continue
+            if "pixel_values" not in inputs[row]:  # evicted since prepare(): process the picture afresh
+                encoded = self.encode([self.prompt(request)], [request.image], request.detail)
+                inputs[row] = dict(encoded.to(self._device))
+            pending.setdefault(request.image_key or f"row {row}", []).append(row)
+        firsts = [rows[0] for rows in pending.values()]
+        for rows, computed in zip(
+            pending.values(), self._encode_together([inputs[row] for row in firsts]), strict=True
+        ):
+            for row in rows:
+                features[row] = computed
+            self.images.put(requests[rows[0]].image_key, "features", computed)
+            self.images.drop_inputs(requests[rows[0]].image_key, self.encoder_only_inputs)
+        lengths = [each["input_ids"].shape[1] for each in inputs]
+        padded = max(lengths)
+        batch: dict[str, torch.Tensor] = {}
+        for key in inputs[0]:
+            if key in self.encoder_only_inputs:
+                continue
+            values = [each[key] for each in inputs]
+            if values[0].dim() == 2 and values[0].shape == (1, lengths[0]):  # per token: left-padded
+                fill = (self.tokenizer.pad_token_id or 0) if key == "input_ids" else 0
+                values = [F.pad(value, (padded - value.shape[1], 0), value=fill) for value in values]
+            batch[key] = torch.cat(values)
+        positions = self.text_positions(batch["attention_mask"])
+        if positions is not None:
+            batch["position_ids"] = positions
+        pooled = [part for each in features for part in each.pooler_output]
+        output = self.model(**batch, mm_encoder_outputs={"image": _pooled(pooled)}, use_cache=True, logits_to_keep=1)
+        return Prefilled(output.logits[:, -1], output.cache, batch["attention_mask"], self.next_positions(lengths))
+
+    def _encode_together(self, visions: list[dict[str, torch.Tensor]]) -> list[Any]:
+        """The vision encoder's features for each picture's inputs, pictures whose views share a shape in
+        one call (each picture's own entry of the pooled output)."""
+        out: list[Any] = [None] * len(visions)
+        groups: dict[tuple, list[int]] = {}
+        for index, each in enumerate(visions):
+            shape = tuple(tuple(each[key].shape[1:]) for key in self.vision_inputs if key in each)
+            groups.setdefault(shape, []).append(index)
+        for indices in groups.values():
+            joined = {
+                key: torch.cat([visions[i][key] for i in indices])
+                for key in self.vision_inputs
+                if key in visions[indices[0]]
+            }
+            pooled = self.model.get_image_features(**self._cast(joined), return_dict=True).pooler_output
+            for index, part in zip(indices, pooled, strict=True):
+                out[index] = _pooled([part])
+        return out
 
     def new_batch(self, max_rows: int) -> DecodeBatch:
         """A decode batch of up to ``max_rows`` rows (``generate`` runs one alone in a batch of one)."""
         return DecodeBatch(self, max_rows)
+
+
+def _pooled(parts) -> BaseModelOutputWithPooling:
+    """Vision features as the model takes them back (``mm_encoder_outputs``): the pooled output only, a
+    list of one tensor per picture (the rest of the encoder's output is not kept)."""
+    return BaseModelOutputWithPooling(pooler_output=list(parts))

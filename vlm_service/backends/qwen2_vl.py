@@ -35,9 +35,13 @@ class Qwen2VLBackend(TransformersBackend):
     vision_inputs = ("pixel_values", "image_grid_thw")
     encoder_only_inputs = ("pixel_values",)  # the grid sizes also place the image tokens (M-RoPE)
 
-    def position_offset(self) -> int:
-        # The prefill just computed the prompt's 3-D positions; text after it is shifted by this delta.
-        return int(self.model.model.rope_deltas[0, 0])
+    def next_positions(self, lengths: list[int]) -> list[int]:
+        # The prefill just computed the prompts' 3-D positions (from the attention mask, padding left
+        # out); each row's text after it is shifted by its delta from the row's length.
+        return [length + int(delta) for length, delta in zip(lengths, self.model.model.rope_deltas[:, 0], strict=True)]
+
+    def text_positions(self, mask):
+        return None  # M-RoPE: the model computes each row's 3-D positions from the mask
 
     def prompt(self, request: GenerationRequest) -> str:
         text = request.question if request.task is Task.QUERY else CAPTION_PROMPTS[request.length]

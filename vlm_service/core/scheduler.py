@@ -253,25 +253,28 @@ class Scheduler:
             self._finished(job, outcome)
 
     def _prefill(self) -> None:
-        """Chunks of the joining requests' prefills, oldest first, until they are all in or, while
-        other requests are decoding, ``prefill_budget`` seconds have run (at least one chunk): the
-        streams already running wait for one slice of a new request's prefill, never all of it."""
+        """Prefill work for the joining requests (chunks, oldest first, or several prompts at once),
+        until they are all in or, while other requests are decoding, ``prefill_budget`` seconds have run
+        (at least one step): the streams already running wait for one slice of a new request's
+        prefill, never all of it."""
         batch = self.batch
         until = time.monotonic() + self.prefill_budget
         while batch.joining:
-            job = batch.next_joining
+            jobs = batch.next_prefill
             failure = None
             try:
-                _, outcome, joined = batch.prefill_step()
+                results = batch.prefill_step()
             except Exception as exc:
                 failure = exc
             self.progress = time.monotonic()
-            if failure is not None:  # only this request is touched: it has left the batch
-                self._failed([job], failure)
-            elif joined:
-                job.timeline.prefilled(self.progress, outcome)
-                if outcome is not None:
-                    self._finished(job, outcome)
+            if failure is not None:  # only these requests are touched: they have left the batch
+                self._failed(jobs, failure)
+            else:
+                for job, outcome, joined in results:  # each sink is its job
+                    if joined:
+                        job.timeline.prefilled(self.progress, outcome)
+                        if outcome is not None:
+                            self._finished(job, outcome)
             if len(batch) and self.progress >= until:
                 return
 

@@ -75,6 +75,12 @@ class ImageCache:
             self.hits[kind] += 1
         return value
 
+    def shared(self, kind: str) -> None:
+        """Count a hit for a request that takes ``kind`` from another request's computation of the same
+        picture in the same step (a batched prefill encodes a picture once for all who sent it)."""
+        with self._lock:
+            self.hits[kind] += 1
+
     def get_or_compute(self, digest: str, kind: str, compute) -> Any:
         """The cached ``kind`` of the image, or ``compute()`` cached. Callers on one picture in several
         threads at once compute it once: the others wait for that one and take its result (a
