@@ -77,6 +77,14 @@ class Settings:
         "Qwen2-VL and Moondream prefill in one piece.",
         choices=("auto", "on", "off"),
     )
+    vision_runtime: str = _setting(
+        "auto",
+        "What runs SmolVLM's vision encoder layers: torch, openvino (OpenVINO's CPU runtime, converted from "
+        "the loaded weights at the model's first picture; CPU only), or auto (openvino on a CPU for a model "
+        "of 50M parameters or more, where its prefill is mostly the encoder; torch otherwise). Qwen2-VL and "
+        "Moondream always use torch.",
+        choices=("auto", "torch", "openvino"),
+    )
     prefill_budget_ms: float = _setting(
         250.0,
         "Milliseconds of prefill work (requests joining a batch) between two decode steps while others stream; "

@@ -79,21 +79,34 @@ def test_a_real_size_twin_streams_whole_text_to_the_asked_length(twin_server, ki
 
 
 def test_at_real_size_the_chunked_encoder_gives_the_models_own_features(twin_server):
-    """The default layer chunks (3 of SigLIP's 12 layers over one view) give bit for bit the features of
-    the model's own ``get_image_features``, in the dtype the service chose for it (bfloat16 on a CPU with
-    bfloat16 instructions, float32 otherwise)."""
+    """At its defaults on a CPU, a model this size runs its encoder's layers with OpenVINO, three of
+    SigLIP's 12 layers per chunk over one view, in the dtype the service chose (bfloat16 on a CPU with
+    bfloat16 instructions, float32 otherwise): within that dtype's rounding of the model's own
+    ``get_image_features``. With PyTorch's layers (``--vision-runtime torch``) the same chunks give its
+    features bit for bit."""
     import torch
 
     from vlm_service.types import GenerationRequest, SamplingParams, Task
 
     backend = twin_server.engine.models["twin"].backend
     assert backend.prefill.chunked, "a model of this size prefills in chunks by default"
+    assert backend.encodes_views, "a model of this size on a CPU runs its encoder with OpenVINO by default"
     request = GenerationRequest("r", "twin", Task.CAPTION, shape_image(size=(512, 512)), SamplingParams(4))
     inputs = backend.encode([backend.prompt(request)], [request.image])
     vision = {key: inputs[key] for key in ("pixel_values", "pixel_attention_mask")}
     with torch.inference_mode():
         expected = torch.cat(list(backend.model.get_image_features(**vision, return_dict=True).pooler_output))
         chunks, output = drain(backend.encode_views(vision))
+        openvino, backend._openvino = backend._openvino, None
+        try:
+            _, own = drain(backend.encode_views(vision))
+        finally:
+            backend._openvino = openvino
     features = torch.cat(list(output.pooler_output))
     assert chunks == 12 // backend.prefill.vision_chunk_layers
-    assert features.dtype == backend.model.dtype and torch.equal(features, expected)
+    assert features.dtype == backend.model.dtype
+    difference, scale = (features.float() - expected.float()).abs().max(), expected.float().abs().max()
+    assert difference <= 0.05 * scale, (difference, scale)
+    cosine = torch.nn.functional.cosine_similarity(features.float(), expected.float(), dim=-1)
+    assert cosine.min() > 0.99, cosine.min()
+    assert torch.equal(torch.cat(list(own.pooler_output)), expected)

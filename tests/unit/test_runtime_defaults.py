@@ -1,8 +1,11 @@
-"""The automatic runtime choices: the dtype a model computes in and the torch threads it gets."""
+"""The automatic runtime choices: the dtype a model computes in, the torch threads it gets and what runs
+its vision encoder."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,3 +88,39 @@ def test_the_edge_reads_image_detail_from_captions_queries_and_watch_configs(set
     with pytest.raises(InvalidInput) as info:
         convert.watch_config(pb.WatchRequest(config=pb.WatchConfig(detail=7)), settings)
     assert info.value.field == "config.detail" and "unknown image detail 7" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "parameters", "expected"),
+    [
+        ("auto", "cpu", LARGE_MODEL_PARAMETERS, True),  # a large model on a CPU: its prefill is its encoder
+        ("auto", "cpu", LARGE_MODEL_PARAMETERS - 1, False),
+        ("auto", "cuda", LARGE_MODEL_PARAMETERS, False),
+        ("torch", "cpu", LARGE_MODEL_PARAMETERS, False),
+        ("openvino", "cpu", 1, True),
+    ],
+)
+def test_the_vision_runtime_is_openvino_for_a_large_model_on_a_cpu_or_when_asked(setting, device, parameters, expected):
+    runtime = Runtime(vision_runtime=setting)
+    assert runtime.openvino_vision(parameters, torch.device(device)) is expected
+
+
+def test_openvino_asked_for_on_a_gpu_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="runs on a CPU"):
+        Runtime(vision_runtime="openvino").openvino_vision(1, torch.device("cuda"))
+
+
+def test_openvino_is_imported_with_its_telemetry_off():
+    """Importing openvino imports its converter, which would send usage events unless the user opted
+    out; the service imports it with openvino_telemetry blocked, so OpenVINO takes its no-op stub. In a
+    new interpreter: nothing else may have imported either first."""
+    code = (
+        "import sys\n"
+        "from vlm_service.backends.openvino import import_openvino\n"
+        "import_openvino()\n"
+        "import openvino.tools.ovc.telemetry_utils as used\n"
+        "assert used.tm.__name__ == 'openvino.tools.ovc.telemetry_stub', used.tm.__name__\n"
+        "assert sys.modules['openvino_telemetry'] is None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

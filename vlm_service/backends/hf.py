@@ -127,7 +127,7 @@ class TransformersBackend(Backend):
             features = self.images.get(request.image_key, "features")
         if features is None:
             vision = self._cast({key: inputs[key] for key in self.vision_inputs if key in inputs})
-            if self.prefill.chunked:
+            if self.prefill.chunked or self.encodes_views:
                 features = yield from self.encode_views(vision)
             else:
                 features = _pooled(self.model.get_image_features(**vision, return_dict=True).pooler_output)
@@ -170,6 +170,10 @@ class TransformersBackend(Backend):
         """Vision inputs with the pixels in the model's dtype."""
         pixels = vision["pixel_values"]
         return {**vision, "pixel_values": pixels.to(self.model.dtype)} if pixels.is_floating_point() else vision
+
+    #: Whether the family computes vision features with :meth:`encode_views` even when its prefill is
+    #: one piece (its encoder layers run outside PyTorch: SmolVLM with ``--vision-runtime openvino``).
+    encodes_views: bool = False
 
     def embed_prompt(self, inputs: dict[str, torch.Tensor], features: Any) -> torch.Tensor:
         """The prompt's input embeddings with the image's features in place of its image tokens."""
@@ -244,6 +248,8 @@ class TransformersBackend(Backend):
     def _encode_together(self, visions: list[dict[str, torch.Tensor]]) -> list[Any]:
         """The vision encoder's features for each picture's inputs, pictures whose views share a shape in
         one call (each picture's own entry of the pooled output)."""
+        if self.encodes_views:  # its own encoder path: picture by picture
+            return [_drained(self.encode_views(self._cast(vision))) for vision in visions]
         out: list[Any] = [None] * len(visions)
         groups: dict[tuple, list[int]] = {}
         for index, each in enumerate(visions):
@@ -269,3 +275,12 @@ def _pooled(parts) -> BaseModelOutputWithPooling:
     """Vision features as the model takes them back (``mm_encoder_outputs``): the pooled output only, a
     list of one tensor per picture (the rest of the encoder's output is not kept)."""
     return BaseModelOutputWithPooling(pooler_output=list(parts))
+
+
+def _drained(steps: Generator[None, None, Any]) -> Any:
+    """What a chunked computation returns, all its chunks run at once."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import torch
@@ -10,8 +11,10 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlm_service.backends.hf import TransformersBackend
-from vlm_service.backends.runtime import PrefillPolicy
+from vlm_service.backends.runtime import PrefillPolicy, parameters
 from vlm_service.types import CaptionLength, GenerationRequest, ImageBound, ImageDetail, ImageTiling, Task
+
+logger = logging.getLogger(__name__)
 
 #: The instruction sent for each caption length.
 CAPTION_PROMPTS = {
@@ -26,6 +29,22 @@ class SmolVLMBackend(TransformersBackend):
     languages = ("en",)
     vision_inputs = ("pixel_values", "pixel_attention_mask")
     encoder_only_inputs = ("pixel_values", "pixel_attention_mask")
+
+    #: The encoder's layers run by OpenVINO (``--vision-runtime``), or None: by PyTorch.
+    _openvino = None
+
+    def load(self) -> None:
+        super().load()
+        if self.runtime.openvino_vision(parameters(self.model), self._device):
+            from vlm_service.backends.openvino import OpenVINOLayers
+
+            layers = self.model.model.vision_model.encoder.layers
+            self._openvino = OpenVINOLayers(layers, self.model.dtype, torch.get_num_threads())
+            logger.info("%s: vision encoder layers run with OpenVINO", self.spec.name)
+
+    @property
+    def encodes_views(self) -> bool:
+        return self._openvino is not None
 
     def prompt(self, request: GenerationRequest) -> str:
         text = request.question if request.task is Task.QUERY else CAPTION_PROMPTS[request.length]
@@ -69,10 +88,13 @@ class SmolVLMBackend(TransformersBackend):
             config=vision.config, inputs_embeds=hidden, attention_mask=patch_mask.view(pixel_values.shape[0], -1)
         )
         layers = vision.encoder.layers
-        step = self.prefill.vision_chunk_layers
+        step = self.prefill.vision_chunk_layers or len(layers)
         for start in range(0, len(layers), step):
             if start:
                 yield
+            if self._openvino is not None:
+                hidden = self._openvino(start, min(start + step, len(layers)), hidden, _boolean(attention))
+                continue
             for layer in layers[start : start + step]:
                 hidden = layer(hidden, attention)
         features = base.connector(vision.post_layernorm(hidden))
@@ -117,3 +139,10 @@ class SmolVLMBackend(TransformersBackend):
             padding=True,
             **splitting.get(detail, {}),
         )
+
+
+def _boolean(attention: torch.Tensor | None) -> torch.Tensor | None:
+    """The encoder's attention mask as booleans (True: attend); None stays None (every patch real)."""
+    if attention is None or attention.dtype == torch.bool:
+        return attention
+    return attention == 0  # an additive mask: 0 where attended, a large negative number elsewhere
