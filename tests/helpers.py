@@ -178,6 +178,25 @@ class StepGate:
         self.remove()
 
 
+class Sink:
+    """A TextSink for driving a backend's batch directly: keeps what its row writes; ``stop`` ends the
+    row at its next stop check."""
+
+    def __init__(self, stop: bool = False):
+        self.pieces: list[str] = []
+        self.stop = stop
+
+    def add_text(self, piece: str) -> None:
+        self.pieces.append(piece)
+
+    def should_stop(self) -> bool:
+        return self.stop
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
 def keep_up(job) -> None:
     """A step gate that paces a generation to its reader: each decode step waits until the RPC has
     taken everything sent so far, so a client that keeps up gets each token's text as its own message."""

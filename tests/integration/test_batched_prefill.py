@@ -13,28 +13,12 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.helpers import shape_image
+from tests.helpers import Sink, shape_image
 from vlm_service.backends.base import run_alone
 from vlm_service.backends.qwen2_vl import Qwen2VLBackend
 from vlm_service.backends.runtime import ModelSpec, Runtime
 from vlm_service.backends.smolvlm import SmolVLMBackend
 from vlm_service.types import GenerationRequest, SamplingParams, Task
-
-
-class Sink:
-    def __init__(self, stop: bool = False):
-        self.pieces: list[str] = []
-        self.stop = stop
-
-    def add_text(self, piece: str) -> None:
-        self.pieces.append(piece)
-
-    def should_stop(self) -> bool:
-        return self.stop
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
 
 
 @pytest.fixture(scope="module", params=["smolvlm", "qwen2-vl"])

@@ -19,6 +19,7 @@ import pytest
 
 from tests.helpers import (
     ServerThread,
+    Sink,
     StepGate,
     caption_request,
     drain,
@@ -36,18 +37,6 @@ from vlm_service.types import GenerationRequest, SamplingParams, Task
 
 TEXT_SPAN = 48
 VISION_LAYERS = 1
-
-
-class Sink:
-    def __init__(self):
-        self.pieces: list[str] = []
-        self.stop = False
-
-    def add_text(self, piece: str) -> None:
-        self.pieces.append(piece)
-
-    def should_stop(self) -> bool:
-        return self.stop
 
 
 @pytest.fixture(scope="module")

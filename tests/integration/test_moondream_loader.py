@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+from tests.helpers import Sink
 from vlm_checkpoints import shapes
 from vlm_service.backends import runtime
 from vlm_service.backends.moondream import MoondreamBackend
@@ -54,17 +55,6 @@ def by_hand(checkpoint):
 
 def picture(colour="green", shape="triangle", seed=3):
     return shapes.draw(shapes.Scene(colour, shape, "white"), random.Random(seed))
-
-
-class Collect:
-    def __init__(self):
-        self.pieces = []
-
-    def add_text(self, piece):
-        self.pieces.append(piece)
-
-    def should_stop(self):
-        return False
 
 
 def test_the_previous_loader_fails_on_the_stand_in(checkpoint):
@@ -112,7 +102,7 @@ def test_streamed_answers_equal_the_hand_loaded_models(backend, by_hand, task):
     image = picture("blue", "square", seed=7)
     question = shapes.COLOUR_QUESTION if task is Task.QUERY else ""
     request = GenerationRequest("t", "noise-moondream", task, image, SamplingParams(30), question, CaptionLength.SHORT)
-    sink = Collect()
+    sink = Sink()
     backend.generate(request, sink)
     settings = {"temperature": 0, "max_tokens": 30}
     encoded = by_hand.encode_image(image)
@@ -133,7 +123,7 @@ def test_the_asked_dtype_applies_and_is_what_is_reported(backend, caplog):
     assert "makes float32 weights; cast to bfloat16" in caplog.text and "as bfloat16" in caplog.text
     assert again.model.model.text.freqs_cis.dtype == torch.float32, "the code's buffers keep their dtype"
     request = GenerationRequest("t", "m", Task.CAPTION, picture(), SamplingParams(12), length=CaptionLength.SHORT)
-    sink = Collect()
+    sink = Sink()
     again.generate(request, sink)
     assert "".join(sink.pieces).strip()
 
@@ -185,7 +175,7 @@ def test_bfloat16_code_keeps_bfloat16_on_a_cpu_with_bfloat16_instructions(bfloat
     backend.load()
     assert backend.dtype == "bfloat16" and {p.dtype for p in backend.model.parameters()} == {torch.bfloat16}
     assert "cast to" not in caplog.text and "as bfloat16" in caplog.text
-    image, sink = picture("red", "circle"), Collect()
+    image, sink = picture("red", "circle"), Sink()
     request = GenerationRequest("t", "md-bf16", Task.CAPTION, image, SamplingParams(30), "", CaptionLength.SHORT)
     backend.generate(request, sink)
     model_class = get_class_from_dynamic_module(CLASS, bfloat16_checkpoint)
