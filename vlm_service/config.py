@@ -77,13 +77,12 @@ class Settings:
         "Qwen2-VL and Moondream prefill in one piece.",
         choices=("auto", "on", "off"),
     )
-    vision_runtime: str = _setting(
+    openvino: str = _setting(
         "auto",
-        "What runs SmolVLM's vision encoder layers: torch, openvino (OpenVINO's CPU runtime, converted from "
-        "the loaded weights at the model's first picture; CPU only), or auto (openvino on a CPU for a model "
-        "of 50M parameters or more, where its prefill is mostly the encoder; torch otherwise). Qwen2-VL and "
-        "Moondream always use torch.",
-        choices=("auto", "torch", "openvino"),
+        "Run SmolVLM's vision encoder layers and its decode steps with OpenVINO's CPU runtime, converted from "
+        "the loaded weights when first used (CPU only): on, off, or auto (on for a model of 50M parameters "
+        "or more on a CPU). Qwen2-VL and Moondream always run on PyTorch.",
+        choices=("auto", "on", "off"),
     )
     prefill_budget_ms: float = _setting(
         250.0,

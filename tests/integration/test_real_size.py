@@ -82,7 +82,7 @@ def test_at_real_size_the_chunked_encoder_gives_the_models_own_features(twin_ser
     """At its defaults on a CPU, a model this size runs its encoder's layers with OpenVINO, three of
     SigLIP's 12 layers per chunk over one view, in the dtype the service chose (bfloat16 on a CPU with
     bfloat16 instructions, float32 otherwise): within that dtype's rounding of the model's own
-    ``get_image_features``. With PyTorch's layers (``--vision-runtime torch``) the same chunks give its
+    ``get_image_features``. With PyTorch's layers (``--openvino off``) the same chunks give its
     features bit for bit."""
     import torch
 

@@ -1,5 +1,5 @@
-"""The automatic runtime choices: the dtype a model computes in, the torch threads it gets and what runs
-its vision encoder."""
+"""The automatic runtime choices: the dtype a model computes in, the torch threads it gets and whether
+OpenVINO runs its encoder and decode steps."""
 
 from __future__ import annotations
 
@@ -93,21 +93,21 @@ def test_the_edge_reads_image_detail_from_captions_queries_and_watch_configs(set
 @pytest.mark.parametrize(
     ("setting", "device", "parameters", "expected"),
     [
-        ("auto", "cpu", LARGE_MODEL_PARAMETERS, True),  # a large model on a CPU: its prefill is its encoder
+        ("auto", "cpu", LARGE_MODEL_PARAMETERS, True),  # a large model on a CPU: compute-bound
         ("auto", "cpu", LARGE_MODEL_PARAMETERS - 1, False),
         ("auto", "cuda", LARGE_MODEL_PARAMETERS, False),
-        ("torch", "cpu", LARGE_MODEL_PARAMETERS, False),
-        ("openvino", "cpu", 1, True),
+        ("off", "cpu", LARGE_MODEL_PARAMETERS, False),
+        ("on", "cpu", 1, True),
     ],
 )
-def test_the_vision_runtime_is_openvino_for_a_large_model_on_a_cpu_or_when_asked(setting, device, parameters, expected):
-    runtime = Runtime(vision_runtime=setting)
-    assert runtime.openvino_vision(parameters, torch.device(device)) is expected
+def test_openvino_runs_a_large_model_on_a_cpu_or_when_asked(setting, device, parameters, expected):
+    runtime = Runtime(openvino=setting)
+    assert runtime.uses_openvino(parameters, torch.device(device)) is expected
 
 
 def test_openvino_asked_for_on_a_gpu_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="runs on a CPU"):
-        Runtime(vision_runtime="openvino").openvino_vision(1, torch.device("cuda"))
+        Runtime(openvino="on").uses_openvino(1, torch.device("cuda"))
 
 
 def test_openvino_is_imported_with_its_telemetry_off():

@@ -74,6 +74,12 @@ class Prefiller(Protocol):
         """The prompt through the model, one chunk per ``next()``; returns the last logits, the KV cache
         and the next token's position id. Its chunks depend on the request only."""
 
+    def decode(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """One decode step: each row's next-token logits (rows, vocabulary) and the cache one position
+        longer."""
+
     @property
     def prefills_together(self) -> bool:
         """Whether requests that join at once are prefilled together (:meth:`prefill_together`) rather
@@ -295,15 +301,8 @@ class DecodeBatch(Batch):
         input_ids = torch.tensor([[row.next_token] for row in self.rows], device=self.device)
         positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
         with torch.inference_mode():
-            output = self.model(
-                input_ids=input_ids,
-                attention_mask=self._mask,
-                position_ids=positions,
-                cache=self._cache,  # extended in place by one position
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        logits = output.logits[:, -1].float()
+            logits, self._cache = self.backend.decode(input_ids, self._mask, positions, self._cache)
+        logits = logits.float()
         if all(row.sampler is None and row.penalty is None for row in self.rows):
             chosen = logits.argmax(dim=-1).tolist()
         else:

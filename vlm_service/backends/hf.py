@@ -172,12 +172,26 @@ class TransformersBackend(Backend):
         return {**vision, "pixel_values": pixels.to(self.model.dtype)} if pixels.is_floating_point() else vision
 
     #: Whether the family computes vision features with :meth:`encode_views` even when its prefill is
-    #: one piece (its encoder layers run outside PyTorch: SmolVLM with ``--vision-runtime openvino``).
+    #: one piece (its encoder layers run outside PyTorch: SmolVLM with ``--openvino``).
     encodes_views: bool = False
 
     def embed_prompt(self, inputs: dict[str, torch.Tensor], features: Any) -> torch.Tensor:
         """The prompt's input embeddings with the image's features in place of its image tokens."""
         raise NotImplementedError(f"{type(self).__name__} prefills its prompt in one piece")
+
+    def decode(self, input_ids, mask, positions, cache):
+        """One decode step for every row of a batch: the model's forward pass over one new position per
+        row (``mask`` the batch's attention mask, ``positions`` each row's position id); returns each
+        row's logits and the cache one position longer."""
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.logits[:, -1], output.cache
 
     def next_positions(self, lengths: list[int]) -> list[int]:
         """The position id of each row's next token after a prefill of rows of ``lengths`` tokens

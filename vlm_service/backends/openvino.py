@@ -1,17 +1,23 @@
-"""A vision encoder's layers run by OpenVINO's CPU runtime instead of PyTorch (``--vision-runtime``).
+"""SmolVLM's vision encoder layers and its decode steps run by OpenVINO's CPU runtime instead of
+PyTorch (``--openvino``).
 
-On a CPU, a picture's prefill is mostly its vision encoder (SmolVLM-256M: 12 layers over 1,024
-patches a view), and OpenVINO runs those layers faster than PyTorch's eager kernels (docs/performance.md:
-1.32x a group of three layers, 1.47x the whole encoder, bfloat16 both, on this project's 2-core CPU).
-Only the encoder's layers move: the patch embeddings, the post-layernorm and the connector stay in
-PyTorch (they are a small part of the work), so the backend's prefill keeps its chunks: a group of
-layers is one OpenVINO model, converted from the loaded PyTorch layers with ``openvino.convert_model``
-(no export step, nothing downloaded) the first time the group runs, and compiled for the CPU.
+On a CPU, a picture's prefill is mostly its vision encoder (SmolVLM-256M: 12 layers over 1,024 patches
+a view), and a stream's pace is its decode step; OpenVINO runs both faster than PyTorch's eager kernels
+(docs/performance.md). What moves, converted from the loaded PyTorch modules with
+``openvino.convert_model`` (no export step, nothing downloaded) the first time it runs, then compiled
+for the CPU:
+
+- :class:`OpenVINOLayers`: groups of the encoder's layers, one OpenVINO model per group that a
+  prefill chunk runs; the patch embeddings, the post-layernorm and the connector stay in PyTorch, so
+  the backend's prefill keeps its chunks;
+- :class:`OpenVINODecoder`: the language model's decode step, one token for each row of the batch,
+  the KV cache passed in and returned (a tensor pair per layer), so the continuous batch merges, pads
+  and drops rows of it as before; the prompt's prefill stays in PyTorch.
 
 The models compute in the PyTorch model's dtype (OpenVINO's inference precision set to match: bfloat16
-for a bfloat16 model, float32 for a float32 one). Their numbers are not PyTorch's to the last bit (other
-kernels, other rounding), but depend on the request alone, so a request's answer is the same alone as
-in a batch, as with PyTorch's layers.
+for a bfloat16 model, float32 for a float32 one). Their numbers are not PyTorch's to the last bit
+(other kernels, other rounding), and a row's numbers in a batch may differ from the same request's
+alone in their last bits as with PyTorch's batched matrices (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from transformers import DynamicCache
 
 
 def import_openvino():
@@ -105,6 +113,98 @@ class OpenVINOLayers:
         precision = "bf16" if self._dtype == torch.bfloat16 else "f32"
         return self._core.compile_model(
             edges.build(), "CPU", {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": self._threads}
+        )
+
+
+class _Step(torch.nn.Module):
+    """One decode step of a language model with its head (what is converted): token ids, the attention
+    mask and positions, then each layer's cached keys and values; out come the last position's logits
+    and each layer's keys and values, one position longer."""
+
+    def __init__(self, text_model: torch.nn.Module, head: torch.nn.Module, layers: int):
+        super().__init__()
+        self.text_model, self.head, self.layers = text_model, head, layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        cache = DynamicCache()
+        for index in range(self.layers):
+            keys, values = past[2 * index], past[2 * index + 1]
+            cache.update(keys[:, :, :0], values[:, :, :0], index)  # an empty layer of the right rank...
+            cache.layers[index].keys, cache.layers[index].values = keys, values  # ...then the cache itself
+        output = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+        )
+        out = [self.head(output.last_hidden_state[:, -1])]
+        for layer in cache.layers:
+            out += [layer.keys, layer.values]
+        return tuple(out)
+
+
+class OpenVINODecoder:
+    """A language model's decode step run by OpenVINO: ``(input_ids, attention_mask, position_ids,
+    cache) -> (logits, cache)``, as the model's forward pass over one new position per row.
+
+    ``text_model`` takes ``input_ids``, ``attention_mask``, ``position_ids`` and a ``DynamicCache``;
+    ``head`` turns its last hidden state into logits. ``threads``: OpenVINO's threads for inference."""
+
+    def __init__(self, text_model: torch.nn.Module, head: torch.nn.Module, dtype: torch.dtype, threads: int):
+        self._openvino = import_openvino()
+        self._core = self._openvino.Core()
+        self._step = _Step(text_model, head, len(text_model.layers)).eval()
+        self._dtype = dtype
+        self._threads = max(1, threads)
+        self._compiled = None
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        past = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+        request = self._model(past).create_infer_request()
+        inputs = [input_ids.numpy(), attention_mask.numpy(), position_ids.numpy()]
+        result = request.infer(inputs + [self._tensor(tensor) for tensor in past], share_inputs=True)
+        outputs = [self._torch(result[index]) for index in range(1 + len(past))]
+        new = DynamicCache()
+        for index in range(len(past) // 2):
+            new.update(outputs[1 + 2 * index], outputs[2 + 2 * index], index)
+        return outputs[0].float(), new
+
+    def _tensor(self, tensor: torch.Tensor):
+        """A cache tensor as OpenVINO takes it, sharing its memory (bfloat16 through its raw bits)."""
+        tensor = tensor.contiguous()
+        if tensor.dtype != torch.bfloat16:
+            return tensor.numpy()
+        shape = self._openvino.Shape(list(tensor.shape))
+        return self._openvino.Tensor(tensor.view(torch.int16).numpy(), shape, self._openvino.Type.bf16)
+
+    def _torch(self, array) -> torch.Tensor:
+        """An output as a torch tensor of its own (the infer request reuses its buffers)."""
+        array = np.asarray(array)
+        if self._dtype == torch.bfloat16 and array.dtype == np.float16:  # bfloat16's raw bits
+            return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(array.copy())
+
+    def _model(self, past: list[torch.Tensor]):
+        with self._lock:
+            if self._compiled is None:
+                self._compiled = self._convert(past)
+            return self._compiled
+
+    def _convert(self, past: list[torch.Tensor]):
+        # Traced on a padded batch of two rows (the mask's general path, not the one for no padding),
+        # in the model's own dtype; every dimension but the width stays dynamic.
+        heads, width = past[0].shape[1], past[0].shape[3]
+        layers = [torch.zeros(2, heads, 4, width, dtype=self._dtype) for _ in past]
+        mask = torch.ones(2, 5, dtype=torch.long)
+        mask[1, :2] = 0
+        example = (torch.ones(2, 1, dtype=torch.long), mask, torch.tensor([[4], [2]]), *layers)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            model = self._openvino.convert_model(self._step, example_input=example)
+        precision = "bf16" if self._dtype == torch.bfloat16 else "f32"
+        return self._core.compile_model(
+            model, "CPU", {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": self._threads}
         )
 
 

@@ -1,5 +1,5 @@
 """Where a model comes from (:class:`ModelSpec`) and the runtime choices every backend shares
-(:class:`Runtime`: device, dtype, image cache, chunked prefill, the vision encoder's runtime)."""
+(:class:`Runtime`: device, dtype, image cache, chunked prefill, OpenVINO)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class ModelSpec:
 
 
 #: From this many parameters a model is compute-bound on a CPU: it gets every core (auto torch threads),
-#: prefills in chunks (auto chunked prefill) and runs its vision encoder with OpenVINO (auto vision runtime).
+#: prefills in chunks (auto chunked prefill) and runs its encoder and decode steps with OpenVINO (auto).
 LARGE_MODEL_PARAMETERS = 50_000_000
 
 
@@ -62,16 +62,16 @@ class Runtime:
     image_cache_bytes: int = 0  # bytes of tensors the image cache may keep (0: auto, from the device's memory)
     chunked_prefill: str = "auto"  # auto | on | off: prefill in chunks between decode steps
     prefill_budget: float = 0.25  # seconds of prefill chunks between decode steps
-    vision_runtime: str = "auto"  # auto | torch | openvino: what runs a family's vision encoder layers
+    openvino: str = "auto"  # auto | on | off: a family's vision encoder layers and decode steps on OpenVINO
 
-    def openvino_vision(self, model_parameters: int, device: torch.device) -> bool:
-        """Whether a model of ``model_parameters`` on ``device`` runs its vision encoder layers with
-        OpenVINO (for a family that can): asked for, or auto on a CPU for a large model."""
-        if self.vision_runtime == "openvino":
+    def uses_openvino(self, model_parameters: int, device: torch.device) -> bool:
+        """Whether a model of ``model_parameters`` on ``device`` runs its vision encoder layers and decode
+        steps with OpenVINO (a family that can): on, or auto on a CPU for a large model."""
+        if self.openvino == "on":
             if device.type != "cpu":
-                raise ValueError(f"--vision-runtime openvino runs on a CPU; this model is on {device.type}")
+                raise ValueError(f"--openvino on runs on a CPU; this model is on {device.type}")
             return True
-        return self.vision_runtime == "auto" and device.type == "cpu" and model_parameters >= LARGE_MODEL_PARAMETERS
+        return self.openvino == "auto" and device.type == "cpu" and model_parameters >= LARGE_MODEL_PARAMETERS
 
     def prefill_policy(self, model_parameters: int, chunking: PrefillPolicy | None) -> PrefillPolicy:
         """The prefill policy of a model of ``model_parameters`` whose family cuts its prefill as

@@ -30,17 +30,24 @@ class SmolVLMBackend(TransformersBackend):
     vision_inputs = ("pixel_values", "pixel_attention_mask")
     encoder_only_inputs = ("pixel_values", "pixel_attention_mask")
 
-    #: The encoder's layers run by OpenVINO (``--vision-runtime``), or None: by PyTorch.
+    #: The encoder's layers and the decode step run by OpenVINO (``--openvino``), or None: by PyTorch.
     _openvino = None
+    _decoder = None
 
     def load(self) -> None:
         super().load()
-        if self.runtime.openvino_vision(parameters(self.model), self._device):
-            from vlm_service.backends.openvino import OpenVINOLayers
+        if self.runtime.uses_openvino(parameters(self.model), self._device):
+            from vlm_service.backends.openvino import OpenVINODecoder, OpenVINOLayers
 
-            layers = self.model.model.vision_model.encoder.layers
-            self._openvino = OpenVINOLayers(layers, self.model.dtype, torch.get_num_threads())
-            logger.info("%s: vision encoder layers run with OpenVINO", self.spec.name)
+            base, threads = self.model.model, torch.get_num_threads()
+            self._openvino = OpenVINOLayers(base.vision_model.encoder.layers, self.model.dtype, threads)
+            self._decoder = OpenVINODecoder(base.text_model, self.model.lm_head, self.model.dtype, threads)
+            logger.info("%s: vision encoder layers and decode steps run with OpenVINO", self.spec.name)
+
+    def decode(self, input_ids, mask, positions, cache):
+        if self._decoder is None:
+            return super().decode(input_ids, mask, positions, cache)
+        return self._decoder(input_ids, mask, positions, cache)
 
     @property
     def encodes_views(self) -> bool:

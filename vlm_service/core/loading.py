@@ -26,7 +26,7 @@ def runtime_of(settings: Settings) -> Runtime:
         image_cache_bytes=settings.image_cache_bytes,
         chunked_prefill=settings.chunked_prefill,
         prefill_budget=settings.prefill_budget_ms / 1000,
-        vision_runtime=settings.vision_runtime,
+        openvino=settings.openvino,
     )
 
 
