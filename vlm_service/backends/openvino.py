@@ -98,22 +98,14 @@ class OpenVINOLayers:
 
     def _convert(self, start: int, stop: int):
         # Converted as the layers are, in their own dtype (no copy of their weights); the model's inputs
-        # and outputs are then declared float32, so OpenVINO converts at its edges, and the inference
-        # precision says in which dtype it computes.
-        group = _Layers(self._layers[start:stop]).eval()
+        # and outputs are then declared float32, so OpenVINO converts at its edges.
         width = _width(self._layers[start])
         example = (torch.zeros(1, 4, width, dtype=self._dtype), torch.ones(1, 1, 4, 4, dtype=torch.bool))
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the tracer's notes on shape checks
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation (the converter's)
-            model = self._openvino.convert_model(group, example_input=example)
+        model = _converted(self._openvino, _Layers(self._layers[start:stop]).eval(), example)
         edges = self._openvino.preprocess.PrePostProcessor(model)
         edges.input(0).tensor().set_element_type(self._openvino.Type.f32)
         edges.output(0).tensor().set_element_type(self._openvino.Type.f32)
-        precision = "bf16" if self._dtype == torch.bfloat16 else "f32"
-        return self._core.compile_model(
-            edges.build(), "CPU", {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": self._threads}
-        )
+        return _compiled(self._core, edges.build(), self._dtype, self._threads)
 
 
 class _Step(torch.nn.Module):
@@ -198,14 +190,22 @@ class OpenVINODecoder:
         mask = torch.ones(2, 5, dtype=torch.long)
         mask[1, :2] = 0
         example = (torch.ones(2, 1, dtype=torch.long), mask, torch.tensor([[4], [2]]), *layers)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            model = self._openvino.convert_model(self._step, example_input=example)
-        precision = "bf16" if self._dtype == torch.bfloat16 else "f32"
-        return self._core.compile_model(
-            model, "CPU", {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": self._threads}
-        )
+        return _compiled(self._core, _converted(self._openvino, self._step, example), self._dtype, self._threads)
+
+
+def _converted(openvino, module: torch.nn.Module, example: tuple):
+    """``module`` as an OpenVINO model, traced on ``example`` (its dimensions stay dynamic)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the tracer's notes on shape checks
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation (the converter's)
+        return openvino.convert_model(module, example_input=example)
+
+
+def _compiled(core, model, dtype: torch.dtype, threads: int):
+    """``model`` compiled for the CPU, computing in ``dtype`` (OpenVINO's inference precision), on
+    ``threads`` threads."""
+    precision = "bf16" if dtype == torch.bfloat16 else "f32"
+    return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads})
 
 
 def _width(layer: torch.nn.Module) -> int:
