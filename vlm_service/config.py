@@ -119,6 +119,15 @@ class Settings:
     )
     max_question_chars: int = _setting(4000, "Longest accepted question, in characters.")
     max_stop_sequences: int = _setting(8, "How many stop strings a request may give.")
+    max_objects: int = _setting(
+        50, "Most objects a Detect or Point returns: its default (max_objects 0) and its limit."
+    )
+    max_object_chars: int = _setting(200, "Longest accepted Detect/Point object phrase, in characters.")
+    max_images_per_query: int = _setting(
+        4,
+        "Most pictures one Query may carry (QueryRequest.images); a model takes fewer if its family does "
+        "(Moondream: 1). Each picture is decoded, bounded and cached on its own.",
+    )
     max_stop_chars: int = _setting(64, "Longest accepted stop string, in characters.")
     grace_period: float = _setting(
         10.0, "Seconds that in-flight streams get to finish on SIGTERM/SIGINT before they are cancelled."
@@ -126,7 +135,7 @@ class Settings:
     reflection: bool = _setting(True, "Serve gRPC server reflection (for grpcurl list/describe).")
     max_streams: int = _setting(
         64,
-        "Concurrent Caption, Query and Watch streams the whole server accepts (a Watch stream holds one for its "
+        "Concurrent Caption, Query, Detect, Point and Watch streams the whole server accepts (a Watch stream holds one for its "
         "whole life); beyond it RESOURCE_EXHAUSTED at once.",
     )
     auth_token: str = _setting(
@@ -187,6 +196,9 @@ class Settings:
             "max_image_pixels",
             "max_question_chars",
             "max_stop_chars",
+            "max_objects",
+            "max_object_chars",
+            "max_images_per_query",
             "max_streams",
             "stall_timeout",
             "max_image_decodes",

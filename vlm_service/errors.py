@@ -50,6 +50,11 @@ class ModelNotFound(ServiceError):
         super().__init__(f"model {name!r} is not served here; available: {', '.join(available)}")
 
 
+class NotSupported(ServiceError):
+    """The model cannot do what the RPC asks (FAILED_PRECONDITION): Detect or Point on a model that does
+    not ground. Another model may; ListModels says which."""
+
+
 class ModelNotReady(ServiceError):
     """The model is loading or has failed (UNAVAILABLE); ``retry_after`` is a hint in seconds."""
 

@@ -12,6 +12,13 @@ from PIL import Image
 class Task(enum.Enum):
     CAPTION = "caption"
     QUERY = "query"
+    DETECT = "detect"  # boxes around every instance of ``GenerationRequest.target``
+    POINT = "point"  # a point on every instance of ``GenerationRequest.target``
+
+    @property
+    def grounding(self) -> bool:
+        """Whether the answer is regions of the picture (:class:`Region`), not text."""
+        return self in (Task.DETECT, Task.POINT)
 
 
 class CaptionLength(enum.Enum):
@@ -64,6 +71,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_new_tokens reached
     STOP_SEQUENCE = "stop_sequence"  # a requested stop string appeared
     INTERRUPTED = "interrupted"  # something newer replaced it (a Watch stream's newer frame): Job.interrupt
+    MAX_OBJECTS = "max_objects"  # DETECT / POINT: max_objects regions were found
 
 
 @dataclass(frozen=True)
@@ -105,11 +113,27 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() by which the RPC ends, if it has a deadline
     image_digest: str = ""  # hash of the image's bytes; empty: not cached
     detail: ImageDetail = ImageDetail.AUTO
+    target: str = ""  # DETECT / POINT: the phrase naming what to find ("red circle")
+    max_objects: int = 0  # DETECT / POINT: the most regions to return
+
+    more_images: tuple[Image.Image, ...] = ()  # a Query about several pictures: those after ``image``
+    more_digests: tuple[str, ...] = ()  # their bytes' hashes, in the same order
 
     @property
     def image_key(self) -> str:
         """The image cache's key: the image's bytes and the detail it is looked at in (empty: not cached)."""
         return f"{self.image_digest}/{self.detail.value}" if self.image_digest else ""
+
+    @property
+    def pictures(self) -> tuple[Image.Image, ...]:
+        """Every picture of the request, in order (one, unless a Query carries several)."""
+        return (self.image, *self.more_images)
+
+    @property
+    def picture_keys(self) -> tuple[str, ...]:
+        """Each picture's image cache key (empty: not cached), in the order of :attr:`pictures`."""
+        digests = (self.image_digest, *self.more_digests)
+        return tuple(f"{digest}/{self.detail.value}" if digest else "" for digest in digests)
 
 
 @dataclass(frozen=True)
@@ -126,6 +150,23 @@ class TextDelta:
     """New text since the previous delta; never empty."""
 
     text: str
+
+
+@dataclass(frozen=True)
+class Region:
+    """One object found (Detect: ``box``; Point: ``point``), in coordinates normalized to the picture
+    as sent (0..1, origin top left, after EXIF rotation)."""
+
+    box: tuple[float, float, float, float] | None = None  # x_min, y_min, x_max, y_max
+    point: tuple[float, float] | None = None  # x, y
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """Output of the model that should have been a region and is not one (reported, never fatal)."""
+
+    text: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -152,3 +193,6 @@ class ModelCard:
     device: str
     dtype: str
     image_details: tuple[ImageTiling, ...] = ()
+    detects: bool = False
+    points: bool = False
+    max_images: int = 1

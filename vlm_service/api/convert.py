@@ -24,7 +24,9 @@ from vlm_service.types import (
     FinishReason,
     GenerationRequest,
     ImageDetail,
+    Malformed,
     ModelCard,
+    Region,
     SamplingParams,
     Task,
     TextDelta,
@@ -56,6 +58,7 @@ _FINISH_TO_PB = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
     FinishReason.INTERRUPTED: pb.FINISH_REASON_INTERRUPTED,
+    FinishReason.MAX_OBJECTS: pb.FINISH_REASON_MAX_OBJECTS,
 }
 _POLICIES = {
     pb.WATCH_POLICY_UNSPECIFIED: WatchPolicy.LATEST,
@@ -100,11 +103,21 @@ def sampling_params(options: pb.GenerationOptions, settings: Settings) -> Sampli
     )
 
 
-def image_data(message: pb.CaptionRequest | pb.QueryRequest) -> bytes:
-    """The image's encoded bytes (decoded later, off the event loop: see images/decode.py)."""
+def image_data(message, settings: Settings) -> list[bytes]:
+    """The encoded bytes of the request's pictures (decoded later, off the event loop: see
+    images/decode.py): ``image``, or a Query's ``images``."""
+    several = list(message.images) if isinstance(message, pb.QueryRequest) else []
+    if several:
+        if message.HasField("image"):
+            raise InvalidInput("images", "set image or images, not both")
+        if len(several) > settings.max_images_per_query:
+            raise InvalidInput(
+                "images", f"{len(several)} pictures; the server's limit is {settings.max_images_per_query} per Query"
+            )
+        return [picture.data for picture in several]
     if not message.HasField("image"):
         raise InvalidInput("image", "an image is required")
-    return message.image.data
+    return [message.image.data]
 
 
 def _language(code: str) -> str:
@@ -148,6 +161,70 @@ def query_request(
         language=_language(message.response_language),
         detail=_detail(message.detail),
     )
+
+
+def grounding_request(
+    message: pb.DetectRequest | pb.PointRequest, settings: Settings, request_id: str, task: Task
+) -> GenerationRequest:
+    """A Detect or Point request less its image (``image`` None). Greedy: a region is the model's best
+    guess, not a sample."""
+    target = message.object.strip()
+    if not target:
+        raise InvalidInput("object", 'say what to find ("red circle", "face"); it is empty')
+    if len(target) > settings.max_object_chars:
+        raise InvalidInput("object", f"{len(target)} characters; the limit is {settings.max_object_chars}")
+    if "<|" in target or "\n" in target:
+        raise InvalidInput("object", "must be one line of plain words, without the model's control tokens")
+    if message.max_objects > settings.max_objects:
+        raise InvalidInput("max_objects", f"{message.max_objects} exceeds the server's limit of {settings.max_objects}")
+    return GenerationRequest(
+        request_id=request_id or new_request_id(),
+        model=message.model,
+        task=task,
+        image=None,
+        params=SamplingParams(max_new_tokens=0),
+        detail=_detail(message.detail),
+        target=target,
+        max_objects=message.max_objects,
+    )
+
+
+def detect_request(message: pb.DetectRequest, settings: Settings, request_id: str = "") -> GenerationRequest:
+    return grounding_request(message, settings, request_id, Task.DETECT)
+
+
+def point_request(message: pb.PointRequest, settings: Settings, request_id: str = "") -> GenerationRequest:
+    return grounding_request(message, settings, request_id, Task.POINT)
+
+
+def _malformed(event: Malformed) -> pb.MalformedOutput:
+    return pb.MalformedOutput(text=event.text, reason=event.reason)
+
+
+def detect_response(event: Region | Malformed | Finished) -> pb.DetectResponse:
+    if isinstance(event, Region):
+        x_min, y_min, x_max, y_max = event.box
+        return pb.DetectResponse(box=pb.BoundingBox(x_min=x_min, y_min=y_min, x_max=x_max, y_max=y_max))
+    if isinstance(event, Malformed):
+        return pb.DetectResponse(malformed=_malformed(event))
+    return pb.DetectResponse(**response_fields(event))
+
+
+def point_response(event: Region | Malformed | Finished) -> pb.PointResponse:
+    if isinstance(event, Region):
+        x, y = event.point
+        return pb.PointResponse(point=pb.NormalizedPoint(x=x, y=y))
+    if isinstance(event, Malformed):
+        return pb.PointResponse(malformed=_malformed(event))
+    return pb.PointResponse(**response_fields(event))
+
+
+def caption_response(event: TextDelta | Finished) -> pb.CaptionResponse:
+    return pb.CaptionResponse(**response_fields(event))
+
+
+def query_response(event: TextDelta | Finished) -> pb.QueryResponse:
+    return pb.QueryResponse(**response_fields(event))
 
 
 def _detail(value: int) -> ImageDetail:
@@ -244,4 +321,7 @@ def model_info(card: ModelCard) -> pb.ModelInfo:
             )
             for tiling in card.image_details
         ],
+        detects=card.detects,
+        points=card.points,
+        max_images=card.max_images,
     )

@@ -56,14 +56,32 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
     ) -> AsyncIterator[pb.CaptionResponse]:
         # An async generator itself, as grpc.aio wants a server-streaming handler to be.
         async for response in self._generation(
-            "Caption", request, convert.caption_request, pb.CaptionResponse, context
+            "Caption", request, convert.caption_request, convert.caption_response, context
         ):
             yield response
 
     async def Query(
         self, request: pb.QueryRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.QueryResponse]:
-        async for response in self._generation("Query", request, convert.query_request, pb.QueryResponse, context):
+        async for response in self._generation(
+            "Query", request, convert.query_request, convert.query_response, context
+        ):
+            yield response
+
+    async def Detect(
+        self, request: pb.DetectRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DetectResponse]:
+        async for response in self._generation(
+            "Detect", request, convert.detect_request, convert.detect_response, context
+        ):
+            yield response
+
+    async def Point(
+        self, request: pb.PointRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PointResponse]:
+        async for response in self._generation(
+            "Point", request, convert.point_request, convert.point_response, context
+        ):
             yield response
 
     async def Watch(
@@ -149,20 +167,43 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
             record(code)
 
     async def _generation(self, method: str, request, to_domain: Callable, message: Callable, context) -> AsyncIterator:
-        """A Caption or Query: its values checked and made a domain request, its image decoded, its
-        answer streamed as ``message``s."""
+        """A Caption, Query, Detect or Point: its values checked and made a domain request, its image
+        decoded, its answer's events streamed as ``message(event)``."""
         with self._observed(method, request.model, context) as call:
             domain = to_domain(request, self.settings, call.request_id)
-            domain = await self._with_image(domain, convert.image_data(request))
+            domain = await self._with_images(domain, convert.image_data(request, self.settings))
             async for response in self._stream(domain, message, context, call):
                 yield response
 
-    async def _with_image(self, request: GenerationRequest, data: bytes) -> GenerationRequest:
-        """The request with its image decoded, checked and reduced to the largest picture its model uses
-        (off the event loop)."""
+    async def _with_images(self, request: GenerationRequest, data: list[bytes]) -> GenerationRequest:
+        """The request with its pictures decoded, checked and each reduced to the largest picture its
+        model uses (off the event loop, at once). A bad picture among several is named by its index."""
+        # Before decoding: pictures the model cannot take, a task (Detect, Point) it cannot do.
+        self.engine.check_pictures(request, len(data))
         bound = self.engine.image_bound(self.engine.model_name(request.model), request.detail)
-        image, digest = await self.decoder.decode(data, bound)
-        return dataclasses.replace(request, image=image, image_digest=digest)
+        if len(data) == 1:
+            image, digest = await self.decoder.decode(data[0], bound)
+            return dataclasses.replace(request, image=image, image_digest=digest)
+        decoded = await asyncio.gather(
+            *(self._picture(index, each, bound) for index, each in enumerate(data)), return_exceptions=True
+        )
+        failed = next((each for each in decoded if isinstance(each, BaseException)), None)
+        if failed is not None:
+            raise failed
+        (image, digest), *more = decoded
+        return dataclasses.replace(
+            request,
+            image=image,
+            image_digest=digest,
+            more_images=tuple(each for each, _ in more),
+            more_digests=tuple(each for _, each in more),
+        )
+
+    async def _picture(self, index: int, data: bytes, bound):
+        try:
+            return await self.decoder.decode(data, bound)
+        except InvalidInput as exc:
+            raise InvalidInput(f"images[{index}]", exc.description) from None
 
     @staticmethod
     def _deadline(context) -> float | None:
@@ -191,7 +232,7 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
             async for event in job.events():
                 # Before the yield: a cancel can end the RPC there, and its access line is written then.
                 call.first_text_at = job.timeline.first_text_at
-                yield message(**convert.response_fields(event))
+                yield message(event)
             if isinstance(event, Finished):
                 call.prompt_tokens = event.usage.prompt_tokens
                 call.completion_tokens = event.usage.completion_tokens

@@ -28,7 +28,28 @@ from typing import Any, ClassVar, Protocol
 
 from vlm_service.backends.runtime import ModelSpec, Runtime
 from vlm_service.images.cache import ImageCache
-from vlm_service.types import CaptionLength, FinishReason, GenerationRequest, ImageBound, ImageDetail, ImageTiling
+from vlm_service.types import (
+    CaptionLength,
+    FinishReason,
+    GenerationRequest,
+    ImageBound,
+    ImageDetail,
+    ImageTiling,
+    Malformed,
+    Region,
+    Task,
+)
+
+
+class RegionParser(Protocol):
+    """Turns a grounding answer's text, as it streams, into regions (a family whose model writes its
+    regions as text: Qwen2-VL's boxes). Each call returns what the text so far completes."""
+
+    def push(self, text: str) -> list[Region | Malformed]: ...
+
+    def finish(self) -> list[Malformed]:
+        """What is left when the answer ends: text that began a region and never became one."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -44,6 +65,10 @@ class TextSink(Protocol):
     """Where a backend sends what the model writes, and asks whether to go on."""
 
     def add_text(self, piece: str) -> None: ...
+
+    def add_region(self, region: Region) -> None:
+        """One object found, for a family whose grounding API returns regions, not text (Moondream)."""
+        ...
 
     def should_stop(self) -> bool: ...
 
@@ -160,6 +185,10 @@ class Backend(abc.ABC):
     )
     #: Role words the model may write before its answer; removed once from the start of the text.
     role_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: The grounding tasks the family answers (Task.DETECT, Task.POINT); others are FAILED_PRECONDITION.
+    grounding: ClassVar[frozenset[Task]] = frozenset()
+    #: The most pictures one Query may carry (the server's --max-images-per-query may lower it).
+    max_images: ClassVar[int] = 1
     #: Default token budget per caption length, used when a request leaves max_new_tokens at 0.
     caption_budgets: ClassVar[dict[CaptionLength, int]] = {
         CaptionLength.SHORT: 32,
@@ -193,6 +222,15 @@ class Backend(abc.ABC):
         """Answer ``request`` alone, streaming raw text into ``out`` as the model writes it and checking
         ``out.should_stop()`` between decode steps. Default: a batch of one row."""
         return run_alone(self.new_batch(1), request, out)
+
+    def region_parser(self, request: GenerationRequest) -> RegionParser | None:
+        """For a grounding request, what turns the model's text into regions; None: the family sends
+        regions itself (``TextSink.add_region``)."""
+        return None
+
+    def grounding_budget(self, max_objects: int) -> int:
+        """Tokens a grounding answer of up to ``max_objects`` regions may take (its max_new_tokens)."""
+        return 32 + 24 * max_objects
 
     def image_bound(self, detail: ImageDetail) -> ImageBound | None:
         """The largest picture this model uses at ``detail`` (its processor shrinks a bigger one anyway);

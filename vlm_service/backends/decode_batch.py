@@ -181,8 +181,16 @@ class DecodeBatch(Batch):
     @property
     def next_prefill(self) -> list[TextSink]:
         if self._together:
-            return [each.row.sink for each in self._joining]
+            return [row.sink for row in self._next_group()]
         return [self._joining[0].row.sink] if self._joining else []
+
+    def _next_group(self) -> list[Row]:
+        """What the next prefill step runs when prefilling together: a Query about several pictures at
+        the head of the queue alone (its prefill is its own), else every other joining request."""
+        rows = [each.row for each in self._joining]
+        if rows and rows[0].request.more_images:
+            return rows[:1]
+        return [row for row in rows if not row.request.more_images]
 
     def join(self, request: GenerationRequest, sink: TextSink) -> Outcome | None:
         """Queue ``request``'s prefill, which :meth:`prefill_step` runs (chunk by chunk, or together with
@@ -242,21 +250,22 @@ class DecodeBatch(Batch):
             joining.chunks += 1
             self._joining.appendleft(joining)
             return [(row.sink, None, False)]
-        row.position = next_position
-        self._emit(row, self._choose(row, logits[0, -1].float()))
-        if not row.done:
-            length = len(row.prompt_ids)
-            self._merge(cache, torch.ones((1, length), dtype=torch.long, device=self.device))
-            self.rows.append(row)
+        self._prefilled(row, logits, cache, next_position)
         return [(row.sink, row.outcome, True)]
 
     def _prefill_together(self) -> list[tuple[TextSink, Outcome | None, bool]]:
-        """Every joining request's prefill in one pass (those whose RPC ended are left out)."""
-        group, self._joining = [each.row for each in self._joining], collections.deque()
+        """The joining requests' prefill in one pass (those whose RPC ended are left out); a Query about
+        several pictures is prefilled in a step of its own, as alone (:meth:`_next_group`), so a failure
+        of either never touches a request already merged into the batch."""
+        group = self._next_group()
+        taken = {id(row) for row in group}
+        self._joining = collections.deque(each for each in self._joining if id(each.row) not in taken)
         live = []
         for row in group:
             if row.sink.should_stop():
                 self._finish(row, FinishReason.STOP)
+            elif row.request.more_images:
+                self._prefill_alone(row)
             else:
                 live.append(row)
         if live:
@@ -276,6 +285,27 @@ class DecodeBatch(Batch):
                 self._merge(cache, mask)
                 self.rows.extend(live[index] for index in kept)
         return [(row.sink, row.outcome, True) for row in group]
+
+    def _prefill_alone(self, row: Row) -> None:
+        """One request's whole prefill, on its own (in a model that otherwise prefills together)."""
+        with torch.inference_mode():
+            inputs = self.backend.prepare(row.request)
+            row.prompt_ids = inputs["input_ids"][0].tolist()
+            steps = self.backend.prefill_steps(row.request, inputs)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    self._prefilled(row, *done.value)
+                    return
+
+    def _prefilled(self, row: Row, logits: torch.Tensor, cache: DynamicCache, next_position: int) -> None:
+        """A request prefilled alone: its first token streamed, and it decodes with the others."""
+        row.position = next_position
+        self._emit(row, self._choose(row, logits[0, -1].float()))
+        if not row.done:
+            self._merge(cache, torch.ones((1, len(row.prompt_ids)), dtype=torch.long, device=self.device))
+            self.rows.append(row)
 
     def _merge(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
         """Add the rows of ``cache`` (left-padded as ``new_mask`` says) to the batch's."""

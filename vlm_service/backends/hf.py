@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Generator
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -77,11 +78,14 @@ class TransformersBackend(Backend):
     def encode(
         self, prompts: list[str], images: list, detail: ImageDetail = ImageDetail.AUTO
     ) -> dict[str, torch.Tensor]:
-        """Processor outputs (input_ids, pixel values, ...) for prompts with one image each, each image
-        processed at ``detail``."""
+        """Processor outputs (input_ids, pixel values, ...) for prompts with one image each (or, for a
+        prompt with several, a list of them), each image processed at ``detail``."""
 
     def prepare(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
-        """Processor outputs for one request; the image's part comes from the image cache when it can."""
+        """Processor outputs for one request; the image's part comes from the image cache when it can
+        (several pictures: each one's features do, in the prefill)."""
+        if request.more_images:
+            return self.encode([self.prompt(request)], [list(request.pictures)], request.detail)
         with self.images.preprocessing(self.processor, request.image_key):
             return self.encode([self.prompt(request)], [request.image], request.detail)
 
@@ -115,6 +119,8 @@ class TransformersBackend(Backend):
         ``inputs`` lack the pixels (``prepare`` found the features cached): those are taken now, as
         other requests' chunks may evict them before this one's first chunk runs."""
         inputs = dict(inputs.to(self._device))
+        if request.more_images:
+            return self._prefill_pictures(request, inputs)
         held = None
         if "pixel_values" not in inputs:
             held = self.images.get(request.image_key, "features")
@@ -126,13 +132,37 @@ class TransformersBackend(Backend):
         if features is None:
             features = self.images.get(request.image_key, "features")
         if features is None:
-            vision = self._cast({key: inputs[key] for key in self.vision_inputs if key in inputs})
-            if self.prefill.chunked or self.encodes_views:
-                features = yield from self.encode_views(vision)
-            else:
-                features = _pooled(self.model.get_image_features(**vision, return_dict=True).pooler_output)
+            features = yield from self._vision_features(inputs)
             self.images.put(request.image_key, "features", features)
             self.images.drop_inputs(request.image_key, self.encoder_only_inputs)
+        return (yield from self._prefill_text(inputs, features))
+
+    def _prefill_pictures(self, request: GenerationRequest, inputs: dict):
+        """The prefill of a Query about several pictures: each picture's features from the image cache,
+        or from the vision encoder on that picture alone (then cached under its own key, so another
+        request on any one of them finds it), then the prompt with all of them."""
+        parts = []
+        for picture, key in zip(request.pictures, request.picture_keys, strict=True):
+            features = self.images.get(key, "features")
+            if features is None:
+                alone = replace(request, image=picture, more_images=(), more_digests=())
+                encoded = self.encode([self.prompt(alone)], [picture], request.detail).to(self._device)
+                features = yield from self._vision_features(encoded)
+                self.images.put(key, "features", features)
+            parts.extend(features.pooler_output)
+        return (yield from self._prefill_text(inputs, _pooled(parts)))
+
+    def _vision_features(self, inputs) -> Generator[None, None, Any]:
+        """The vision encoder's output for the processor's ``inputs``: in chunks (:meth:`encode_views`)
+        when the prefill is chunked or the family encodes its own way, else in one call."""
+        vision = self._cast({key: inputs[key] for key in self.vision_inputs if key in inputs})
+        if self.prefill.chunked or self.encodes_views:
+            return (yield from self.encode_views(vision))
+        return _pooled(self.model.get_image_features(**vision, return_dict=True).pooler_output)
+
+    def _prefill_text(self, inputs: dict, features: Any):
+        """The prompt through the language model with the pictures' ``features`` in place of their
+        tokens: one piece, or spans of ``prefill.text_chunk_tokens`` when chunked."""
         for key in self.encoder_only_inputs:
             inputs.pop(key, None)
         length = inputs["input_ids"].shape[1]

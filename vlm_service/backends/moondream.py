@@ -38,7 +38,7 @@ import torch
 
 from vlm_service.backends.base import Backend, Batch, Outcome, TextSink
 from vlm_service.backends.remote_code import cast_weights, load_remote_model, weights_dtype
-from vlm_service.types import CaptionLength, FinishReason, GenerationRequest, ImageBound, ImageDetail, Task
+from vlm_service.types import CaptionLength, FinishReason, GenerationRequest, ImageBound, ImageDetail, Region, Task
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class MoondreamBackend(Backend):
     family = "moondream"
     languages = ("en",)
     supported_options = frozenset({"max_new_tokens", "temperature", "top_p", "stop", "seed"})
+    grounding = frozenset({Task.DETECT, Task.POINT})
     caption_budgets = {CaptionLength.SHORT: 32, CaptionLength.NORMAL: 128, CaptionLength.LONG: 512}
 
     def load(self) -> None:
@@ -125,6 +126,15 @@ class MoondreamBackend(Backend):
         text = getattr(getattr(self.model, "model", None), "text", None)
         return text["lm_head"] if isinstance(text, torch.nn.ModuleDict) and "lm_head" in text else None
 
+    def _region_decoders(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+        """The last layers of the region head's coordinate and size decoders, which the published
+        ``detect``/``point`` run once per coordinate and once per size (None if the code has none)."""
+        region = getattr(getattr(self.model, "model", None), "region", None)
+        try:
+            return region["coord_decoder"]["fc2"], region["size_decoder"]["fc2"]
+        except (KeyError, TypeError):
+            return None
+
     def _rng_devices(self) -> list:
         return [self._device] if self._device.type == "cuda" else []
 
@@ -166,6 +176,8 @@ class _AnswerStream(Batch):
             if out.should_stop():
                 self._release()
                 return Outcome(0, 0, FinishReason.STOP)
+            if request.task.grounding:
+                return self._ground(request, encoded, out)
             settings = {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_new_tokens}
             if request.task is Task.CAPTION:
                 result = backend.model.caption(encoded, length=LENGTHS[request.length], stream=True, settings=settings)
@@ -181,6 +193,74 @@ class _AnswerStream(Batch):
         except BaseException:
             self.abort()
             raise
+
+    def _ground(self, request: GenerationRequest, encoded, out: TextSink) -> Outcome:
+        """A Detect or Point through the published ``detect``/``point``, whole, inside the join.
+
+        The published code returns its objects in one list when it is done; each is sent as soon as
+        it is decoded by reading the region head's outputs as the published loop does (forward hooks:
+        argmax bin / bins for a coordinate, the log-scale size bins for a box), and the list returned
+        is checked against what was sent. The stop is checked at every decode step (the output
+        layer's pre-hook), so a cancelled request stops within a step."""
+        backend = self._backend
+        model, detect = backend.model, request.task is Task.DETECT
+        steps = 0
+        coordinates: list[float] = []
+
+        def step(module, args):
+            nonlocal steps
+            steps += 1
+            if out.should_stop():
+                raise _Stopped
+
+        def coordinate(module, args, logits):
+            coordinates.append(_bin_fraction(logits))
+            if not detect and len(coordinates) == 2:
+                out.add_region(_point(*coordinates))
+                sent.append(coordinates[:])
+                coordinates.clear()
+
+        def size(module, args, logits):
+            width, height = _size(logits)
+            x, y = coordinates
+            out.add_region(_box(x, y, width, height))
+            sent.append([x, y, width, height])
+            coordinates.clear()
+
+        sent: list[list[float]] = []
+        head, decoders = backend._decode_step_module(), backend._region_decoders()
+        if head is not None:
+            self._held.callback(head.register_forward_pre_hook(step).remove)
+        if decoders is not None:
+            self._held.callback(decoders[0].register_forward_hook(coordinate).remove)
+            self._held.callback(decoders[1].register_forward_hook(size).remove)
+        settings = {"max_objects": request.max_objects}
+        try:
+            if detect:
+                found = [
+                    [
+                        (o["x_min"] + o["x_max"]) / 2,
+                        (o["y_min"] + o["y_max"]) / 2,
+                        o["x_max"] - o["x_min"],
+                        o["y_max"] - o["y_min"],
+                    ]
+                    for o in model.detect(encoded, request.target, settings=settings)["objects"]
+                ]
+            else:
+                found = [[p["x"], p["y"]] for p in model.point(encoded, request.target, settings=settings)["points"]]
+        except _Stopped:
+            found = None
+        finally:
+            self._release()
+        if found is not None:
+            if decoders is None:  # no hooks to read: the objects go out as the call returns them
+                for values in found:
+                    out.add_region(_box(*values) if detect else _point(*values))
+            elif not _same(found, sent):
+                raise RuntimeError(f"moondream's {request.task.value} returned {found}, its region head decoded {sent}")
+        count = len(sent) if decoders is not None else len(found or ())
+        reason = FinishReason.MAX_OBJECTS if count >= request.max_objects else FinishReason.STOP
+        return Outcome(prompt_tokens=0, completion_tokens=max(steps - 1, 0), reason=reason)
 
     def decode_step(self) -> list[tuple[TextSink, Outcome]]:
         out = self._out
@@ -221,3 +301,35 @@ class _AnswerStream(Batch):
         with contextlib.suppress(Exception):
             self._release()
         return [] if out is None else [out]
+
+
+def _bin_fraction(logits: torch.Tensor) -> float:
+    """A coordinate as the published code decodes it: the most likely bin over the number of bins."""
+    return (logits.argmax(dim=-1) / logits.shape[-1]).item()
+
+
+def _size(logits: torch.Tensor) -> tuple[float, float]:
+    """Width and height as the published code decodes them: log-scale bins, 2 ** (bin / (bins - 1) * 10 - 10)."""
+    bins = logits.reshape(2, -1)
+    width, height = (2.0 ** (index.float() / (bins.shape[-1] - 1) * 10.0 - 10.0) for index in bins.argmax(dim=-1))
+    return width.item(), height.item()
+
+
+def _clip(value: float) -> float:
+    return min(max(value, 0.0), 1.0)
+
+
+def _box(x: float, y: float, width: float, height: float) -> Region:
+    """The published code's box (centre +- half the size), clipped to the picture: it may reach past
+    an edge."""
+    return Region(box=(_clip(x - width / 2), _clip(y - height / 2), _clip(x + width / 2), _clip(y + height / 2)))
+
+
+def _point(x: float, y: float) -> Region:
+    return Region(point=(_clip(x), _clip(y)))
+
+
+def _same(returned: list[list[float]], decoded: list[list[float]]) -> bool:
+    return len(returned) == len(decoded) and all(
+        abs(a - b) <= 1e-4 for r, d in zip(returned, decoded, strict=True) for a, b in zip(r, d, strict=True)
+    )

@@ -53,9 +53,12 @@ class SmolVLMBackend(TransformersBackend):
     def encodes_views(self) -> bool:
         return self._openvino is not None
 
+    max_images = 8
+
     def prompt(self, request: GenerationRequest) -> str:
         text = request.question if request.task is Task.QUERY else CAPTION_PROMPTS[request.length]
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        pictures = [{"type": "image"}] * len(request.pictures)
+        messages = [{"role": "user", "content": [*pictures, {"type": "text", "text": text}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     #: A 512-px view (1,024 patches at SmolVLM-256M size) through SigLIP's 12 layers takes about 0.6 s
@@ -141,7 +144,7 @@ class SmolVLMBackend(TransformersBackend):
         splitting = {ImageDetail.LOW: {"do_image_splitting": False}, ImageDetail.HIGH: {"do_image_splitting": True}}
         return self.processor(
             text=prompts,
-            images=[[image] for image in images],
+            images=[list(each) if isinstance(each, list | tuple) else [each] for each in images],
             return_tensors="pt",
             padding=True,
             **splitting.get(detail, {}),

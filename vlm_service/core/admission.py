@@ -32,7 +32,15 @@ from dataclasses import replace
 
 from vlm_service.config import Settings
 from vlm_service.core.served import ModelState, ServedModel
-from vlm_service.errors import DeadlineUnmeetable, InvalidInput, ModelNotFound, ModelNotReady, QueueFull, ShuttingDown
+from vlm_service.errors import (
+    DeadlineUnmeetable,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    NotSupported,
+    QueueFull,
+    ShuttingDown,
+)
 from vlm_service.types import GenerationRequest, Task
 
 
@@ -82,7 +90,18 @@ def check_request(
         raise ModelNotReady(f"model {name!r} has failed ({served.error}) and no longer serves; use another instance")
     if served.state is not ModelState.READY or served.scheduler is None:
         raise ModelNotReady(f"model {name!r} is still loading; retry shortly")
+    check_grounding(request.task, served, models)
     return served, _with_capabilities(request, served.backend, name, settings)
+
+
+def check_grounding(task: Task, served: ServedModel, models: Mapping[str, ServedModel]) -> None:
+    """Detect or Point on a model whose family cannot do it: FAILED_PRECONDITION naming the model, and
+    the served models that can."""
+    if task.grounding and served.cls is not None and task not in served.cls.grounding:
+        able = [n for n, m in models.items() if m.cls is not None and task in m.cls.grounding]
+        verb = "detect objects" if task is Task.DETECT else "point at objects"
+        elsewhere = f"models here that do: {', '.join(able)}" if able else "no model served here does"
+        raise NotSupported(f"model {served.spec.name!r} ({served.spec.family}) cannot {verb}; {elsewhere}")
 
 
 def _check_not_draining(draining: bool) -> None:
@@ -98,10 +117,19 @@ def find_model(models: Mapping[str, ServedModel], name: str, default_model: str)
     return served
 
 
+def check_pictures(count: int, family, name: str, settings: Settings) -> None:
+    """A Query's pictures: at most what the model's family takes (and the server's limit)."""
+    most = min(family.max_images, settings.max_images_per_query)
+    if count > most:
+        takes = "one picture" if most == 1 else f"at most {most} pictures"
+        raise InvalidInput("images", f"model {name!r} ({family.family}) takes {takes} per Query; got {count}")
+
+
 def _with_capabilities(request: GenerationRequest, backend, name: str, settings: Settings) -> GenerationRequest:
     """Check the request against what the model's family declares (and the image detail levels the
     loaded model offers); fill in the family's defaults."""
     family = type(backend)
+    check_pictures(len(request.pictures), family, name, settings)
     if request.language not in family.languages:
         raise InvalidInput(
             "response_language",
@@ -123,6 +151,10 @@ def _with_capabilities(request: GenerationRequest, backend, name: str, settings:
             f"not supported by model {name!r} ({family.family}); "
             f"supported: {', '.join(sorted(family.supported_options))}",
         )
+    if request.task.grounding:
+        max_objects = request.max_objects or settings.max_objects
+        budget = min(backend.grounding_budget(max_objects), settings.max_new_tokens_limit)
+        return replace(request, max_objects=max_objects, params=replace(request.params, max_new_tokens=budget))
     if request.params.max_new_tokens == 0:
         default = (
             family.caption_budgets[request.length] if request.task is Task.CAPTION else settings.default_max_new_tokens

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING
 from vlm_service.backends import catalogue, registry
 from vlm_service.backends.runtime import parameters
 from vlm_service.config import Settings
-from vlm_service.core.admission import StreamSlot, admit, admit_stream, check_request
+from vlm_service.core.admission import (
+    StreamSlot,
+    admit,
+    admit_stream,
+    check_grounding,
+    check_pictures,
+    check_request,
+)
 from vlm_service.core.job import Job
 from vlm_service.core.loading import freeze_loaded_objects, runtime_of, set_torch_threads, warm_up
 from vlm_service.core.scheduler import Scheduler
@@ -29,7 +36,7 @@ from vlm_service.core.served import ModelState, ServedModel
 from vlm_service.core.watchdog import Watchdog
 from vlm_service.errors import GenerationStalled, ModelNotReady
 from vlm_service.observability.metrics import Metrics, ModelMetrics, ModelSnapshot, Snapshot
-from vlm_service.types import GenerationRequest, ImageBound, ImageDetail, ModelCard
+from vlm_service.types import GenerationRequest, ImageBound, ImageDetail, ModelCard, Task
 
 if TYPE_CHECKING:
     from vlm_service.observability.tracing import GenerationTrace
@@ -191,6 +198,7 @@ class Engine:
             abandon_after=self.settings.keepalive_time + self.settings.keepalive_timeout,
             metrics=served.scheduler.metrics,
             trace=trace,
+            regions=served.backend.region_parser(request) if request.task.grounding else None,
         )
         served.scheduler.enqueue(job)
         if stream is None:
@@ -204,6 +212,15 @@ class Engine:
         served = self.models.get(name)
         backend = served.backend if served is not None else None
         return backend.image_bound(detail) if backend is not None else None
+
+    def check_pictures(self, request: GenerationRequest, count: int) -> None:
+        """Whether ``request``'s model can do its task (Detect, Point: NotSupported if not) and takes
+        ``count`` pictures in one Query (InvalidInput if not), before they are decoded; a model not
+        served or not loaded is left to :meth:`submit` to refuse."""
+        served = self.models.get(self.model_name(request.model))
+        if served is not None and served.cls is not None:
+            check_grounding(request.task, served, self.models)
+            check_pictures(count, served.cls, served.spec.name, self.settings)
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         """What :meth:`submit` would check of ``request`` before queueing it (its model, the model's
@@ -267,6 +284,9 @@ class Engine:
                     device=backend.device if backend else "",
                     dtype=backend.dtype if backend else "",
                     image_details=tuple(backend.image_tilings().values()) if backend else (),
+                    detects=bool(cls) and Task.DETECT in cls.grounding,
+                    points=bool(cls) and Task.POINT in cls.grounding,
+                    max_images=min(cls.max_images, self.settings.max_images_per_query) if cls else 0,
                 )
             )
         return out

@@ -28,12 +28,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-from vlm_service.backends.base import Outcome
+from vlm_service.backends.base import Outcome, RegionParser
 from vlm_service.core.text import TextAssembler
 from vlm_service.core.timeline import Timeline
 from vlm_service.errors import ReaderStalled, ServiceError
 from vlm_service.observability.metrics import ModelMetrics
-from vlm_service.types import Finished, FinishReason, GenerationRequest, TextDelta
+from vlm_service.types import Finished, FinishReason, GenerationRequest, Malformed, Region, TextDelta
 
 if TYPE_CHECKING:
     from vlm_service.observability.tracing import GenerationTrace
@@ -59,6 +59,7 @@ class Job:
         abandon_after: float = 40.0,
         metrics: ModelMetrics | None = None,
         trace: GenerationTrace | None = None,
+        regions: RegionParser | None = None,
     ):
         self.request = request
         self.timeline = Timeline(request.arrival, metrics, trace)  # its phases, stamped once each
@@ -76,6 +77,10 @@ class Job:
         self._sent = 0  # events sent (written by the scheduler thread only)
         self._taken = 0  # events taken (written by the event loop only)
         self._assembler = TextAssembler(request.params.stop, role_prefixes)
+        # A grounding request: its model's text (or the regions its family sends itself) become
+        # Region events, at most request.max_objects of them.
+        self._regions = regions
+        self._found = 0
         # Set by the scheduler that queues it: called at each stop check, and to take it out of the queue
         # (whether it was still there: then it never starts).
         self._on_check: Callable[[Job], None] | None = None
@@ -124,8 +129,9 @@ class Job:
         """The back-pressure guard stopped it: its client read nothing for ``abandon_after`` seconds."""
         return self._abandoned
 
-    async def events(self) -> AsyncIterator[TextDelta | Finished]:
-        """Text deltas as they are written, then one :class:`Finished`; raises a ServiceError on failure.
+    async def events(self) -> AsyncIterator[TextDelta | Region | Malformed | Finished]:
+        """Text deltas as they are written (a grounding request: regions, and malformed output, as each
+        is decoded), then one :class:`Finished`; raises a ServiceError on failure.
 
         Every job that its RPC did not end gets exactly one last event: :class:`Finished`, or the error
         that ended it (a failed or stuck model, see scheduler.py and the engine's watchdog, or the
@@ -154,7 +160,8 @@ class Job:
             if isinstance(event, BaseException):
                 raise event
             yield event
-            return  # Finished is the last event
+            if isinstance(event, Finished):
+                return  # the last event
 
     def _wake(self) -> None:
         self._wake_pending = False
@@ -165,9 +172,31 @@ class Job:
     def add_text(self, piece: str) -> None:
         if self._ended:
             return
+        if self.request.task.grounding:
+            if self._regions is not None:
+                for found in self._regions.push(piece):
+                    self._found_one(found)
+            return  # a family that sends regions itself writes no text that counts
         delta = self._assembler.push(piece)
         if delta:
             self._send(TextDelta(delta))
+
+    def add_region(self, region: Region) -> None:
+        """One object found (a family that sends regions itself); those past max_objects are dropped."""
+        if not self._ended:
+            self._found_one(region)
+
+    def _found_one(self, found: Region | Malformed) -> None:
+        if isinstance(found, Region):
+            if self._found >= self.request.max_objects:
+                return
+            self._found += 1
+        self._send(found)
+
+    @property
+    def found_all(self) -> bool:
+        """A grounding request has its max_objects regions: its generation should stop."""
+        return self.request.task.grounding and self._found >= self.request.max_objects
 
     @property
     def backlog(self) -> int:
@@ -199,11 +228,16 @@ class Job:
         if self._interrupted:
             self._stopped_by_interrupt = True
         return (
-            self._cancelled.is_set() or self._abandoned or self._assembler.stopped or self._ended or self._interrupted
+            self._cancelled.is_set()
+            or self._abandoned
+            or self._assembler.stopped
+            or self._ended
+            or self._interrupted
+            or self.found_all
         )
 
     def _send(self, event) -> None:
-        if isinstance(event, TextDelta) and self.timeline.first_text_at is None:
+        if isinstance(event, TextDelta | Region) and self.timeline.first_text_at is None:
             self.timeline.first_text(time.monotonic())
         self._sent += 1
         self._events.append(event)
@@ -218,6 +252,8 @@ class Job:
         """Why the generation ended, stop strings and interrupts (the engine's) included."""
         if self._assembler.stopped:
             return FinishReason.STOP_SEQUENCE
+        if self.found_all:
+            return FinishReason.MAX_OBJECTS
         return FinishReason.INTERRUPTED if self._stopped_by_interrupt else outcome.reason
 
     def end_abandoned(self) -> None:
@@ -234,9 +270,13 @@ class Job:
         """Send the last text and :class:`Finished` (scheduler thread); nothing if the job already ended."""
         if self._ended:
             return
-        tail = self._assembler.finish()
-        if tail:
-            self._send(TextDelta(tail))
+        if self._regions is not None:
+            for malformed in self._regions.finish():
+                self._send(malformed)
+        elif not self.request.task.grounding:
+            tail = self._assembler.finish()
+            if tail:
+                self._send(TextDelta(tail))
         self._end(Finished(reason, self.timeline.usage(outcome)))
 
     def fail(self, error: ServiceError) -> None:

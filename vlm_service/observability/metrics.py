@@ -90,11 +90,14 @@ class Metrics:
             registry=r,
         )
         self.requests = Counter(
-            "vlm_requests", "Caption, Query and Watch RPCs by final status code.", ["method", "code"], registry=r
+            "vlm_requests",
+            "Caption, Query, Detect, Point and Watch RPCs by final status code.",
+            ["method", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "vlm_request_duration_seconds",
-            "Caption, Query and Watch RPCs end to end, from the call's arrival to its end, by final status code.",
+            "Caption, Query, Detect, Point and Watch RPCs end to end, from the call's arrival to its end, by final status code.",
             ["method", "code"],
             buckets=_DURATION_BUCKETS,
             registry=r,
@@ -161,7 +164,7 @@ class _SnapshotCollector(Collector):
         yield hits
         yield misses
         yield GaugeMetricFamily(
-            "vlm_active_streams", "Open Caption, Query and Watch streams.", value=snapshot.open_streams
+            "vlm_active_streams", "Open Caption, Query, Detect, Point and Watch streams.", value=snapshot.open_streams
         )
 
 
