@@ -28,6 +28,7 @@ FINISH_REASONS = {
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
     pb.FINISH_REASON_INTERRUPTED: "interrupted",
+    pb.FINISH_REASON_MAX_OBJECTS: "max_objects",
 }
 WATCH_POLICIES = {
     None: pb.WATCH_POLICY_UNSPECIFIED,
@@ -72,6 +73,47 @@ class ModelInfo:
     device: str
     dtype: str
     image_details: tuple[ImageTiling, ...] = ()
+    detects: bool = False
+    points: bool = False
+    max_images: int = 1
+
+
+@dataclass(frozen=True)
+class Box:
+    """A box around one object found, normalized to the picture (0..1, origin top left)."""
+
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+
+    def pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The box in pixels of a ``width`` x ``height`` picture: (left, top, right, bottom)."""
+        return (
+            round(self.x_min * width),
+            round(self.y_min * height),
+            round(self.x_max * width),
+            round(self.y_max * height),
+        )
+
+
+@dataclass(frozen=True)
+class Point:
+    """A point on one object found, normalized to the picture (0..1, origin top left)."""
+
+    x: float
+    y: float
+
+    def pixels(self, width: int, height: int) -> tuple[int, int]:
+        return round(self.x * width), round(self.y * height)
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What the model wrote where an object should have been, and why it is not one."""
+
+    text: str
+    reason: str
 
 
 def options(
@@ -120,16 +162,47 @@ def caption_request(
 
 
 def query_request(
-    image: ImageLike, question: str, model: str, language: str, detail: str | None = None, **opts
+    image: ImageLike | Sequence[ImageLike], question: str, model: str, language: str, detail: str | None = None, **opts
 ) -> pb.QueryRequest:
+    """One picture goes in ``image`` (what every server version reads), several in ``images``."""
+    several = isinstance(image, list | tuple)
     return pb.QueryRequest(
         model=model,
-        image=pb.Image(data=image_bytes(image)),
+        image=None if several else pb.Image(data=image_bytes(image)),
+        images=[pb.Image(data=image_bytes(each)) for each in image] if several else [],
         question=question,
         options=options(**opts),
         response_language=language,
         detail=image_detail(detail),
     )
+
+
+def grounding_request(
+    message: type[pb.DetectRequest] | type[pb.PointRequest],
+    image: ImageLike,
+    target: str,
+    model: str,
+    max_objects: int,
+    detail: str | None,
+) -> pb.DetectRequest | pb.PointRequest:
+    """A Detect or a Point request (``message`` says which: they have the same fields)."""
+    return message(
+        model=model,
+        image=pb.Image(data=image_bytes(image)),
+        object=target,
+        max_objects=max_objects,
+        detail=image_detail(detail),
+    )
+
+
+def region_from(message: pb.DetectResponse | pb.PointResponse) -> Box | Point | None:
+    """The region a Detect or Point message carries (None: its last message, or a malformed output)."""
+    if isinstance(message, pb.DetectResponse) and message.HasField("box"):
+        b = message.box
+        return Box(b.x_min, b.y_min, b.x_max, b.y_max)
+    if isinstance(message, pb.PointResponse) and message.HasField("point"):
+        return Point(message.point.x, message.point.y)
+    return None
 
 
 def watch_config(
@@ -192,6 +265,9 @@ def model_info_from(message: pb.ModelInfo) -> ModelInfo:
             for t in message.image_details
             if t.detail in details
         ),
+        detects=message.detects,
+        points=message.points,
+        max_images=message.max_images,
     )
 
 

@@ -2,6 +2,8 @@
 
 vlm-client caption photo.jpg --length short
 vlm-client query photo.jpg "What colour is the car?" --server vlm.example:50051 --tls
+vlm-client detect photo.jpg "red car" --draw boxes.png
+vlm-client point photo.jpg "face"
 vlm-client watch frames/ --fps 20 --question "Is the door open?" --policy interrupt
 vlm-client models
 
@@ -95,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("image", help="image file")
     query.add_argument("question")
     _add_generation_flags(query)
+    query.add_argument(
+        "--image",
+        dest="more_images",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="another picture the question is about, after the first (repeatable; `models --json` says each "
+        "model's max_images)",
+    )
+    grounding = []
+    for name, what in (("detect", "a box around"), ("point", "a point on")):
+        command = commands.add_parser(name, help=f"stream {what} every instance of an object in an image")
+        command.add_argument("image", help="image file")
+        command.add_argument("object", help='what to find, in words ("red circle", "face")')
+        command.add_argument("--max-objects", type=int, default=0, help="most objects returned (0: server default)")
+        command.add_argument("--model", default="", help="model name (default: the server's default model)")
+        command.add_argument("--detail", choices=("auto", "low", "high"), default=None, help="image detail")
+        command.add_argument("--draw", metavar="OUT", help="write the picture with what was found drawn on it")
+        command.add_argument("--json", action="store_true", help="print one JSON object per line")
+        command.add_argument("--usage", action="store_true", help="print finish reason and usage to stderr")
+        grounding.append(command)
     watch = commands.add_parser(
         "watch", help="send pictures as a live feed and print each answered frame's answer as it streams"
     )
@@ -113,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(watch)
     models = commands.add_parser("models", help="list the server's models")
     models.add_argument("--json", action="store_true", help="print JSON")
-    for command in (caption, query, watch, models):
+    for command in (caption, query, *grounding, watch, models):
         _add_connection_flags(command, defaults=False)
     return parser
 
@@ -158,6 +181,59 @@ def _options(args: argparse.Namespace) -> dict:
         "stop": args.stop,
         "seed": args.seed,
     }
+
+
+def _print_regions(stream, image: str, args: argparse.Namespace) -> None:
+    """Each box or point as it streams, in normalized coordinates and in the picture's pixels; what the
+    model wrote that was not one goes to stderr; with --draw, the picture with them drawn."""
+    size = _picture_size(image)
+    for region in stream:
+        if args.json:
+            print(json.dumps({type(region).__name__.lower(): asdict(region)}), flush=True)
+            continue
+        values = " ".join(f"{name}={value:.3f}" for name, value in asdict(region).items())
+        pixels = f"  pixels={region.pixels(*size)}" if size else ""
+        print(f"{type(region).__name__.lower()} {values}{pixels}", flush=True)
+    for malformed in stream.malformed:
+        print(f"vlm-client: the model wrote {malformed.text!r}: {malformed.reason}", file=sys.stderr)
+    if not stream.regions and not args.json:
+        print(f"no {args.object} found")
+    if args.usage:
+        print(f"finish_reason={stream.finish_reason} usage={json.dumps(asdict(stream.usage))}", file=sys.stderr)
+    if args.draw:
+        _draw(image, stream.regions, args.draw)
+
+
+def _picture_size(path: str) -> tuple[int, int] | None:
+    """The picture's width and height after its EXIF rotation (what the coordinates are relative to),
+    or None without Pillow."""
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        return None
+    with Image.open(path) as picture:
+        return ImageOps.exif_transpose(picture).size
+
+
+def _draw(path: str, regions: list, out: str) -> None:
+    try:
+        from PIL import Image, ImageDraw, ImageOps
+    except ImportError:
+        raise UsageError("--draw needs Pillow: pip install 'vlm-client[draw]'") from None
+    with Image.open(path) as opened:
+        picture = ImageOps.exif_transpose(opened).convert("RGB")
+    pen = ImageDraw.Draw(picture)
+    width, height = picture.size
+    line = max(2, round(min(width, height) / 100))
+    for region in regions:
+        if hasattr(region, "x_min"):
+            pen.rectangle(region.pixels(width, height), outline=(255, 0, 255), width=line)
+        else:
+            x, y = region.pixels(width, height)
+            r = 2 * line
+            pen.ellipse((x - r, y - r, x + r, y + r), fill=(255, 0, 255), outline=(255, 255, 255))
+    picture.save(out)
+    print(f"wrote {out} ({len(regions)} drawn)", file=sys.stderr)
 
 
 def _print_stream(stream, show_usage: bool) -> None:
@@ -235,7 +311,16 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             if args.command == "caption":
                 _print_stream(client.caption(args.image, length=args.length, **_options(args)), args.usage)
             elif args.command == "query":
-                _print_stream(client.query(args.image, args.question, **_options(args)), args.usage)
+                images = [args.image, *args.more_images] if args.more_images else args.image
+                _print_stream(client.query(images, args.question, **_options(args)), args.usage)
+            elif args.command in ("detect", "point"):
+                if args.max_objects < 0:
+                    raise UsageError(f"--max-objects must be 0 or more, got {args.max_objects}")
+                call = client.detect if args.command == "detect" else client.point
+                stream = call(
+                    args.image, args.object, max_objects=args.max_objects, model=args.model, detail=args.detail
+                )
+                _print_regions(stream, args.image, args)
             elif args.command == "watch":
                 if not args.fps >= 0:
                     raise UsageError(f"--fps must be 0 or more, got {args.fps}")

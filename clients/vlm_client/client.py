@@ -36,6 +36,7 @@ from .images import ImageLike
 Metadata = Sequence[tuple[str, str]]
 S = TypeVar("S")  # a client's text stream type
 W = TypeVar("W")  # a client's Watch stream type
+R = TypeVar("R")  # a client's Detect/Point stream type
 
 #: The metadata key that carries the request's model, so a proxy (an Envoy/Gateway API GRPCRoute, nginx)
 #: can route by model without parsing the message. Sent when the request names a model.
@@ -107,9 +108,11 @@ def channel_options(options: Sequence[tuple[str, object]] = (), health_check: bo
 
 
 class _StreamState:
-    """What a stream has received so far (shared by the sync and async streams)."""
+    """What a stream has received so far (shared by the sync and async streams): its end, and what
+    :meth:`absorb` keeps of each message (the text streams' chunks, the region streams' regions)."""
 
-    def __init__(self):
+    def __init__(self, *args):
+        super().__init__(*args)
         self.chunks: list[str] = []
         self.finish_reason: str | None = None
         self.usage: m.Usage | None = None
@@ -119,35 +122,95 @@ class _StreamState:
     def text(self) -> str:
         return "".join(self.chunks)
 
-    def absorb(self, message) -> str:
-        if message.finish_reason:
-            self.finish_reason = m.FINISH_REASONS.get(message.finish_reason, "unknown")
-            self.usage = m.usage_from(message)
+    def absorb(self, message):
+        """What the message carries for the caller (falsy: nothing to yield)."""
+        self._end(message)
         if message.text:
             self.chunks.append(message.text)
         return message.text
 
+    def _end(self, message) -> None:
+        if message.finish_reason:
+            self.finish_reason = m.FINISH_REASONS.get(message.finish_reason, "unknown")
+            self.usage = m.usage_from(message)
 
-class TextStream(_StreamState):
-    """An iterator of text chunks from a server-streaming call."""
+
+class _RegionState(_StreamState):
+    """A Detect or Point stream's state: the regions found so far, and what the model wrote that was
+    not one (``malformed``: it never ends the stream)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.regions: list = []
+        self.malformed: list[m.Malformed] = []
+
+    def absorb(self, message):
+        self._end(message)
+        region = m.region_from(message)
+        if region is not None:
+            self.regions.append(region)
+        if message.HasField("malformed"):
+            self.malformed.append(m.Malformed(message.malformed.text, message.malformed.reason))
+        return region
+
+
+class _Stream(_StreamState):
+    """An iterator of what a server-streaming call carries, message by message."""
 
     def __init__(self, call):
         super().__init__()
         self._call = call
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self):
         try:
             for message in self._call:
                 if self.request_id is None:
                     self.request_id = m.request_id(self._call.initial_metadata())
-                text = self.absorb(message)
-                if text:
-                    yield text
+                item = self.absorb(message)
+                if item:
+                    yield item
         except grpc.RpcError as error:
             raise from_rpc_error(error, self.request_id) from None
         finally:
             if self.finish_reason is None:
                 self._call.cancel()
+
+    def cancel(self) -> None:
+        """Stop the generation on the server."""
+        self._call.cancel()
+
+
+class _AsyncStream(_StreamState):
+    """An async iterator of what a server-streaming call carries, message by message."""
+
+    def __init__(self, call):
+        super().__init__()
+        self._call = call
+
+    async def __aiter__(self):
+        try:
+            async for message in self._call:
+                if self.request_id is None:
+                    self.request_id = m.request_id(await self._call.initial_metadata())
+                item = self.absorb(message)
+                if item:
+                    yield item
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.request_id) from None
+        finally:
+            if self.finish_reason is None:
+                self._call.cancel()
+
+    def cancel(self) -> None:
+        """Stop the generation on the server."""
+        self._call.cancel()
+
+
+class TextStream(_Stream):
+    """An iterator of text chunks from a Caption or Query call."""
+
+    def __iter__(self) -> Iterator[str]:
+        return super().__iter__()
 
     def result(self) -> str:
         """Read the whole stream; return the full text."""
@@ -155,39 +218,44 @@ class TextStream(_StreamState):
             pass
         return self.text
 
-    def cancel(self) -> None:
-        """Stop the generation on the server."""
-        self._call.cancel()
 
+class AsyncTextStream(_AsyncStream):
+    """An async iterator of text chunks from a Caption or Query call."""
 
-class AsyncTextStream(_StreamState):
-    """An async iterator of text chunks from a server-streaming call."""
-
-    def __init__(self, call):
-        super().__init__()
-        self._call = call
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        try:
-            async for message in self._call:
-                if self.request_id is None:
-                    self.request_id = m.request_id(await self._call.initial_metadata())
-                text = self.absorb(message)
-                if text:
-                    yield text
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, self.request_id) from None
-        finally:
-            if self.finish_reason is None:
-                self._call.cancel()
+    def __aiter__(self) -> AsyncIterator[str]:
+        return super().__aiter__()
 
     async def result(self) -> str:
         async for _ in self:
             pass
         return self.text
 
-    def cancel(self) -> None:
-        self._call.cancel()
+
+class RegionStream(_RegionState, _Stream):
+    """An iterator of the :class:`~vlm_client.Box` es (Detect) or :class:`~vlm_client.Point` s (Point)
+    a model finds, each as soon as it is decoded; ``malformed`` lists what the model wrote that was not
+    one."""
+
+    def __iter__(self) -> Iterator[m.Box | m.Point]:
+        return super().__iter__()
+
+    def result(self) -> list:
+        """Read the whole stream; return every region."""
+        for _ in self:
+            pass
+        return self.regions
+
+
+class AsyncRegionStream(_RegionState, _AsyncStream):
+    """The asyncio twin of :class:`RegionStream`."""
+
+    def __aiter__(self) -> AsyncIterator[m.Box | m.Point]:
+        return super().__aiter__()
+
+    async def result(self) -> list:
+        async for _ in self:
+            pass
+        return self.regions
 
 
 class _FrameState:
@@ -470,12 +538,13 @@ def _open(api, target: str, credentials, options, health_check: bool):
     return api.insecure_channel(target, options=options)
 
 
-class _ClientBase(Generic[S, W]):
+class _ClientBase(Generic[S, R, W]):
     """What the blocking and the asyncio client share: their calls are built the same way and differ
     only in the stream types that wrap them (``_text_stream``, ``_watch_stream``) and in how a Watch
     stream reads its frames (``_frames``)."""
 
     _text_stream: Callable[[object], S]
+    _region_stream: Callable[[object], R]
     _watch_stream: Callable[[object, _FrameFeed], W]
 
     def __init__(
@@ -522,7 +591,7 @@ class _ClientBase(Generic[S, W]):
 
     def query(
         self,
-        image: ImageLike,
+        image: ImageLike | Sequence[ImageLike],
         question: str,
         *,
         model: str = "",
@@ -532,9 +601,45 @@ class _ClientBase(Generic[S, W]):
         metadata: Metadata | None = None,
         **options,
     ) -> S:
-        """Stream the answer to ``question`` about ``image``."""
+        """Stream the answer to ``question`` about ``image``, or about several pictures (a list or tuple
+        of them, in the order the question refers to them; ``ModelInfo.max_images`` says how many a
+        model takes)."""
         request = m.query_request(image, question, model, language, detail, **options)
         return self._text_stream(self._stub.Query(request, **self._call_args(timeout, metadata, model)))
+
+    def detect(
+        self,
+        image: ImageLike,
+        object: str,  # noqa: A002 (the RPC's field name)
+        *,
+        max_objects: int = 0,
+        model: str = "",
+        detail: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> R:
+        """Stream a :class:`~vlm_client.Box` around every ``object`` ("red circle", "face") in ``image``,
+        each as soon as the model has it (at most ``max_objects``; 0: the server's default). Boxes are
+        normalized to the picture (0..1); ``Box.pixels(width, height)`` scales one. A model that does not
+        detect (``ModelInfo.detects``) raises :class:`~vlm_client.errors.FailedPrecondition`."""
+        request = m.grounding_request(pb.DetectRequest, image, object, model, max_objects, detail)
+        return self._region_stream(self._stub.Detect(request, **self._call_args(timeout, metadata, model)))
+
+    def point(
+        self,
+        image: ImageLike,
+        object: str,  # noqa: A002 (the RPC's field name)
+        *,
+        max_objects: int = 0,
+        model: str = "",
+        detail: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> R:
+        """Stream a :class:`~vlm_client.Point` on every ``object`` in ``image``, each as soon as the model
+        has it; as :meth:`detect` otherwise (``ModelInfo.points`` says which models point)."""
+        request = m.grounding_request(pb.PointRequest, image, object, model, max_objects, detail)
+        return self._region_stream(self._stub.Point(request, **self._call_args(timeout, metadata, model)))
 
     def watch(
         self,
@@ -566,7 +671,7 @@ class _ClientBase(Generic[S, W]):
         return iter(feed)
 
 
-class VLMClient(_ClientBase[TextStream, WatchStream]):
+class VLMClient(_ClientBase[TextStream, RegionStream, WatchStream]):
     """Blocking client. ``target`` is ``host:port`` or any gRPC target (``dns:///name:port`` to balance
     over every address of a name); ``timeout`` (seconds) is the default deadline; ``token`` is sent as
     ``authorization: Bearer`` metadata; ``credentials`` (see :func:`channel_credentials`) turns on TLS;
@@ -577,6 +682,7 @@ class VLMClient(_ClientBase[TextStream, WatchStream]):
     (:func:`channel_options`)."""
 
     _text_stream = TextStream
+    _region_stream = RegionStream
     _watch_stream = WatchStream
 
     def __init__(
@@ -612,10 +718,11 @@ class VLMClient(_ClientBase[TextStream, WatchStream]):
         self.close()
 
 
-class AsyncVLMClient(_ClientBase[AsyncTextStream, AsyncWatchStream]):
+class AsyncVLMClient(_ClientBase[AsyncTextStream, AsyncRegionStream, AsyncWatchStream]):
     """The asyncio twin of :class:`VLMClient` (the same arguments and calls); streams are async iterators."""
 
     _text_stream = AsyncTextStream
+    _region_stream = AsyncRegionStream
     _watch_stream = AsyncWatchStream
 
     def __init__(

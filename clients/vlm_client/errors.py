@@ -53,6 +53,12 @@ class ModelNotFound(VLMError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class FailedPrecondition(VLMError):
+    """The model cannot do what was asked (Detect or Point on a model that does not ground)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Overloaded(VLMError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -82,6 +88,7 @@ _BY_CODE = {
     for cls in (
         InvalidArgument,
         ModelNotFound,
+        FailedPrecondition,
         Overloaded,
         Unavailable,
         DeadlineExceeded,
