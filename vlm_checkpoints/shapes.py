@@ -93,16 +93,46 @@ def draw(scene: Scene, rng: random.Random) -> Image.Image:
     side = int(min(width, height) * rng.uniform(0.55, 0.8))
     x0 = (width - side) // 2 + int(rng.uniform(-0.08, 0.08) * width)
     y0 = (height - side) // 2 + int(rng.uniform(-0.08, 0.08) * height)
-    box = (x0, y0, x0 + side, y0 + side)
+    _paint(image, scene, (x0, y0, x0 + side, y0 + side))
+    return image
+
+
+def _paint(image: Image.Image, scene: Scene, box: tuple[int, int, int, int]) -> None:
     pen = ImageDraw.Draw(image)
     fill = COLOURS[scene.colour]
+    x0, y0, x1, y1 = box
     if scene.shape == "circle":
         pen.ellipse(box, fill=fill)
     elif scene.shape == "square":
         pen.rectangle(box, fill=fill)
     else:
-        pen.polygon([(x0 + side // 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=fill)
-    return image
+        pen.polygon([((x0 + x1) // 2, y0), (x0, y1), (x1, y1)], fill=fill)
+
+
+def draw_placed(scene: Scene, rng: random.Random) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Render a scene with the shape anywhere in the picture, at 20-60 % of its shorter side: the
+    picture, and the shape's box normalized to it (x_min, y_min, x_max, y_max in [0, 1]). What the
+    tiny models learn to ground on: where the shape is cannot be guessed."""
+    width, height = rng.randint(64, 192), rng.randint(64, 192)
+    image = Image.new("RGB", (width, height), BACKGROUNDS[scene.background])
+    side = max(8, int(min(width, height) * rng.uniform(0.2, 0.6)))
+    x0, y0 = rng.randint(0, width - side - 1), rng.randint(0, height - side - 1)
+    _paint(image, scene, (x0, y0, x0 + side, y0 + side))
+    # PIL's ellipse and rectangle fill the pixels x0..x0+side inclusive: side + 1 pixels wide.
+    return image, (x0 / width, y0 / height, (x0 + side + 1) / width, (y0 + side + 1) / height)
+
+
+def box_center(box: tuple[float, float, float, float]) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two (x_min, y_min, x_max, y_max) boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def scenes(rng: random.Random, count: int) -> list[Scene]:

@@ -23,8 +23,15 @@ logger = logging.getLogger(__name__)
 LENGTHS = {"short": CaptionLength.SHORT, "normal": CaptionLength.NORMAL, "long": CaptionLength.LONG}
 
 
-def example(rng: random.Random, languages: Sequence[str]):
-    """One (request, target answer) pair on a random scene."""
+#: Of the grounding examples, the share whose target is not in the picture (answered with no box).
+NEGATIVES = 0.3
+
+
+def example(rng: random.Random, languages: Sequence[str], detect: float = 0.0):
+    """One (request, target answer) pair on a random scene: with probability ``detect`` a grounding
+    one (:func:`detect_example`), else a caption or a question."""
+    if detect and rng.random() < detect:
+        return detect_example(rng)
     scene = shapes.scenes(rng, 1)[0]
     image = shapes.draw(scene, rng)
     language = rng.choice(languages)
@@ -39,6 +46,32 @@ def example(rng: random.Random, languages: Sequence[str]):
     return request, scene.answer(question, language)
 
 
+def detect_target(scene: shapes.Scene, rng: random.Random, present: bool) -> str:
+    """A phrase for Detect: the scene's shape, or its colour and shape; ``present=False``, a shape the
+    picture does not hold (alone, or after a colour: the scene's or another)."""
+    if present:
+        return scene.shape if rng.random() < 0.5 else f"{scene.colour} {scene.shape}"
+    shape = rng.choice([shape for shape in shapes.SHAPES if shape != scene.shape])
+    return shape if rng.random() < 0.5 else f"{rng.choice(list(shapes.COLOURS))} {shape}"
+
+
+def detect_request(image, target: str, request_id: str = "train") -> GenerationRequest:
+    return GenerationRequest(request_id, request_id, Task.DETECT, image, SamplingParams(1), target=target)
+
+
+def detect_example(rng: random.Random):
+    """A grounding pair: the shape anywhere in a picture (``shapes.draw_placed``), asked for by name (or
+    by colour and name), answered with its box as Qwen2-VL writes boxes; now and then a target that is
+    not there, answered with no box."""
+    from vlm_service.backends.qwen2_vl import box_text
+
+    scene = shapes.scenes(rng, 1)[0]
+    image, box = shapes.draw_placed(scene, rng)
+    present = rng.random() >= NEGATIVES
+    target = detect_target(scene, rng, present)
+    return detect_request(image, target), box_text(target, [box] if present else [])
+
+
 def _batch(backend, pairs, eos: str, answer_prefix: str):
     """Processor outputs for prompt + answer, with labels only on the answer (and its end token)."""
     prompts = [backend.prompt(request) for request, _ in pairs]
@@ -47,10 +80,9 @@ def _batch(backend, pairs, eos: str, answer_prefix: str):
     inputs = backend.encode(full, images)
     labels = inputs["input_ids"].clone()
     for row, prompt in enumerate(prompts):
-        prompt_len = backend.encode([prompt], [images[row]])["input_ids"].shape[1]
-        assert torch.equal(
-            inputs["input_ids"][row, :prompt_len], backend.encode([prompt], [images[row]])["input_ids"][0]
-        )
+        prompt_ids = backend.encode([prompt], [images[row]])["input_ids"][0]
+        prompt_len = len(prompt_ids)
+        assert torch.equal(inputs["input_ids"][row, :prompt_len], prompt_ids)
         labels[row, :prompt_len] = -100
     labels[inputs["attention_mask"] == 0] = -100
     inputs["labels"] = labels
@@ -85,17 +117,21 @@ def train(
     batch_size: int = 16,
     distinct_batches: int = 150,
     lr: float = 3e-3,
+    detect: float = 0.0,
     seed: int = 0,
 ) -> dict:
     """Train ``model`` in place on shapes: ``make_batch(pairs)`` encodes (request, answer) pairs once,
-    ``loss_of(batch)`` is the training loss. Returns timing and loss figures."""
+    ``loss_of(batch)`` is the training loss; ``detect`` is the share of grounding examples (Qwen2-VL's
+    boxes; 0: none). Returns timing and loss figures."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         rng = random.Random(seed)
         torch.manual_seed(seed)
         start = time.monotonic()
-        batches = [make_batch([example(rng, languages) for _ in range(batch_size)]) for _ in range(distinct_batches)]
+        batches = [
+            make_batch([example(rng, languages, detect) for _ in range(batch_size)]) for _ in range(distinct_batches)
+        ]
         prepared = time.monotonic() - start
         losses = _optimize(model, batches, loss_of, steps=steps, lr=lr, seed=seed)
         figures = {
@@ -110,10 +146,10 @@ def train(
         torch.set_num_threads(threads)
 
 
-def probe_pairs(languages: Sequence[str] = ("en",)) -> list:
+def probe_pairs(languages: Sequence[str] = ("en",), detect: float = 0.0) -> list:
     """A fixed set of (request, answer) pairs covering every kind of request training makes: each
-    caption length and each question in English, and a caption and the colour question in every other
-    language of ``languages``."""
+    caption length and each question in English, a caption and the colour question in every other
+    language of ``languages``, and with grounding (``detect``) a Detect with a box and one without."""
     rng = random.Random(0)
     pairs = []
     for language in dict.fromkeys(languages):
@@ -131,14 +167,23 @@ def probe_pairs(languages: Sequence[str] = ("en",)) -> list:
                 "probe", "probe", Task.QUERY, image, SamplingParams(1), question, language=language
             )
             pairs.append((request, scene.answer(question, language)))
+    if detect:
+        from vlm_service.backends.qwen2_vl import box_text
+
+        scene = shapes.Scene("red", "circle", "white")
+        image, box = shapes.draw_placed(scene, rng)
+        pairs.append((detect_request(image, "red circle", "probe"), box_text("red circle", [box])))
+        pairs.append((detect_request(image, "square", "probe"), box_text("square", [])))
     return pairs
 
 
-def probe_transformers_vlm(backend, *, answer_prefix: str = "", languages: Sequence[str] = ("en",), **_) -> list:
+def probe_transformers_vlm(
+    backend, *, answer_prefix: str = "", languages: Sequence[str] = ("en",), detect: float = 0.0, **_
+) -> list:
     """What training feeds the model for :func:`probe_pairs`, through the backend's own ``prompt``
     and ``encode``: the prompt strings, then every tensor's shape and the token ids and labels.
     Part of the tiny checkpoints' cache key (see builder.py); needs the processor only, no model."""
-    pairs = probe_pairs(languages)
+    pairs = probe_pairs(languages, detect)
     batch = _batch(backend, pairs, backend.tokenizer.eos_token, answer_prefix)
     shapes_of = {name: list(value.shape) for name, value in batch.items()}
     return [[backend.prompt(request) for request, _ in pairs], shapes_of, batch["input_ids"], batch["labels"]]

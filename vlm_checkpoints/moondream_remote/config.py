@@ -46,7 +46,8 @@ class RegionConfig:
     inner_dim: int = _sized(REGION, "inner_dim")
 
 
-#: The tokenizer's special tokens, in id order (the build trains the tokenizer with them first).
+#: The tokenizer's special tokens, in id order (the build trains the tokenizer with them first). New ones
+#: go at the end, so that the ids the templates already use never move.
 SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|md_reserved_0|>",
@@ -57,18 +58,30 @@ SPECIAL_TOKENS = (
     "<|normal|>",
     "<|long|>",
     "<|query|>",
+    "<|detect|>",
+    "<|point|>",
+    "<|coord|>",
+    "<|size|>",
 )
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
+    """Ids in ``SPECIAL_TOKENS``. As in the published config, ``detect``/``point`` prompts are a prefix, the
+    object's tokens and a suffix, and ``coord_id``/``size_id`` name the tokens a coordinate or a size
+    stands in for (region embeddings replace them)."""
+
     bos_id: int = 0
     eos_id: int = 0
     answer_id: int = 3
+    coord_id: int = 11
+    size_id: int = 12
     templates: dict = field(
         default_factory=lambda: {
             "caption": {"short": [1, 4, 2, 5, 3], "normal": [1, 4, 2, 6, 3], "long": [1, 4, 2, 7, 3]},
             "query": {"prefix": [1, 8, 2], "suffix": [3]},
+            "detect": {"prefix": [1, 9, 2], "suffix": [3]},
+            "point": {"prefix": [1, 10, 2], "suffix": [3]},
         }
     )
 

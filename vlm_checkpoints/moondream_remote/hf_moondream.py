@@ -8,8 +8,8 @@ does, faults included, so that the service's loader is tested against what users
   needs what it sets);
 * ``HfConfig.__init__`` sets ``self.config = {}`` after the base class read ``config.json``, so the
   sizes are the code's own;
-* the API (``encode_image``, ``caption``, ``query``) is reached through properties that set up the
-  KV caches on first use.
+* the API (``encode_image``, ``caption``, ``query``, ``detect``, ``point``) is reached through properties
+  that set up the KV caches on first use.
 """
 
 from __future__ import annotations
@@ -57,3 +57,13 @@ class HfMoondream(PreTrainedModel):
     def query(self):
         self._setup_caches()
         return self.model.query
+
+    @property
+    def detect(self):
+        self._setup_caches()
+        return self.model.detect
+
+    @property
+    def point(self):
+        self._setup_caches()
+        return self.model.point

@@ -1,6 +1,6 @@
 """The model behind ``HfMoondream``: a small vision encoder over image crops and a text decoder with one
 KV cache per instance, driven through Moondream2's published Python API (``encode_image``, ``caption``,
-``query``).
+``query``, ``detect``, ``point``).
 
 Written by vlm-service from the behaviour of Moondream2's published remote code (revision 2025-06-21),
 with the traits a loader has to live with:
@@ -12,11 +12,23 @@ with the traits a loader has to live with:
 * ``attn_mask`` and the text model's ``freqs_cis`` are buffers made here and never saved, so a model
   built on the meta device and filled from the weights file has them uninitialised;
 * ``encode_image(image, settings)`` reads ``settings["variant"]`` without a default;
-* ``caption``/``query`` with ``stream=True`` return a generator of text pieces (whole words), not tokens.
+* ``caption``/``query`` with ``stream=True`` return a generator of text pieces (whole words), not tokens;
+* ``detect``/``point`` have no ``stream``: they return every object at once. They decode greedily
+  whatever ``settings`` holds: it is read for ``max_objects`` only (default 50), and passed on to
+  ``encode_image`` like ``caption``'s, so a PIL image with settings that lack ``"variant"`` is a
+  ``KeyError`` there too (an ``EncodedImage`` is not encoded again, so it passes);
+* the object is encoded with a space before it (``" " + object``), between the template's prefix and suffix;
+* ``max_objects`` is checked before each object, and each object ends with one more decode step whose
+  greedy token (anything but the end token) starts another: a model that never writes the end token
+  gives ``max_objects`` objects;
+* a coordinate is its bin's lower edge (``bin / bins``: never 1.0), a size ``2 ** (bin / (bins - 1) * 10
+  - 10)`` (1/1024 to 1), and a box is the centre plus and minus half the size, unclipped: it may reach
+  outside [0, 1].
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +46,7 @@ TOKENIZER_REPO = "vlm-service/tiny-moondream-tokenizer"
 DEFAULT_MAX_TOKENS = 768
 DEFAULT_TEMPERATURE = 0.5
 DEFAULT_TOP_P = 0.3
+DEFAULT_MAX_OBJECTS = 50
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,41 @@ def build_region(c: RegionConfig, dtype) -> nn.ModuleDict:
     region.coord_features = nn.Parameter(torch.empty(1, c.coord_feat_dim // 2, dtype=dtype))
     region.size_features = nn.Parameter(torch.empty(2, c.size_feat_dim // 2, dtype=dtype))
     return region
+
+
+# --- regions (detect, point) ------------------------------------------------------------------------
+
+
+def fourier_features(x: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+    """cos and sin of ``2 pi x`` times each frequency (x: ..., n; frequencies: n, features // 2)."""
+    angles = (2 * math.pi) * (x @ frequencies)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def encode_coordinate(coord: torch.Tensor, w: nn.ModuleDict) -> torch.Tensor:
+    """A coordinate in [0, 1] (..., 1) -> the text model's input embedding (..., dim)."""
+    return w.coord_encoder(fourier_features(coord, w.coord_features))
+
+
+def decode_coordinate(hidden: torch.Tensor, w: nn.ModuleDict) -> torch.Tensor:
+    """The text model's hidden state (before its final norm) -> one logit per coordinate bin."""
+    return mlp(hidden, w.coord_decoder)
+
+
+def encode_size(size: torch.Tensor, w: nn.ModuleDict) -> torch.Tensor:
+    """A (width, height) pair (..., 2) -> the text model's input embedding (..., dim)."""
+    return w.size_encoder(fourier_features(size, w.size_features))
+
+
+def decode_size(hidden: torch.Tensor, w: nn.ModuleDict) -> torch.Tensor:
+    """One position's hidden state -> (2, bins): the width's logits, then the height's."""
+    return mlp(hidden, w.size_decoder).view(2, -1)
+
+
+def size_from_bin(index: torch.Tensor, bins: int) -> torch.Tensor:
+    """A size bin's size: log-scale bins from 2**-10 (bin 0) to 1 (the last); for 1024 bins,
+    ``2 ** ((bin / 1023) * 10 - 10)``."""
+    return torch.pow(2.0, (index.float() / (bins - 1)) * 10.0 - 10.0)
 
 
 # --- vision -----------------------------------------------------------------------------------------
@@ -347,7 +395,92 @@ class MoondreamModel(nn.Module):
 
         return {"answer": pieces()} if stream else {"answer": "".join(pieces())}
 
+    def detect(self, image, object: str, settings: dict | None = None):  # the published names
+        """``{"objects": [{"x_min", "y_min", "x_max", "y_max"}, ...]}``: boxes of ``object``, normalized."""
+        return {"objects": self._locate("detect", image, object, settings, include_size=True)}
+
+    def point(self, image, object: str, settings: dict | None = None):  # the published names
+        """``{"points": [{"x", "y"}, ...]}``: the centres of ``object``, normalized."""
+        return {"points": self._locate("point", image, object, settings, include_size=False)}
+
+    def _locate(self, task: str, image, phrase: str, settings: dict | None, include_size: bool) -> list[dict]:
+        template = self.config.tokenizer.templates[task]
+        if template is None:
+            raise NotImplementedError(f"Model does not support {task}.")
+        image = self.encode_image(image, settings)
+        self.load_encoded_image(image)
+        ids = template["prefix"] + self.tokenizer.encode(" " + phrase).ids + template["suffix"]
+        prompt = torch.tensor([ids], device=self.device)
+        _, hidden, next_token, pos = self._prefill_prompt(prompt, image.pos, temperature=0, top_p=0)
+        max_objects = settings.get("max_objects", DEFAULT_MAX_OBJECTS) if settings else DEFAULT_MAX_OBJECTS
+        return self._generate_points(hidden[:, -1:], next_token, pos, include_size, max_objects)
+
     # --- generation -----------------------------------------------------------------------------
+
+    def _prefill_prompt(self, prompt: torch.Tensor, pos: int, temperature: float, top_p: float):
+        """Run the prompt after what the KV cache holds up to ``pos``: its logits at the last position,
+        its hidden states, the token sampled from them and the position after it."""
+        length = prompt.shape[1]
+        with torch.inference_mode():
+            embeds = F.embedding(prompt, self.text.wte)
+            pos_ids = torch.arange(pos, pos + length, device=self.device)
+            mask = self.attn_mask[:, :, pos : pos + length, :]
+            hidden = text_decoder(embeds, self.text, mask, pos_ids, self.config.text)
+            logits = lm_head(hidden[:, -1], self.text)
+            next_token = self._sample(logits, temperature, top_p)
+        return logits, hidden, next_token, pos + length
+
+    def _decode_one_tok(self, embeds: torch.Tensor, mask: torch.Tensor, pos_ids: torch.Tensor):
+        """One position through the text model and its output layer: (logits, hidden states)."""
+        hidden = text_decoder(embeds, self.text, mask, pos_ids, self.config.text)
+        return lm_head(hidden[:, -1], self.text), hidden
+
+    def _generate_points(
+        self, hidden: torch.Tensor, next_token: torch.Tensor, pos: int, include_size: bool, max_objects: int
+    ) -> list[dict]:
+        """Objects while the greedy token is not the end token: x from ``hidden``, fed back; y, fed back;
+        with ``include_size`` the size, fed back; then one decode step for the next token."""
+        c = self.config
+        mask = torch.zeros(1, 1, c.text.max_context, dtype=torch.bool, device=self.device)
+        mask[..., :pos] = True
+        pos_ids = torch.tensor([pos], device=self.device)
+        objects: list[dict] = []
+
+        def step(embeds: torch.Tensor):
+            nonlocal pos
+            mask[..., pos], pos_ids[0] = True, pos
+            pos += 1
+            return self._decode_one_tok(embeds, mask, pos_ids)
+
+        def coordinate(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = decode_coordinate(hidden, self.region)
+            value = logits.argmax(dim=-1) / logits.shape[-1]
+            return value, encode_coordinate(value.to(logits.dtype), self.region)[None]
+
+        with torch.inference_mode():
+            while next_token.item() != c.tokenizer.eos_id and len(objects) < max_objects:
+                x, embeds = coordinate(hidden)
+                _, hidden = step(embeds)
+                y, embeds = coordinate(hidden)
+                if include_size:
+                    _, hidden = step(embeds)
+                    size_logits = decode_size(hidden, self.region)
+                    size = size_from_bin(size_logits.argmax(dim=-1), size_logits.shape[-1])
+                    width, height = size
+                    embeds = encode_size(size.to(size_logits.dtype), self.region)[None, None]
+                    objects.append(
+                        {
+                            "x_min": x.item() - width.item() / 2,
+                            "y_min": y.item() - height.item() / 2,
+                            "x_max": x.item() + width.item() / 2,
+                            "y_max": y.item() + height.item() / 2,
+                        }
+                    )
+                else:
+                    objects.append({"x": x.item(), "y": y.item()})
+                logits, hidden = step(embeds)
+                next_token = logits.argmax(dim=-1)
+        return objects
 
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -365,14 +498,7 @@ class MoondreamModel(nn.Module):
         temperature = settings.get("temperature", DEFAULT_TEMPERATURE)
         top_p = settings.get("top_p", DEFAULT_TOP_P)
         c = self.config
-        with torch.inference_mode():
-            embeds = F.embedding(prompt, self.text.wte)
-            pos_ids = torch.arange(pos, pos + prompt.shape[1], device=self.device)
-            hidden = text_decoder(
-                embeds, self.text, self.attn_mask[:, :, pos : pos + prompt.shape[1], :], pos_ids, c.text
-            )
-            next_token = self._sample(lm_head(hidden[:, -1], self.text), temperature, top_p)
-        pos += prompt.shape[1]
+        _, _, next_token, pos = self._prefill_prompt(prompt, pos, temperature, top_p)
 
         def pieces(next_token, pos):
             mask = torch.zeros(1, 1, c.text.max_context, dtype=torch.bool, device=self.device)
