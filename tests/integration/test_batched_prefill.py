@@ -186,3 +186,43 @@ def test_a_failed_batched_prefill_takes_out_its_requests_and_leaves_the_rows_dec
     while len(batch):
         batch.decode_step()
     assert first.text == alone(backend, running)[0]
+
+
+def test_a_query_about_several_pictures_is_prefilled_in_a_step_of_its_own(backend):
+    """Its prefill is its own, never in another request's step: a failure of the others' prefill leaves
+    it decoding, and it answers as alone."""
+    two = dataclasses.replace(
+        request("red", (96, 64), 12, "What colour is the shape?", cached=False),
+        more_images=(shape_image("blue", size=(64, 64)),),
+        more_digests=("",),
+    )
+    others = [request("blue", (200, 90), 10, cached=False), request("green", (64, 64), 10, cached=False)]
+    batch = backend.new_batch(8)
+    sinks = [Sink() for _ in range(4)]
+    batch.join(others[0], sinks[0])
+    batch.join(two, sinks[1])
+    batch.join(others[1], sinks[2])
+    assert batch.next_prefill == [sinks[0], sinks[2]]  # the others first, together
+    batch.prefill_step()
+    assert batch.joining == 1 and batch.next_prefill == [sinks[1]]
+    batch.prefill_step()
+    assert batch.joining == 0 and len(batch) == 3
+    batch.join(others[1], sinks[3])
+    batch.join(two, several := Sink())
+    assert batch.next_prefill == [sinks[3]]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    backend.model.get_image_features = boom
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            batch.prefill_step()
+    finally:
+        del backend.model.get_image_features
+    assert batch.next_prefill == [several]
+    batch.prefill_step()
+    while len(batch):
+        batch.decode_step()
+    assert sinks[1].text == several.text == alone(backend, two)[0] and several.text
+    assert not sinks[3].pieces

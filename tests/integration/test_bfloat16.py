@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = ["tiny-smolvlm", "tiny-qwen2-vl", "tiny-moondream"]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "red"]
 SIZES = [(64, 64), (200, 90), (90, 200), (48, 150), (320, 240), (100, 100), (150, 48), (77, 133)]
+#: What each model's caption of examples/red-circle.png must name. tiny-qwen2-vl names shapes at about
+#: chance (docs/models.md: 48% of held-out captions), so its shape word in another dtype is luck, not a
+#: property of bfloat16: only its colour (98%) is checked.
+NAMED = {"tiny-smolvlm": ("red", "circle"), "tiny-qwen2-vl": ("red",), "tiny-moondream": ("red", "circle")}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def test_the_trained_tiny_models_answer_right_in_bfloat16(stub, bf16_server, mod
     assert info.dtype == "bfloat16"
     red = pb.CaptionRequest(model=model, image=pb.Image(data=(ROOT / "examples" / "red-circle.png").read_bytes()))
     caption, last = run_rpc(bf16_server, red)
-    assert "red" in caption and "circle" in caption, caption
+    assert all(word in caption for word in NAMED[model]), caption
     again, _ = run_rpc(bf16_server, red)
     assert again == caption, "a request alone answers the same every time"
     streamed = list(stub.Caption(red))
