@@ -77,6 +77,20 @@ def counted(backend):
         hook.remove()
 
 
+@contextmanager
+def vision_fails(backend):
+    """The vision encoder raises RuntimeError("boom") (a prefill that fails: out of memory, say)."""
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    backend.model.get_image_features = boom
+    try:
+        yield
+    finally:
+        del backend.model.get_image_features
+
+
 def requests_of_every_kind():
     """Different picture sizes (SmolVLM: different view counts; Qwen2-VL: different grids), captions
     and questions of different lengths, and two requests on the same picture."""
@@ -173,15 +187,8 @@ def test_a_failed_batched_prefill_takes_out_its_requests_and_leaves_the_rows_dec
     batch.join(request("green", (64, 64), 10, cached=False), joiners[1])
     assert batch.next_prefill == joiners
 
-    def boom(*args, **kwargs):
-        raise RuntimeError("boom")
-
-    backend.model.get_image_features = boom
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            batch.prefill_step()
-    finally:
-        del backend.model.get_image_features
+    with vision_fails(backend), pytest.raises(RuntimeError, match="boom"):
+        batch.prefill_step()
     assert batch.joining == 0 and len(batch) == 1 and not any(sink.pieces for sink in joiners)
     while len(batch):
         batch.decode_step()
@@ -211,15 +218,8 @@ def test_a_query_about_several_pictures_is_prefilled_in_a_step_of_its_own(backen
     batch.join(two, several := Sink())
     assert batch.next_prefill == [sinks[3]]
 
-    def boom(*args, **kwargs):
-        raise RuntimeError("boom")
-
-    backend.model.get_image_features = boom
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            batch.prefill_step()
-    finally:
-        del backend.model.get_image_features
+    with vision_fails(backend), pytest.raises(RuntimeError, match="boom"):
+        batch.prefill_step()
     assert batch.next_prefill == [several]
     batch.prefill_step()
     while len(batch):

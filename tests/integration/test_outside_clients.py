@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -367,3 +368,25 @@ def test_build_command_builds_the_tiny_checkpoints_the_server_serves(cache_dir, 
     result = run([str(BIN / "vlm-service"), "build", "smolvlm"])
     assert result.returncode == 2 and "not a buildable built-in" in result.stderr
     assert "tiny-qwen2-vl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_grpcurl_streams_detected_boxes(families_server):
+    """The docs' grpcurl Detect (docs/grounding.md): one message per box, then the end."""
+    from vlm_checkpoints import shapes
+
+    scene = shapes.Scene("red", "circle", "white")
+    image, truth = shapes.draw_placed(scene, random.Random(3))
+    payload = json.dumps(
+        {"model": "tiny-moondream", "image": {"data": base64.b64encode(png_bytes(image)).decode()}, "object": "circle"}
+    )
+    result = run(
+        [str(BIN / "grpcurl"), "-plaintext", "-d", "@", families_server.target, "vlm.v1.VisionLanguageService/Detect"],
+        input=payload,
+    )
+    assert result.returncode == 0, result.stderr
+    messages = json_messages(result.stdout)
+    boxes = [m["box"] for m in messages if "box" in m]
+    corners = ("x_min", "y_min", "x_max", "y_max")  # a 0.0 is left out of proto3 JSON
+    assert boxes and all(set(box) <= set(corners) for box in boxes), result.stdout
+    assert shapes.iou(tuple(boxes[0].get(k, 0.0) for k in corners), truth) >= 0.5
+    assert messages[-1]["finish_reason"] == "FINISH_REASON_STOP" and "usage" in messages[-1]
