@@ -21,8 +21,8 @@ FAMILIES = ["tiny-smolvlm", "tiny-qwen2-vl", "tiny-moondream"]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "red"]
 SIZES = [(64, 64), (200, 90), (90, 200), (48, 150), (320, 240), (100, 100), (150, 48), (77, 133)]
 #: What each model's caption of examples/red-circle.png must name. tiny-qwen2-vl names shapes at about
-#: chance (docs/models.md: 48% of held-out captions), so its shape word in another dtype is luck, not a
-#: property of bfloat16: only its colour (98%) is checked.
+#: chance (docs/models.md: 53-55% of held-out captions), so its shape word in another dtype is luck, not
+#: a property of bfloat16: only its colour (96%) is checked.
 NAMED = {"tiny-smolvlm": ("red", "circle"), "tiny-qwen2-vl": ("red",), "tiny-moondream": ("red", "circle")}
 
 
