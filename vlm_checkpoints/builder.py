@@ -133,14 +133,16 @@ def _digest(data: bytes) -> str:
 
 def default_inputs(build: Callable[..., None]) -> BuildInputs:
     """For a builder that declares nothing: its own module and every module of this package,
-    ``vlm_checkpoints`` (the tokenizer, training and remote code it may use). Runtime modules
-    (``vlm_service``) never count: a backend it trains or probes through is not a source."""
+    ``vlm_checkpoints`` (the tokenizer, training and remote code it may use), but for the code that
+    shipped checkpoints carry (a copy, in ``shipped/``). Runtime modules (``vlm_service``) never count:
+    a backend it trains or probes through is not a source."""
     while isinstance(build, functools.partial):
         build = build.func
     package = Path(__file__).resolve().parent
     modules = {
         ".".join((_PACKAGE, *path.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
         for path in package.glob("**/*.py")
+        if SHIPPED_DIR not in path.parents
     }
     return BuildInputs(sources=tuple(sorted(modules | {build.__module__})))
 

@@ -11,6 +11,7 @@ through the region head as the code's decode loop feeds it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -18,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .builder import ensure_checkpoint, train_byte_level_bpe
+from .builder import TOKENIZER_SOURCES, TRAINING_SOURCES, BuildInputs, ensure_checkpoint, train_byte_level_bpe
 from .corpus import tokenizer_corpus
 
 REMOTE_DIR = Path(__file__).parent / "moondream_remote"
@@ -304,6 +305,18 @@ def _build(directory: Path, trained: bool = True) -> None:
     save(model, directory, {name: REMOTE_DIR / name for name in REMOTE_FILES})
 
 
+@functools.cache
+def build_inputs(trained: bool = True) -> BuildInputs:
+    """What the build depends on (its cache key): this module, the remote code it writes and the
+    tokenizer's code; trained, also the training code and the recipes. (Its prompts are the remote
+    code's templates, in its sources.)"""
+    remote = tuple(f"{__package__}.moondream_remote.{Path(name).stem}" for name in REMOTE_FILES)
+    sources = (__name__, *remote, *TOKENIZER_SOURCES)
+    if not (trained and TRAIN):
+        return BuildInputs(sources=sources)
+    return BuildInputs(sources=(*sources, *TRAINING_SOURCES), recipe={"train": TRAIN, "grounding": GROUNDING})
+
+
 def ensure_tiny_moondream(cache_dir: Path, trained: bool = True) -> Path:
-    """Return the directory of the tiny Moondream checkpoint, building it on first use."""
-    return ensure_checkpoint(cache_dir, "tiny-moondream", _build, trained)
+    """Return the directory of the tiny Moondream checkpoint: cached, shipped, or built now."""
+    return ensure_checkpoint(cache_dir, "tiny-moondream", _build, trained, inputs=build_inputs)

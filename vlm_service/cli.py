@@ -57,7 +57,9 @@ def _health(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     """Build built-in checkpoints now from the code (they are otherwise built on first use, or taken
-    from the package where one is shipped): by default the tiny ones; the real-size twins only when named."""
+    from the package where one is shipped; ``--shipped`` takes those too): by default the tiny ones; the
+    real-size twins only when named."""
+    import contextlib
     import time
 
     from vlm_checkpoints.builder import fresh_builds
@@ -87,7 +89,7 @@ def _build(args: argparse.Namespace) -> int:
             continue
         for trained in (True, False) if args.random_twins else (True,):
             start = time.monotonic()
-            with fresh_builds():
+            with fresh_builds() if not args.shipped else contextlib.nullcontext():
                 path = builtin.build(cache_dir, trained)
             print(f"{name}{'' if trained else ' (random weights)'}: {path} ({time.monotonic() - start:.0f} s)")
     return 0
@@ -141,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--random-twins",
         action="store_true",
         help="also build each tiny one's random-weights twin (the tests use them)",
+    )
+    build.add_argument(
+        "--shipped",
+        action="store_true",
+        help="take a checkpoint shipped with the package as it is when its key is current (what serving "
+        "does), instead of building it",
     )
     build.set_defaults(func=_build)
     return parser

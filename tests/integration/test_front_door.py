@@ -20,7 +20,7 @@ from tests.helpers import ServerThread, query_request
 from tests.integration.test_demo_model import held_out_accuracy
 from tests.integration.test_outside_clients import wait_serving
 from vlm.v1 import vlm_service_pb2 as pb
-from vlm_checkpoints import builder, tiny_smolvlm
+from vlm_checkpoints import builder, ship, tiny_smolvlm
 from vlm_client import Unauthenticated, VLMClient
 from vlm_service.config import Settings
 
@@ -41,6 +41,19 @@ def assert_shipped_copy_is_current() -> None:
         f"the shipped tiny-smolvlm is stale (changed: {', '.join(changed)}): run `make ship` and commit "
         "vlm_checkpoints/shipped/"
     )
+
+
+@pytest.mark.parametrize("name", sorted(ship.SHIPPED))
+def test_every_shipped_checkpoint_is_current(name, tmp_path, monkeypatch):
+    """What a fresh install (and `make checkpoints`) takes instead of training: each shipped copy's key
+    is the one the code gives, so none is built here."""
+
+    def stale(*_):
+        raise AssertionError(f"the shipped {name} is stale: run `make ship` and commit vlm_checkpoints/shipped/")
+
+    monkeypatch.setattr(builder, "run_isolated", stale)
+    assert ship.SHIPPED[name](tmp_path) == builder.SHIPPED_DIR / name
+    assert not any(tmp_path.iterdir()), "nothing is built or cached"
 
 
 #: Keys a library writes about itself into a saved file (its version): they change nothing the model does.
