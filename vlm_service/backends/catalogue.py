@@ -69,13 +69,18 @@ BUILTINS: dict[str, Builtin] = {
         "tiny SmolVLM shipped with the package, rebuilt offline if stale (demo and tests)", build=_tiny_smolvlm
     ),
     "qwen2-vl": Builtin("Qwen2-VL 2B Instruct (downloads from the Hugging Face Hub)", "Qwen/Qwen2-VL-2B-Instruct"),
-    "tiny-qwen2-vl": Builtin("tiny Qwen2-VL built offline on first use (tests)", build=_tiny_qwen2_vl),
+    "tiny-qwen2-vl": Builtin(
+        "tiny Qwen2-VL shipped with the package, rebuilt offline if stale (demo and tests)", build=_tiny_qwen2_vl
+    ),
     "moondream": Builtin(
         "Moondream2 (remote code, downloads from the Hugging Face Hub)",
         "vikhyatk/moondream2",
         revision_setting="moondream_revision",
     ),
-    "tiny-moondream": Builtin("tiny Moondream-API remote-code model built offline on first use", build=_tiny_moondream),
+    "tiny-moondream": Builtin(
+        "tiny Moondream-API remote-code model shipped with the package, rebuilt offline if stale",
+        build=_tiny_moondream,
+    ),
     "smolvlm-256m-shapes": Builtin(
         "SmolVLM-256M-Instruct's shapes, random weights, built offline (benchmarks, smoke tests)",
         build=_smolvlm_256m_shapes,
