@@ -122,7 +122,10 @@ class GenerationRequest:
     @property
     def image_key(self) -> str:
         """The image cache's key: the image's bytes and the detail it is looked at in (empty: not cached)."""
-        return f"{self.image_digest}/{self.detail.value}" if self.image_digest else ""
+        return self._cache_key(self.image_digest)
+
+    def _cache_key(self, digest: str) -> str:
+        return f"{digest}/{self.detail.value}" if digest else ""
 
     @property
     def pictures(self) -> tuple[Image.Image, ...]:
@@ -132,8 +135,7 @@ class GenerationRequest:
     @property
     def picture_keys(self) -> tuple[str, ...]:
         """Each picture's image cache key (empty: not cached), in the order of :attr:`pictures`."""
-        digests = (self.image_digest, *self.more_digests)
-        return tuple(f"{digest}/{self.detail.value}" if digest else "" for digest in digests)
+        return tuple(self._cache_key(digest) for digest in (self.image_digest, *self.more_digests))
 
 
 @dataclass(frozen=True)

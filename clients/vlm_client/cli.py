@@ -199,7 +199,7 @@ def _print_regions(stream, image: str, args: argparse.Namespace) -> None:
     if not stream.regions and not args.json:
         print(f"no {args.object} found")
     if args.usage:
-        print(f"finish_reason={stream.finish_reason} usage={json.dumps(asdict(stream.usage))}", file=sys.stderr)
+        _print_usage(stream)
     if args.draw:
         _draw(image, stream.regions, args.draw)
 
@@ -242,7 +242,11 @@ def _print_stream(stream, show_usage: bool) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     if show_usage:
-        print(f"finish_reason={stream.finish_reason} usage={json.dumps(asdict(stream.usage))}", file=sys.stderr)
+        _print_usage(stream)
+
+
+def _print_usage(stream) -> None:
+    print(f"finish_reason={stream.finish_reason} usage={json.dumps(asdict(stream.usage))}", file=sys.stderr)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")

@@ -179,7 +179,7 @@ class VisionLanguageServicer(pb_grpc.VisionLanguageServiceServicer):
         """The request with its pictures decoded, checked and each reduced to the largest picture its
         model uses (off the event loop, at once). A bad picture among several is named by its index."""
         # Before decoding: pictures the model cannot take, a task (Detect, Point) it cannot do.
-        self.engine.check_pictures(request, len(data))
+        self.engine.check_before_decoding(request, len(data))
         bound = self.engine.image_bound(self.engine.model_name(request.model), request.detail)
         if len(data) == 1:
             image, digest = await self.decoder.decode(data[0], bound)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -257,3 +258,13 @@ class Backend(abc.ABC):
     @property
     def dtype(self) -> str:
         return str(self.model.dtype).removeprefix("torch.")
+
+
+def drained(steps: Generator[None, None, Any]) -> Any:
+    """What a chunked computation (a generator that yields between chunks) returns, all its chunks run
+    at once."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

@@ -44,7 +44,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from vlm_service.backends.base import Batch, Outcome, TextSink
+from vlm_service.backends.base import Batch, Outcome, TextSink, drained
 from vlm_service.backends.detokenizer import IncrementalDetokenizer
 from vlm_service.types import FinishReason, GenerationRequest, SamplingParams
 
@@ -289,15 +289,7 @@ class DecodeBatch(Batch):
     def _prefill_alone(self, row: Row) -> None:
         """One request's whole prefill, on its own (in a model that otherwise prefills together)."""
         with torch.inference_mode():
-            inputs = self.backend.prepare(row.request)
-            row.prompt_ids = inputs["input_ids"][0].tolist()
-            steps = self.backend.prefill_steps(row.request, inputs)
-            while True:
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    self._prefilled(row, *done.value)
-                    return
+            self._prefilled(row, *drained(self._prefill_steps(row)))
 
     def _prefilled(self, row: Row, logits: torch.Tensor, cache: DynamicCache, next_position: int) -> None:
         """A request prefilled alone: its first token streamed, and it decodes with the others."""

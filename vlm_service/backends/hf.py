@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vlm_service.backends.base import Backend
+from vlm_service.backends.base import Backend, drained
 from vlm_service.backends.decode_batch import DecodeBatch, Prefilled
 from vlm_service.backends.runtime import ModelSpec, PrefillPolicy, Runtime, parameters, saved_dtype
 from vlm_service.types import GenerationRequest, ImageDetail
@@ -293,7 +293,7 @@ class TransformersBackend(Backend):
         """The vision encoder's features for each picture's inputs, pictures whose views share a shape in
         one call (each picture's own entry of the pooled output)."""
         if self.encodes_views:  # its own encoder path: picture by picture
-            return [_drained(self.encode_views(self._cast(vision))) for vision in visions]
+            return [drained(self.encode_views(self._cast(vision))) for vision in visions]
         out: list[Any] = [None] * len(visions)
         groups: dict[tuple, list[int]] = {}
         for index, each in enumerate(visions):
@@ -319,12 +319,3 @@ def _pooled(parts) -> BaseModelOutputWithPooling:
     """Vision features as the model takes them back (``mm_encoder_outputs``): the pooled output only, a
     list of one tensor per picture (the rest of the encoder's output is not kept)."""
     return BaseModelOutputWithPooling(pooler_output=list(parts))
-
-
-def _drained(steps: Generator[None, None, Any]) -> Any:
-    """What a chunked computation returns, all its chunks run at once."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value

@@ -54,11 +54,6 @@ def box_text(target: str, boxes: list[tuple[float, float, float, float]]) -> str
     return f"<|object_ref_start|>{target}<|object_ref_end|>{corners}"
 
 
-_NUMBER = r"\s*(\d{1,6})\s*"
-#: One box as the model writes it once its special tokens are skipped: "(x1,y1),(x2,y2)".
-_BOX = re.compile(rf"\({_NUMBER},{_NUMBER}\)\s*,\s*\({_NUMBER},{_NUMBER}\)")
-
-
 def _prefixes(parts: list[str], partials: list[str]) -> str:
     """A pattern matching every prefix of ``parts`` in sequence, the last one possibly partial."""
     if not parts:
@@ -67,7 +62,10 @@ def _prefixes(parts: list[str], partials: list[str]) -> str:
 
 
 _NUMBER_PART, _PARTIAL_NUMBER = r"\s*\d{1,6}", r"\s*\d{0,6}"
+#: One box as the model writes it once its special tokens are skipped, "(x1,y1),(x2,y2)", after its "(".
 _BOX_PARTS = [_NUMBER_PART, r"\s*,", _NUMBER_PART, r"\s*\)", r"\s*,", r"\s*\(", _NUMBER_PART, r"\s*,", _NUMBER_PART]
+#: A whole box, its four numbers captured.
+_BOX = re.compile(r"\(" + "".join(r"\s*(\d{1,6})" if part == _NUMBER_PART else part for part in _BOX_PARTS) + r"\s*\)")
 #: What may still become a box with more text: every prefix of one.
 _BOX_PREFIX = re.compile(
     r"\("

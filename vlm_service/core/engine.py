@@ -213,7 +213,7 @@ class Engine:
         backend = served.backend if served is not None else None
         return backend.image_bound(detail) if backend is not None else None
 
-    def check_pictures(self, request: GenerationRequest, count: int) -> None:
+    def check_before_decoding(self, request: GenerationRequest, count: int) -> None:
         """Whether ``request``'s model can do its task (Detect, Point: NotSupported if not) and takes
         ``count`` pictures in one Query (InvalidInput if not), before they are decoded; a model not
         served or not loaded is left to :meth:`submit` to refuse."""
